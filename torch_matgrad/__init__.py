@@ -1,0 +1,15 @@
+"""torch_matgrad: a fused linear layer ``act(x W^T + b)`` for PyTorch.
+
+The backward is written out from matrix-calculus identities (``docs/MATH.md``) in
+:mod:`torch_matgrad.formulas`; :mod:`torch_matgrad.dispatch` picks the implementation.
+"""
+
+from . import dispatch, formulas
+from .dispatch import use_backend
+from .formulas import ACTIVATIONS
+from .function import LinearFunction, linear
+from .modules import Linear
+
+__version__ = "0.1.0"
+
+__all__ = ["ACTIVATIONS", "Linear", "LinearFunction", "dispatch", "formulas", "linear", "use_backend"]

@@ -1,0 +1,152 @@
+"""The matrix-calculus notes as code: the forward and the explicit backward of
+``out = act(x W^T + b)``, written with differentiable torch ops.
+
+This module is the one statement of the formulas in ``docs/MATH.md`` (item numbers
+cited in each docstring). It is also the CPU implementation: the dispatcher
+(:mod:`torch_matgrad.dispatch`) calls :func:`forward` and :func:`backward` here for
+CPU tensors, for double backward, and wherever the Triton kernels do not apply.
+
+The notes put samples in columns (``Y = W X``); PyTorch puts them in rows, so with
+``x = X^T`` (``B x n``), ``W`` (``m x n``) and ``G_z = dL/dz`` (``B x m``):
+
+======================  ===================  ======================  ========
+gradient                notes (columns)      PyTorch (rows)          item
+======================  ===================  ======================  ========
+pre-activation          ``G * act'(z)``      same                    1, 3
+weight                  ``G X^T``            ``G_z^T x``             9, 10
+input                   ``W^T G``            ``G_z W``               11
+bias                    ``G 1``              ``G_z.sum(0)``          10
+======================  ===================  ======================  ========
+
+Every function is built from differentiable torch ops, so double backward through
+them is the same products again (the backward is bilinear, MATH.md "From the notes
+to nn.Linear").
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: The activations the fused op supports, ``None`` meaning the identity.
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+
+# Activations whose derivative needs the pre-activation ``z``; ReLU's derivative can be
+# read from its output (``out > 0`` exactly where ``z > 0``), so only ``out`` is kept.
+NEEDS_PREACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
+
+
+def check_activation(activation: Optional[str]) -> None:
+    """Raise ``ValueError`` naming the choices unless ``activation`` is supported."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"torch_matgrad: unknown activation {activation!r}; "
+            f"choose one of {', '.join(repr(a) for a in ACTIVATIONS)}"
+        )
+
+
+def preactivation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``z = x W^T + b``: the notes' ``Y = W X`` (item 6) in PyTorch's row convention.
+
+    ``x`` is ``(..., n)``; ``weight`` is ``(m, n)`` or, for per-sample weights under
+    ``torch.func.vmap``, ``(batch, m, n)`` with ``x`` ``(batch, rows, n)``.
+    """
+    if weight.dim() == 2:
+        # F.linear is nn.Linear's own kernel (addmm with the bias as beta term): the
+        # CPU path is bit-identical to nn.Linear.
+        return F.linear(x, weight, bias)
+    z = torch.matmul(x, weight.transpose(-1, -2))
+    return z if bias is None else z + bias.unsqueeze(-2)
+
+
+def activate(z: Tensor, activation: Optional[str]) -> Tensor:
+    """``act(z)``, exactly as ``torch.nn.functional`` computes it."""
+    if activation is None:
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return F.silu(z)
+
+
+def grad_preactivation(grad_out: Tensor, saved: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    """``G_z = G_out * act'(z)`` (items 1 and 3: the Jacobian of an elementwise map is
+    ``diag(act'(z))``, so the chain rule is an elementwise product).
+
+    ``saved`` is ``z`` for GELU/SiLU and the output for ReLU (see ``NEEDS_PREACTIVATION``).
+    PyTorch's own derivative kernels are used; they are differentiable themselves, which
+    double backward needs.
+    """
+    if activation is None:
+        return grad_out
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_out, saved, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_out, saved)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad_out, saved, approximate="tanh")
+    if torch.is_grad_enabled() and (grad_out.requires_grad or saved.requires_grad):
+        # aten.silu_backward has no derivative; PyTorch switches to this composite
+        # under grad mode too (derivatives.yaml, infinitely_differentiable_silu_backward).
+        s = torch.sigmoid(saved)
+        return grad_out * s * (1 + saved * (1 - s))
+    return torch.ops.aten.silu_backward(grad_out, saved)
+
+
+def grad_input(grad_z: Tensor, weight: Tensor) -> Tensor:
+    """``dL/dx = G_z W`` (item 11: ``dz/dX = W^T G``, transposed into rows)."""
+    return grad_z.matmul(weight)
+
+
+def grad_weight(grad_z: Tensor, x: Tensor) -> Tensor:
+    """``dL/dW = G_z^T x`` (items 9 and 10: ``dz/dW = G X^T``, the ``as_mat`` of
+    ``dz/dW~ = (dz/dY)(I_m (x) X^T)``). Summed over every row of the batch."""
+    return grad_z.transpose(-1, -2).matmul(x)
+
+
+def grad_bias(grad_z: Tensor) -> Tensor:
+    """``dL/db = G_z^T 1`` (item 10 with ``x = 1``: the bias is a weight column whose
+    input is constantly one)."""
+    return grad_z.sum(-2)
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(out, z)`` with ``z`` returned only when the activation's derivative needs it."""
+    z = preactivation(x, weight, bias)
+    out = activate(z, activation)
+    return out, (z if activation in NEEDS_PREACTIVATION else None)
+
+
+def backward(
+    grad_out: Optional[Tensor],
+    grad_z: Optional[Tensor],
+    x: Optional[Tensor],
+    weight: Optional[Tensor],
+    saved: Optional[Tensor],
+    activation: Optional[str],
+    needs: Tuple[bool, bool, bool],
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(grad_x, grad_W, grad_b)`` for the gradients flagged in ``needs``.
+
+    ``grad_out`` flows into ``out`` and ``grad_z`` straight into ``z`` (the op exposes
+    ``z`` as a second output so that double backward reaches it); either may be None.
+    """
+    g = None if grad_out is None else grad_preactivation(grad_out, saved, activation)
+    if grad_z is not None:
+        g = grad_z if g is None else g + grad_z
+    if g is None:
+        return None, None, None
+    need_x, need_w, need_b = needs
+    return (
+        grad_input(g, weight) if need_x else None,
+        grad_weight(g, x) if need_w else None,
+        grad_bias(g) if need_b else None,
+    )

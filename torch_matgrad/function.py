@@ -1,0 +1,163 @@
+"""``torch_matgrad.linear``: input checks, autocast, and the autograd Function.
+
+``linear`` (public) validates and casts, flattens leading dims to 2-D rows, and calls
+``LinearFunction``, whose forward and backward go through :mod:`torch_matgrad.dispatch`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch, formulas
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LinearFunction(torch.autograd.Function):
+    """``(out, z) = (act(x W^T + b), x W^T + b)`` for 2-D ``x``, explicit backward.
+
+    ``z`` is returned (a second, differentiable output) only for activations whose
+    derivative needs it; otherwise the second output is None. Returning it, rather than
+    hiding it in ``ctx``, is what makes double backward right: the backward uses ``z``,
+    and a gradient reaching ``z`` flows back through this Function to ``x``, ``W``, ``b``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]):
+        return dispatch.forward(x, weight, bias, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, activation = inputs
+        out, z = output
+        need_x, need_w, _ = ctx.needs_input_grad[:3]
+        # Save only what the requested gradients use: grad_x = G_z W needs W,
+        # grad_W = G_z^T x needs x, and act' needs z (GELU, SiLU) or the output (ReLU).
+        saved = z if activation in formulas.NEEDS_PREACTIVATION else (out if activation == "relu" else None)
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None, saved)
+        ctx.activation = activation
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_z):
+        x, weight, saved = ctx.saved_tensors
+        grads = dispatch.backward(grad_out, grad_z, x, weight, saved, ctx.activation, ctx.needs_input_grad[:3])
+        return (*grads, None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, activation):
+        x_dim, w_dim, b_dim, _ = in_dims
+        if w_dim is None and b_dim is None:
+            # Shared parameters (e.g. per-sample gradients): fold the vmapped dimension
+            # into the rows, so the whole batch is one GEMM on the same backend.
+            xb = x.movedim(x_dim, 0)
+            out, z = LinearFunction.apply(xb.reshape(-1, xb.shape[-1]), weight, bias, activation)
+            rows = xb.shape[:2]
+            return (out.view(*rows, -1), None if z is None else z.view(*rows, -1)), (0, None if z is None else 0)
+        # Per-sample parameters: a batched matmul of the same formulas, in torch ops.
+        def batched(t, dim):
+            if t is None:
+                return None
+            return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+        out, z = formulas.forward(batched(x, x_dim), batched(weight, w_dim), batched(bias, b_dim), activation)
+        return (out, z), (0, None if z is None else 0)
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+
+
+def _check(x, weight, bias, activation) -> None:
+    """Every error a user can cause, raised before anything is computed."""
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"torch_matgrad.linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"torch_matgrad.linear: {name} has dtype {t.dtype}; supported dtypes are "
+                f"float16, bfloat16, float32 and float64 ({name}: {_describe(t)})"
+            )
+    formulas.check_activation(activation)
+    if weight.dim() != 2:
+        raise ValueError(f"torch_matgrad.linear: weight must be 2-D (out_features, in_features), got {_describe(weight)}")
+    if x.dim() == 0:
+        raise ValueError(f"torch_matgrad.linear: input must have at least 1 dimension, got {_describe(x)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"torch_matgrad.linear: input has {x.shape[-1]} features (last dim of shape {tuple(x.shape)}) "
+            f"but weight of shape {tuple(weight.shape)} expects in_features={weight.shape[1]}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"torch_matgrad.linear: bias must have shape ({weight.shape[0]},) to match weight of shape "
+            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
+    tensors = [("input", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    if len({t.device for _, t in tensors}) > 1:
+        raise RuntimeError(
+            "torch_matgrad.linear: expected all tensors on one device, got "
+            + ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        )
+
+
+def _check_dtypes(x, weight, bias) -> None:
+    tensors = [("input", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    if len({t.dtype for _, t in tensors}) > 1:
+        raise TypeError(
+            "torch_matgrad.linear: expected one dtype for all tensors, got "
+            + ", ".join(f"{n} {t.dtype}" for n, t in tensors)
+            + " (cast them, or run under torch.autocast)"
+        )
+
+
+def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # Autocast's own rule for "lower precision" ops such as linear: cast floating tensors
+    # other than float64; leave the rest alone (a mismatch then errors as in F.linear).
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    r"""``act(x W^T + b)``: ``torch.nn.functional.linear`` plus a fused activation.
+
+    Args:
+        x: ``(*, in_features)``, any number of leading dims (including none and zero-size).
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or None.
+        activation: one of ``None``, ``"relu"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``,
+            ``"silu"``.
+
+    Returns:
+        ``(*, out_features)``.
+
+    Inside ``torch.autocast`` the op behaves as ``F.linear``: floating inputs are cast
+    to the autocast dtype, the output has that dtype, and parameter gradients come
+    back in the parameters' own dtype.
+    """
+    _check(x, weight, bias, activation)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # torch.amp.custom_fwd would break the new-style Function (pytorch#132388):
+        # cast here, then run the Function with autocast off.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
+        _check_dtypes(x, weight, bias)
+        with torch.autocast(device_type, enabled=False):
+            return _apply(x, weight, bias, activation)
+    _check_dtypes(x, weight, bias)
+    return _apply(x, weight, bias, activation)
+
+
+def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    # The Function works on rows: (..., n) -> (B, n). reshape is a view whenever the
+    # strides allow it, so transposed 2-D views reach the backend without a copy.
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    out, _ = LinearFunction.apply(x2, weight, bias, activation)
+    return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
