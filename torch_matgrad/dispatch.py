@@ -5,13 +5,24 @@ Backends:
 ``"torch"``
     :mod:`torch_matgrad.formulas`, plain torch ops. Runs anywhere, is differentiable
     (double backward), and is the reference for every other backend.
+``"triton"``
+    :mod:`torch_matgrad.triton_backend`, fused Triton GEMM kernels. CUDA tensors; CPU
+    tensors too when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before
+    torch_matgrad's kernels are imported: that is how CI runs them without a GPU).
+    Anything else is an error when forced.
 ``"auto"`` (default)
-    The best backend for the tensors at hand. Today that is ``"torch"`` for every
-    device; the Triton kernels plug in here.
+    ``"triton"`` for CUDA tensors when Triton imports and supports the case (float64
+    excepted, see :func:`_triton_fallback`), ``"torch"`` for everything else.
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
 with the environment variable ``TORCH_MATGRAD_BACKEND``; the context manager wins.
-Set the logger ``torch_matgrad`` to DEBUG to see each fallback and why it happened.
+
+Even when forced, ``"triton"`` hands these cases to ``"torch"`` (the list is
+:func:`_triton_fallback`): a backward under ``create_graph`` (it must itself be
+differentiable), a gradient flowing straight into ``z`` (double backward), tensor
+subclasses and functorch-wrapped tensors (DTensor, the batched tensors of
+``vmap(grad(f))``), meta tensors, and mixed dtypes. Set the logger ``torch_matgrad``
+to DEBUG to see each fallback and why it happened.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from torch import Tensor
 from . import formulas
 
 ENV_VAR = "TORCH_MATGRAD_BACKEND"
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 log = logging.getLogger("torch_matgrad")
 
@@ -62,9 +73,85 @@ def requested_backend() -> str:
     return _check_backend(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
 
 
-def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool):
+_triton_module = None
+_triton_import_error: Optional[str] = None
+
+
+def _triton():
+    """:mod:`torch_matgrad.triton_backend`, or None when Triton does not import."""
+    global _triton_module, _triton_import_error
+    if _triton_module is None and _triton_import_error is None:
+        try:
+            from . import triton_backend
+        except ImportError as e:  # no triton wheel for this platform
+            _triton_import_error = f"{type(e).__name__}: {e}"
+        else:
+            _triton_module = triton_backend
+    return _triton_module
+
+
+def _is_functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return check is not None and check(t)
+
+
+def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool) -> Optional[str]:
+    """Why these tensors go to torch ops instead of the Triton kernels (None: they don't)."""
+    if differentiable:
+        return "backward under create_graph must be differentiable"
+    if direct_z:
+        return "a gradient flows directly into z (double backward)"
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return f"tensor subclass {type(t).__name__}"
+        if _is_functorch_wrapped(t):
+            return "functorch-wrapped tensor (vmap/grad transform)"
+        if t.device.type == "meta":
+            return "meta tensor"
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or not dtypes <= set(_triton().SUPPORTED_DTYPES):
+        return f"unsupported dtype combination {sorted(map(str, dtypes))}"
+    if not forced and torch.float64 in dtypes:
+        # float64 is for gradcheck and references: the kernels support it (the
+        # interpreter and the GPU tests check it, via the forced backend), but under
+        # "auto" cuBLAS's DGEMM stays the reference on CUDA.
+        return "float64 stays on torch ops unless the triton backend is forced"
+    if torch.compiler.is_compiling():
+        # Inductor fuses the GEMM epilogue itself; tracing the autotuned user kernel
+        # is not supported on every torch >= 2.4.
+        return "inside torch.compile"
+    return None
+
+
+def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_z: bool = False):
     """The implementation module for these tensors (``formulas`` or a kernel backend)."""
-    requested_backend()  # validates the request even while only one backend exists
+    requested = requested_backend()
+    present = [t for t in tensors if t is not None]
+    if not present:  # a backward with nothing flowing in: torch ops return the Nones
+        return formulas
+    device = present[0].device.type
+    if requested == "torch" or (requested == "auto" and device != "cuda"):
+        return formulas
+    forced = requested == "triton"
+    backend = _triton()
+    if backend is None:
+        if forced:
+            raise RuntimeError(f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})")
+        return _fallback("Triton does not import: " + _triton_import_error)
+    reason = _triton_fallback(present, differentiable, direct_z, forced)
+    if reason is not None:
+        return _fallback(reason)
+    if device != "cuda" and not backend.INTERPRET:
+        raise RuntimeError(
+            f"torch_matgrad: backend 'triton' runs {device} tensors only under Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing torch_matgrad (or use CUDA tensors)"
+        )
+    return backend
+
+
+def _fallback(reason: str):
+    if not torch.compiler.is_compiling():  # logging would break the traced graph
+        log.debug("torch_matgrad: using torch ops instead of Triton: %s", reason)
     return formulas
 
 
@@ -87,5 +174,5 @@ def backward(
     """``(grad_x, grad_W, grad_b)``; see :func:`torch_matgrad.formulas.backward`."""
     # Under create_graph the backward itself is recorded, so it must be torch ops.
     differentiable = torch.is_grad_enabled()
-    impl = _choose((grad_out, grad_z, x, weight, saved), differentiable)
+    impl = _choose((grad_out, grad_z, x, weight, saved), differentiable, direct_z=grad_z is not None)
     return impl.backward(grad_out, grad_z, x, weight, saved, activation, needs)

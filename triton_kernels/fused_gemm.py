@@ -1,0 +1,197 @@
+"""One fused GEMM kernel for the forward and the three backward products of the op.
+
+``C = prologue(A) @ B``, then the epilogue ``act(C + bias)``:
+
+* forward (MATH.md item 6, rows): ``A = x``, ``B = W^T``; epilogue adds the bias,
+  stores the pre-activation ``z`` when the backward needs it (``STORE_Z``) and the
+  activated output;
+* ``grad_x = G_z W`` (item 11): ``A = G``, ``B = W``; the prologue turns the ``G`` tile
+  into the ``G_z = G * act'(z)`` tile (items 1, 3) where it is loaded;
+* ``grad_W = G_z^T x`` (items 9, 10): ``A = G^T``, ``B = x``, same prologue on the
+  transposed tiles; the programs of the first ``N``-block column also sum their
+  prologued ``A`` tiles over the reduction dimension, which is ``grad_b = G_z.sum(0)``
+  (item 10 with ``x = 1``). Each such program owns one slice of ``grad_b``, so the sum
+  is deterministic and needs no atomics. ``HAS_C = False`` keeps only that sum (the
+  bias gradient without the weight gradient).
+
+One general kernel rather than three copies: every operand is read through its own
+strides, so ``W^T``, ``G^T``, ``x^T`` and sliced views are stride swaps, and constexpr
+flags select each specialisation at compile time (no runtime branches on them).
+
+Offsets are products ``index * stride`` computed in int64: Triton passes small ints
+as i32, and an operand with more than 2^31 elements would wrap (silently so under the
+interpreter).
+
+The activation formulas themselves are :mod:`torch_matgrad.formulas` (PyTorch's own
+ops); ``_activation`` and ``_activation_grad`` below are the same formulas in Triton,
+in the accumulator's precision, matching ``F.gelu``/``F.silu`` and their ``aten``
+derivative kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.4 reads its environment through ``knobs``.
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # pragma: no cover - older Triton
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Activation name -> the ``ACT`` constexpr code of the kernel.
+ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+# The constants are literals in the kernels: compiled kernels may read only
+# tl.constexpr globals, and under the interpreter `tl.constexpr * tensor` is broken
+# (Triton 3.9). 0.7071067811865476 = 1/sqrt(2) (GELU's erf argument),
+# 0.3989422804014327 = 1/sqrt(2 pi) (the normal density), 0.7978845608028654 =
+# sqrt(2/pi) and 0.044715 (GELU-tanh's inner polynomial).
+
+
+@triton.jit
+def _sigmoid(v):
+    # With e = exp(-|v|) <= 1 nothing overflows (1 / (1 + exp(-v)) would pass through
+    # inf for v < -88 in fp32).
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def _tanh(v):
+    # tanh through exp: tl.math has no tanh in every supported Triton version.
+    # 2 sigmoid(2v) - 1 saturates to +-1 without overflow.
+    return 2.0 * _sigmoid(2.0 * v) - 1.0
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    """``act(z)`` as ``torch.nn.functional`` computes it (codes: ``ACT_CODES``)."""
+    if ACT == 1:
+        # `z < 0` (not `z > 0`) keeps NaN, as F.relu does.
+        return tl.where(z < 0, 0.0, z)
+    elif ACT == 2:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACT == 4:
+        return z * _sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(g, s, ACT: tl.constexpr):
+    """``G_z = G * act'(z)`` (MATH.md items 1, 3). ``s`` is the tensor the backward saved:
+    the output for ReLU, ``z`` otherwise (``formulas.NEEDS_PREACTIVATION``)."""
+    if ACT == 1:
+        # aten.threshold_backward(g, out, 0): zero where out <= 0.
+        return tl.where(s <= 0, 0.0, g)
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(s * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * s * s) * 0.3989422804014327
+        return g * (cdf + s * pdf)
+    elif ACT == 3:
+        inner = 0.7978845608028654 * (s + 0.044715 * s * s * s)
+        t = _tanh(inner)
+        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * s * s)
+        return g * (0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * d_inner)
+    elif ACT == 4:
+        sig = _sigmoid(s)
+        return g * sig * (1.0 + s * (1.0 - sig))
+    else:
+        return g
+
+
+@triton.jit
+def fused_gemm_kernel(
+    # Pointers: operands, output, the prologue's saved tensor, bias, z output, row sums
+    a_ptr, b_ptr, c_ptr, s_ptr, bias_ptr, z_ptr, rowsum_ptr,
+    # Matrix dimensions: C (M x N) = A (M x K) @ B (K x N)
+    M, N, K,
+    # Strides (elements) of each operand; S is read with A's indices, z with C's
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_sm, stride_sk, stride_bias, stride_rowsum,
+    # Coarse shape buckets: only the autotuner's key reads them
+    M_BUCKET, N_BUCKET, K_BUCKET,
+    # Specialisation flags
+    PRO_ACT: tl.constexpr, ROWSUM: tl.constexpr, HAS_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -----------------------------------------------------------
+    # Map the program id to the block of C it computes, in groups of GROUP_M block
+    # rows so that consecutive programs share B columns in L2.
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N) if HAS_C else 1
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # -----------------------------------------------------------
+    # Row offsets of A and column offsets of B, in int64. Rows and columns past the
+    # edge wrap (modulo) so the loads stay in bounds unmasked; their results are
+    # dropped by the masked stores.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_a = (offs_m % M).to(tl.int64)
+    cols_b = (offs_n % N).to(tl.int64)
+    a_rows = a_ptr + rows_a[:, None] * stride_am
+    b_cols = b_ptr + cols_b[None, :] * stride_bn
+    if PRO_ACT != 0:
+        s_rows = s_ptr + rows_a[:, None] * stride_sm
+
+    # -----------------------------------------------------------
+    # Iterate over K: prologue on the A tile, optional row sum, then the dot.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if ROWSUM:
+        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        ks = offs_k.to(tl.int64)
+        a = tl.load(a_rows + ks[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
+        if PRO_ACT != 0:
+            s = tl.load(s_rows + ks[None, :] * stride_sk, mask=k_mask[None, :], other=0.0)
+            a_acc = _activation_grad(a.to(ACC_DTYPE), s.to(ACC_DTYPE), PRO_ACT)
+            # G_z is rounded to the operand dtype for the dot, as the torch path does.
+            a = a_acc.to(a_ptr.dtype.element_ty)
+        else:
+            a_acc = a.to(ACC_DTYPE)
+        if ROWSUM:
+            if pid_n == 0:
+                rowsum += tl.sum(a_acc, axis=1)
+        if HAS_C:
+            b = tl.load(b_cols + ks[:, None] * stride_bk, mask=k_mask[:, None], other=0.0)
+            if UPCAST:
+                # Interpreter only: its bf16 tl.dot is wrong (triton-lang/triton#11584),
+                # so the tiles go to fp32 there; compiled kernels keep bf16 operands.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    # -----------------------------------------------------------
+    # Epilogue on the accumulator: bias, z, activation; masked stores at the edges.
+    offs_m64 = offs_m.to(tl.int64)
+    if ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m64 * stride_rowsum, rowsum.to(rowsum_ptr.dtype.element_ty),
+                     mask=offs_m < M)
+    if HAS_C:
+        offs_n64 = offs_n.to(tl.int64)
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        c_offs = offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n64 * stride_bias, mask=offs_n < N, other=0.0)
+            acc += bias.to(ACC_DTYPE)[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
+        out = _activation(acc, EPI_ACT)
+        tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -1,0 +1,178 @@
+"""Launch wrapper of :func:`fused_gemm_kernel`: check, allocate, launch.
+
+No autograd here: :mod:`torch_matgrad.triton_backend` builds the op's forward and
+backward from :func:`fused_matmul`.
+
+Autotuning (compiled kernels only): a few configurations for Ampere and Hopper, pruned
+to those that fit the device's shared memory, keyed on the next power of two of each
+dimension plus the specialisation flags and dtypes, so a new batch size reuses the
+tuning of its power-of-two bucket instead of benchmarking again. Under the interpreter
+a single small configuration runs without ``triton.autotune`` (which needs a GPU
+driver to benchmark).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..formulas import activate
+from .fused_gemm import ACT_CODES, INTERPRET, fused_gemm_kernel
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the large tiles feed Hopper and
+# Ampere tensor cores on big GEMMs; the small ones keep every SM busy when M or N is
+# small. GROUP_M = 8 block rows share the B columns in L2.
+_CONFIGS = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+]
+_GROUP_M = 8
+
+# Interpreter: tiles of 32 x 32 x 16 (tl.dot's minimum is 16) make the small test
+# shapes span several blocks and a ragged edge in every dimension; GROUP_M = 2 so the
+# grouped ordering is exercised too.
+INTERPRETER_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+
+_AUTOTUNE_KEY = [
+    "M_BUCKET", "N_BUCKET", "K_BUCKET",
+    "PRO_ACT", "ROWSUM", "HAS_C", "HAS_BIAS", "EPI_ACT", "STORE_Z", "INPUT_PRECISION",
+]
+
+
+def _fits(configs, named_args, **kwargs):
+    """Drop configurations whose pipelined tiles exceed the device's shared memory."""
+    args = {**named_args, **kwargs}
+    elem = args["a_ptr"].element_size()
+    device = args["a_ptr"].device
+    limit = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    fitting = []
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        # fp64 accumulators take twice the registers: 128 x 128 and up would spill.
+        if elem == 8 and bm * bn > 128 * 64:
+            continue
+        if (bm * bk + bk * bn) * elem * cfg.num_stages <= limit:
+            fitting.append(cfg)
+    # The smallest tile with two stages fits any GPU Triton supports.
+    return fitting or [triton.Config({**configs[-1].kwargs}, num_stages=2, num_warps=4)]
+
+
+if INTERPRET:
+    _launch = fused_gemm_kernel
+    _META = INTERPRETER_META
+else:
+    _launch = triton.autotune(
+        configs=[
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M), num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in _CONFIGS
+        ],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _fits},
+    )(fused_gemm_kernel)
+    _META = {}
+
+_ACC_DTYPE = {torch.float64: tl.float64}  # fp32 accumulation for the others
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``.
+
+    float32 follows PyTorch's setting: ``torch.get_float32_matmul_precision()`` is
+    ``"highest"`` -> ``"ieee"`` (true fp32 products, as cuBLAS without TF32); ``"high"``
+    or ``"medium"`` -> ``"tf32"``. ``torch.backends.cuda.matmul.allow_tf32`` is the
+    same switch seen from the other side (setting one sets the other). Other dtypes
+    have one precision, written ``"ieee"``.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def fused_matmul(
+    a: Tensor,
+    b: Optional[Tensor],
+    *,
+    saved: Optional[Tensor] = None,
+    grad_activation: Optional[str] = None,
+    rowsum: bool = False,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    store_z: bool = False,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(C, z, rowsum)`` with ``A' = A * act'(saved)`` if ``grad_activation`` is given
+    (``saved`` shaped like ``a``), ``z = A' @ B + bias`` and ``C = act(z)``.
+
+    ``b=None`` computes no product (``C`` and ``z`` are None): only the row sums of
+    ``A'``. ``z`` is returned when ``store_z``; ``rowsum`` (``A'.sum(1)``) when asked.
+    Every operand may be any strided view; the outputs are new contiguous tensors.
+    Dimensions of size zero launch nothing.
+    """
+    m, k = a.shape
+    n = 0 if b is None else b.shape[1]
+    dtype, device = a.dtype, a.device
+    operands = [("a", a), ("b", b), ("saved", saved), ("bias", bias)]
+    for name, t in operands:
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise ValueError(f"fused_matmul: {name} is {t.dtype} on {t.device}, a is {dtype} on {device}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fused_matmul: unsupported dtype {dtype}")
+    if b is not None and b.shape[0] != k:
+        raise ValueError(f"fused_matmul: a {tuple(a.shape)} @ b {tuple(b.shape)} do not chain")
+    if (grad_activation is not None) != (saved is not None) or (saved is not None and saved.shape != a.shape):
+        raise ValueError("fused_matmul: grad_activation needs saved shaped like a")
+    if bias is not None and (b is None or bias.shape != (n,)):
+        raise ValueError(f"fused_matmul: bias of shape {tuple(bias.shape)} for {n} output columns")
+
+    has_c = b is not None
+    c = torch.empty((m, n), dtype=dtype, device=device) if has_c else None
+    z = torch.empty((m, n), dtype=dtype, device=device) if has_c and store_z else None
+    sums = torch.empty((m,), dtype=dtype, device=device) if rowsum else None
+    if m == 0 or (n == 0 and not rowsum):
+        return c, z, sums
+    if k == 0:
+        # An empty sum: C = act(bias or 0), no product to launch.
+        pre = torch.zeros((m, n), dtype=dtype, device=device) if has_c else None
+        if bias is not None:
+            pre += bias
+        if z is not None:
+            z.copy_(pre)
+        if sums is not None:
+            sums.zero_()
+        return (activate(pre, activation) if has_c else None), z, sums
+
+    # With n == 0 only the row sums are left to compute; C (m x 0) is already complete.
+    has_c = has_c and n > 0
+    b_arg, c_arg = (b, c) if has_c else (None, None)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(n, meta["BLOCK_N"]) if has_c else 1),
+    )
+    _launch[grid](
+        a, b_arg, c_arg, saved, bias, z, sums,  # absent ones are None: constexpr, never read
+        m, n, k,
+        a.stride(0), a.stride(1),
+        b.stride(0) if has_c else 0, b.stride(1) if has_c else 0,
+        c.stride(0) if has_c else 0, c.stride(1) if has_c else 0,
+        saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
+        bias.stride(0) if bias is not None else 0, sums.stride(0) if rowsum else 0,
+        _bucket(m), _bucket(n), _bucket(k),
+        PRO_ACT=ACT_CODES[grad_activation], ROWSUM=rowsum, HAS_C=has_c,
+        HAS_BIAS=bias is not None, EPI_ACT=ACT_CODES[activation], STORE_Z=z is not None,
+        ACC_DTYPE=_ACC_DTYPE.get(dtype, tl.float32), INPUT_PRECISION=input_precision(dtype),
+        UPCAST=INTERPRET and dtype == torch.bfloat16,
+        **_META,
+    )
+    return c, z, sums
