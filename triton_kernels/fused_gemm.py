@@ -142,9 +142,10 @@ def fused_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_a = (offs_m % M).to(tl.int64)
-    cols_b = (offs_n % N).to(tl.int64)
     a_rows = a_ptr + rows_a[:, None] * stride_am
-    b_cols = b_ptr + cols_b[None, :] * stride_bn
+    if HAS_C:
+        cols_b = (offs_n % N).to(tl.int64)
+        b_cols = b_ptr + cols_b[None, :] * stride_bn
     if PRO_ACT != 0:
         s_rows = s_ptr + rows_a[:, None] * stride_sm
 

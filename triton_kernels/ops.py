@@ -102,6 +102,11 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+def _empty(shape, dtype, device) -> Tensor:
+    """Every output's allocation (the tests poison it to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def fused_matmul(
     a: Tensor,
     b: Optional[Tensor],
@@ -138,9 +143,9 @@ def fused_matmul(
         raise ValueError(f"fused_matmul: bias of shape {tuple(bias.shape)} for {n} output columns")
 
     has_c = b is not None
-    c = torch.empty((m, n), dtype=dtype, device=device) if has_c else None
-    z = torch.empty((m, n), dtype=dtype, device=device) if has_c and store_z else None
-    sums = torch.empty((m,), dtype=dtype, device=device) if rowsum else None
+    c = _empty((m, n), dtype, device) if has_c else None
+    z = _empty((m, n), dtype, device) if has_c and store_z else None
+    sums = _empty((m,), dtype, device) if rowsum else None
     if m == 0 or (n == 0 and not rowsum):
         return c, z, sums
     if k == 0:

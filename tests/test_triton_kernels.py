@@ -1,0 +1,151 @@
+"""The fused GEMM kernels against float64 references (MATH.md items 1, 3, 6, 9-11).
+
+Without a GPU they run under Triton's interpreter (``conftest.py`` switches it on), so
+shapes stay small. Every output the wrapper allocates is NaN-filled first: a tile the
+kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _util import assert_rel_close
+
+triton = pytest.importorskip("triton")
+
+from torch_matgrad import formulas, triton_backend  # noqa: E402
+from torch_matgrad.triton_kernels import ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+ALL_NEEDS = (True, True, True)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """NaN in every fresh output, and float32 GEMMs without TF32 (REL_TOL's fp32 row)."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ops, "_empty", nan_empty)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def _randn(*shape, layout="contiguous"):
+    """float64 CPU data, laid out as asked: a transposed view or a sliced view."""
+    if layout == "transposed":
+        return torch.randn(*reversed(shape), dtype=torch.float64).t()
+    if layout == "sliced":
+        rows, cols = shape
+        return torch.randn(rows + 3, 2 * cols + 1, dtype=torch.float64)[2 : rows + 2, 1::2]
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def _to(t, dtype):
+    """``t`` in ``dtype`` on the test device, keeping its strides (views stay views)."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=DEVICE).copy_(t)
+
+
+def _check_all(m, k, n, dtype, activation, bias, layout="contiguous", needs=ALL_NEEDS):
+    """Forward and backward through the kernels vs the float64 formulas."""
+    # The reference sees the inputs rounded to `dtype`, as the kernels do: otherwise
+    # ReLU's kink flips act' wherever rounding moves z across 0 (~5% error in bf16).
+    xd, wd, gd = (_to(_randn(*s, layout=layout), dtype) for s in ((m, k), (n, k), (m, n)))
+    bd = _to(torch.randn(n, dtype=torch.float64), dtype) if bias else None
+    x, w, g, b = (None if t is None else t.cpu().double() for t in (xd, wd, gd, bd))
+    out, z = triton_backend.forward(xd, wd, bd, activation)
+    ref_out, ref_z = formulas.forward(x, w, b, activation)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_rel_close(out, ref_out, dtype, "out")
+    assert (z is None) == (ref_z is None)
+    if z is not None:
+        assert_rel_close(z, ref_z, dtype, "z")
+
+    saved = z if activation in formulas.NEEDS_PREACTIVATION else (out if activation == "relu" else None)
+    ref_saved = ref_z if activation in formulas.NEEDS_PREACTIVATION else ref_out
+    grads = triton_backend.backward(gd, None, xd, wd, saved, activation, needs)
+    ref = formulas.backward(g, None, x, w, ref_saved, activation, needs)
+    for name, got, want in zip(("grad_x", "grad_W", "grad_b"), grads, ref):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert got.dtype == dtype
+            assert_rel_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_and_activations(dtype, activation):
+    # 65 x 33 x 40: three block rows, ragged edges in every dimension, K over two tiles.
+    _check_all(65, 33, 40, dtype, activation, bias=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", [(1, 7, 33), (7, 33, 1), (33, 1, 65), (127, 17, 7)], ids=str)
+def test_ragged_shapes_and_views(shape, bias, layout):
+    # Every operand (x, W, G) in the same layout; GELU exercises both z and act'.
+    _check_all(*shape, torch.float32, "gelu", bias, layout)
+
+
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)], ids=str
+)
+def test_partial_needs(needs, activation):
+    # grad_b without grad_W is the launch that only sums.
+    _check_all(33, 17, 40, torch.float32, activation, bias=True, needs=needs)
+
+
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(0, 7, 5), (7, 0, 5), (7, 5, 0), (0, 0, 0)], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_empty_dims(shape, bias, activation):
+    # M = 0: empty out, zero grad_W/grad_b; K = 0: out = act(bias or 0), grad_b = G_z.sum(0).
+    _check_all(*shape, torch.float32, activation, bias)
+
+
+def test_stride_zero_gradient():
+    # The gradient of out.sum() arrives expanded (all strides 0): read as is, no copy.
+    x, w = torch.randn(33, 17, device=DEVICE), torch.randn(9, 17, device=DEVICE)
+    g = torch.ones((), device=DEVICE).expand(33, 9)
+    grads = triton_backend.backward(g, None, x, w, None, None, ALL_NEEDS)
+    for got, want in zip(grads, formulas.backward(g, None, x, w, None, None, ALL_NEEDS)):
+        assert_rel_close(got, want, torch.float32)
+
+
+def test_inputs_not_modified():
+    x, w, b = (torch.randn(*s, device=DEVICE) for s in ((33, 17), (9, 17), (9,)))
+    copies = [t.clone() for t in (x, w, b)]
+    out, z = triton_backend.forward(x, w, b, "silu")
+    g = torch.randn_like(out)
+    g_copy = g.clone()
+    triton_backend.backward(g, None, x, w, z, "silu", ALL_NEEDS)
+    for t, c in zip((x, w, b, g), (*copies, g_copy)):
+        assert torch.equal(t, c)
+
+
+def test_wrapper_rejects_mismatches():
+    a = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="do not chain"):
+        ops.fused_matmul(a, torch.randn(4, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="float64"):
+        ops.fused_matmul(a, torch.randn(3, 2, device=DEVICE, dtype=torch.float64))
+    with pytest.raises(ValueError, match="saved shaped like a"):
+        ops.fused_matmul(a, torch.randn(3, 2, device=DEVICE), grad_activation="gelu")
+
+
+def test_fp32_precision_follows_torch():
+    # "highest" is true fp32 products; anything lower allows TF32, as cuBLAS does.
+    assert ops.input_precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    assert ops.input_precision(torch.float32) == "tf32"
+    assert ops.input_precision(torch.bfloat16) == "ieee"
+    assert ops.input_precision(torch.float64) == "ieee"
+
