@@ -174,10 +174,30 @@ def fused_matmul(
         saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
         bias.stride(0) if bias is not None else 0, sums.stride(0) if rowsum else 0,
         _bucket(m), _bucket(n), _bucket(k),
-        PRO_ACT=ACT_CODES[grad_activation], ROWSUM=rowsum, HAS_C=has_c,
-        HAS_BIAS=bias is not None, EPI_ACT=ACT_CODES[activation], STORE_Z=z is not None,
-        ACC_DTYPE=_ACC_DTYPE.get(dtype, tl.float32), INPUT_PRECISION=input_precision(dtype),
-        UPCAST=INTERPRET and dtype == torch.bfloat16,
+        **specialisation(
+            dtype, grad_activation=grad_activation, rowsum=rowsum, has_c=has_c,
+            has_bias=bias is not None, activation=activation, store_z=z is not None,
+        ),
         **_META,
     )
     return c, z, sums
+
+
+def specialisation(
+    dtype: torch.dtype,
+    *,
+    grad_activation: Optional[str] = None,
+    rowsum: bool = False,
+    has_c: bool = True,
+    has_bias: bool = False,
+    activation: Optional[str] = None,
+    store_z: bool = False,
+) -> dict:
+    """The kernel's constexpr flags for one kind of launch (the compile test builds
+    every specialisation the backend launches from this)."""
+    return dict(
+        PRO_ACT=ACT_CODES[grad_activation], ROWSUM=rowsum, HAS_C=has_c,
+        HAS_BIAS=has_bias, EPI_ACT=ACT_CODES[activation], STORE_Z=store_z,
+        ACC_DTYPE=_ACC_DTYPE.get(dtype, tl.float32), INPUT_PRECISION=input_precision(dtype),
+        UPCAST=INTERPRET and dtype == torch.bfloat16,
+    )

@@ -1,0 +1,159 @@
+"""The public ``linear`` and ``Linear`` through the forced Triton backend, against the
+torch-ops path, and the dispatcher's choices and fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from _util import assert_rel_close
+
+triton = pytest.importorskip("triton")
+
+import torch_matgrad  # noqa: E402
+from torch_matgrad import dispatch, formulas, triton_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def _run(backend, fn, inputs, grad):
+    inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    with torch_matgrad.use_backend(backend):
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, [t for t in inputs if t is not None], grad)
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    "x_shape", [(2, 3, 17), (33, 17), (17,), (0, 17), (4, 0, 17)], ids=lambda s: "x" + "x".join(map(str, s))
+)
+def test_linear_matches_torch_path(x_shape, bias, activation):
+    x = torch.randn(*x_shape, device=DEVICE)
+    w = torch.randn(9, 17, device=DEVICE)
+    b = torch.randn(9, device=DEVICE) if bias else None
+    grad = torch.randn(*x_shape[:-1], 9, device=DEVICE)
+
+    def fn(*ts):
+        return torch_matgrad.linear(*ts, activation=activation)
+
+    got = _run("triton", fn, (x, w, b), grad)
+    want = _run("torch", fn, (x, w, b), grad)
+    for g, r in zip(got, want):
+        assert_rel_close(g, r, torch.float32)
+
+
+def test_transposed_input_reaches_kernel_without_copy(monkeypatch):
+    # A transposed 2-D x flows to the kernel as a view (its strides, not a copy).
+    seen = []
+    forward = triton_backend.forward
+    monkeypatch.setattr(triton_backend, "forward", lambda x, *a: seen.append(x.stride()) or forward(x, *a))
+    x = torch.randn(17, 33, device=DEVICE).t()
+    w = torch.randn(9, 17, device=DEVICE)
+    with torch_matgrad.use_backend("triton"):
+        out = torch_matgrad.linear(x, w)
+    assert seen == [(1, 33)]
+    assert_rel_close(out, x.double() @ w.double().t(), torch.float32)
+
+
+@pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
+def test_module_matches_torch_path(activation):
+    layer = torch_matgrad.Linear(17, 9, activation=activation, device=DEVICE)
+    x = torch.randn(5, 17, device=DEVICE, requires_grad=True)
+    results = {}
+    for backend in ("triton", "torch"):
+        layer.zero_grad()
+        x.grad = None
+        with torch_matgrad.use_backend(backend):
+            out = layer(x)
+        out.backward(torch.ones_like(out))
+        results[backend] = [out.detach(), x.grad, layer.weight.grad, layer.bias.grad]
+    for g, r in zip(results["triton"], results["torch"]):
+        assert_rel_close(g, r, torch.float32)
+
+
+@pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
+def test_gradcheck_and_gradgradcheck(activation):
+    x, w, b = (torch.randn(*s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in ((5, 4), (3, 4), (3,)))
+
+    def fn(*ts):
+        with torch_matgrad.use_backend("triton"):
+            return torch_matgrad.linear(*ts, activation=activation)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_auto_sends_cpu_to_torch_and_forced_sends_it_to_triton():
+    x = torch.randn(3, 4)
+    assert dispatch._choose((x,), differentiable=False) is formulas
+    with torch_matgrad.use_backend("triton"):
+        expected = triton_backend if triton_backend.INTERPRET else None
+        if expected is None:
+            pytest.skip("Triton's interpreter is off")
+        assert dispatch._choose((x,), differentiable=False) is triton_backend
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    with torch_matgrad.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch._choose((torch.randn(2, 2),), differentiable=False)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize(
+    "case, kwargs, reason",
+    [
+        ("plain", dict(differentiable=True), "create_graph"),
+        ("plain", dict(differentiable=False, direct_z=True), "directly into z"),
+        ("subclass", dict(differentiable=False), "tensor subclass _Subclass"),
+        ("meta", dict(differentiable=False), "meta tensor"),
+        ("mixed", dict(differentiable=False), "unsupported dtype combination"),
+    ],
+)
+def test_fallbacks_are_logged(caplog, case, kwargs, reason):
+    t = torch.randn(3, 4, device=DEVICE)
+    tensors = {
+        "plain": (t,),
+        "subclass": (t.as_subclass(_Subclass),),
+        "meta": (torch.empty(3, 4, device="meta"),),
+        "mixed": (t, t.double()),
+    }[case]
+    with torch_matgrad.use_backend("triton"), caplog.at_level(logging.DEBUG, logger="torch_matgrad"):
+        assert dispatch._choose(tensors, **kwargs) is formulas
+    assert reason in caplog.text
+
+
+def test_float64_stays_on_torch_under_auto():
+    # Under "auto" only CUDA tensors reach these checks; call them directly on CPU runs.
+    t = torch.randn(3, 4, dtype=torch.float64)
+    assert "float64" in dispatch._triton_fallback([t], False, False, forced=False)
+    assert dispatch._triton_fallback([t], False, False, forced=True) is None
+
+
+def test_vmap_of_grad_falls_back_in_backward():
+    # The backward of vmap(grad(f)) sees batched tensors; they must reach torch ops.
+    w = torch.randn(3, 4, device=DEVICE, dtype=torch.float64)
+    xs = torch.randn(5, 2, 4, device=DEVICE, dtype=torch.float64)
+
+    def loss(w, x):
+        return torch_matgrad.linear(x, w, activation="gelu").square().sum()
+
+    with torch_matgrad.use_backend("triton"):
+        got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(w, xs)
+    want = torch.stack([torch.func.grad(lambda w, x: formulas.activate(x @ w.t(), "gelu").square().sum())(w, x) for x in xs])
+    assert_rel_close(got, want, torch.float64)
