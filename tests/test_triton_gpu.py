@@ -1,0 +1,165 @@
+"""The Triton kernels compiled and run on a CUDA GPU (skipped without one): real sizes,
+int64 offsets, CUDA graphs, determinism, autotuning, the fp32 precision setting.
+
+``test_triton_kernels.py`` and ``test_triton_path.py`` (NaN/Inf propagation included)
+run on the GPU too when there is one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _util import REL_TOL, assert_rel_close, rel_err
+
+pytestmark = pytest.mark.cuda
+triton = pytest.importorskip("triton")
+
+import torch_matgrad  # noqa: E402
+from torch_matgrad import dispatch, formulas, triton_backend  # noqa: E402
+from torch_matgrad.triton_kernels import ops  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def _inputs(m, k, n, dtype, transposed=False):
+    """x, W, b, G in ``dtype`` on the GPU (x, W, G as transposed views if asked)."""
+
+    def make(rows, cols):
+        if transposed:
+            return torch.randn(cols, rows, device="cuda", dtype=dtype).t()
+        return torch.randn(rows, cols, device="cuda", dtype=dtype)
+
+    return make(m, k), make(n, k), torch.randn(n, device="cuda", dtype=dtype), make(m, n)
+
+
+def _both(x, w, b, g, activation):
+    """Kernel results and float64 references of the same (rounded) inputs."""
+    out, z = triton_backend.forward(x, w, b, activation)
+    saved = z if activation in formulas.NEEDS_PREACTIVATION else out
+    got = [out, *triton_backend.backward(g, None, x, w, saved, activation, (True, True, True))]
+    x64, w64, b64, g64 = (t.double() for t in (x, w, b, g))
+    ref_out, ref_z = formulas.forward(x64, w64, b64, activation)
+    ref_saved = ref_z if activation in formulas.NEEDS_PREACTIVATION else ref_out
+    want = [ref_out, *formulas.backward(g64, None, x64, w64, ref_saved, activation, (True, True, True))]
+    return got, want
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_real_sizes(dtype, activation, transposed):
+    # Ragged in every dimension; K = 1031 spans many K tiles of every config.
+    got, want = _both(*_inputs(2049, 1031, 1537, dtype, transposed), activation)
+    for name, g, w in zip(("out", "grad_x", "grad_W", "grad_b"), got, want):
+        assert g.dtype == dtype
+        assert_rel_close(g, w, dtype, name)
+
+
+def test_fp32_precision_setting_reaches_the_kernel():
+    x, w, b, _ = _inputs(1024, 1024, 1024, torch.float32)
+    ref = formulas.forward(x.double(), w.double(), b.double(), None)[0]
+    ieee = rel_err(triton_backend.forward(x, w, b, None)[0], ref)
+    torch.set_float32_matmul_precision("high")
+    tf32 = rel_err(triton_backend.forward(x, w, b, None)[0], ref)
+    # TF32 keeps 10 mantissa bits: ~1e-4..1e-3 relative error; IEEE fp32 ~1e-7.
+    assert ieee < REL_TOL[torch.float32] < tf32 < 5e-3
+
+
+def test_more_than_2_31_elements():
+    # x has (2^31 / 4096 + 1) x 4096 > 2^31 elements (4.3 GB in bf16): row offsets of
+    # the last rows pass 2^31 and would wrap in int32.
+    m, k, n = 2**31 // 4096 + 1, 4096, 64
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    out, z = triton_backend.forward(x, w, b, "gelu")
+    tail = slice(m - 37, m)
+    ref_z = formulas.preactivation(x[tail].double(), w.double(), b.double())
+    assert_rel_close(z[tail], ref_z, torch.bfloat16, "z, last rows")
+    assert_rel_close(out[tail], formulas.activate(ref_z, "gelu"), torch.bfloat16, "out, last rows")
+    g = torch.randn_like(out)
+    grad_x, grad_w, grad_b = triton_backend.backward(g, None, x, w, z, "gelu", (True, True, True))
+    del out
+    gz = formulas.grad_preactivation(g[tail].double(), z[tail].double(), "gelu")
+    assert_rel_close(grad_x[tail], formulas.grad_input(gz, w.double()), torch.bfloat16, "grad_x, last rows")
+    del grad_x
+    # grad_W and grad_b sum over every row: compare with fp32 torch ops on the same G_z.
+    gz_all = formulas.grad_preactivation(g, z, "gelu")
+    assert_rel_close(grad_w, formulas.grad_weight(gz_all.float(), x.float()), torch.bfloat16, "grad_W")
+    assert_rel_close(grad_b, formulas.grad_bias(gz_all.float()), torch.bfloat16, "grad_b")
+
+
+def test_cuda_graph_capture_and_replay():
+    layer = torch_matgrad.Linear(512, 384, activation="gelu", device="cuda", dtype=torch.bfloat16)
+    static_x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out = layer(static_x)
+        out.backward(torch.ones_like(out))
+        return out
+
+    # Warm up on a side stream (autotuning and compilation happen here, not in capture).
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            layer.zero_grad(set_to_none=True)
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+
+    # Gradients set to None are allocated inside the capture: each replay rewrites them.
+    graph = torch.cuda.CUDAGraph()
+    layer.zero_grad(set_to_none=True)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_out = step()
+
+    new_x = torch.randn_like(static_x)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+
+    x = new_x.detach().requires_grad_()
+    w = layer.weight.detach().requires_grad_()
+    b = layer.bias.detach().requires_grad_()
+    with torch_matgrad.use_backend("torch"):
+        ref = torch_matgrad.linear(x, w, b, activation="gelu")
+    ref.backward(torch.ones_like(ref))
+    for got, want in ((static_out, ref), (static_x.grad, x.grad), (layer.weight.grad, w.grad), (layer.bias.grad, b.grad)):
+        assert_rel_close(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_repeated_calls_are_bit_identical(dtype):
+    x, w, b, g = _inputs(1500, 700, 900, dtype)
+    first, _ = _both(x, w, b, g, "silu")
+    again, _ = _both(x, w, b, g, "silu")
+    for a, c in zip(first, again):
+        assert torch.equal(a, c)
+
+
+def test_autotune_key_is_coarse():
+    # Batch sizes in one power-of-two bucket share a tuning result: no re-benchmarking.
+    w = torch.randn(256, 512, device="cuda", dtype=torch.float16)
+    triton_backend.forward(torch.randn(1000, 512, device="cuda", dtype=torch.float16), w, None, None)
+    tuned = len(ops._launch.cache)
+    for rows in (999, 1010, 1024):
+        triton_backend.forward(torch.randn(rows, 512, device="cuda", dtype=torch.float16), w, None, None)
+    assert len(ops._launch.cache) == tuned
+
+
+def test_auto_uses_triton_on_cuda_except_float64():
+    t = torch.randn(4, 4, device="cuda", dtype=torch.bfloat16)
+    assert dispatch._choose((t,), differentiable=False) is triton_backend
+    assert dispatch._choose((t.double(),), differentiable=False) is formulas
