@@ -8,6 +8,11 @@ output and gradients with a float64 ``torch.nn.functional`` reference.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 from typing import List, Sequence
 
 import torch
@@ -65,11 +70,28 @@ def check_backend(backend: str, device: str, seed: int = 0) -> List[tuple]:
 
 
 def available_backends() -> Sequence[tuple]:
-    """``(backend, device)`` pairs this machine can run."""
-    pairs = [("torch", "cpu")]
+    """``(backend, device)`` pairs this machine can run; ``("triton", "cpu")`` means
+    Triton's interpreter."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    pairs = [("torch", "cpu")] + ([("triton", "cpu")] if has_triton else [])
     if torch.cuda.is_available():
-        pairs.append(("torch", "cuda"))
+        pairs += [("torch", "cuda")] + ([("triton", "cuda")] if has_triton else [])
     return pairs
+
+
+def _rows(backend: str, device: str, seed: int) -> List[tuple]:
+    if backend != "triton" or device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        return check_backend(backend, device, seed)
+    # The interpreter must be on before the kernels are imported: check in a child.
+    code = (
+        "import json, sys; from torch_matgrad.check import check_backend; "
+        "print(json.dumps(check_backend('triton', 'cpu', int(sys.argv[1]))))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(seed)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, check=True,
+    )
+    return [tuple(row) for row in json.loads(child.stdout.strip().splitlines()[-1])]
 
 
 def format_table(rows: Sequence[tuple]) -> str:
@@ -88,7 +110,7 @@ FP32_TOLERANCE = 1e-4
 
 
 def run(args) -> int:
-    rows = [row for backend, device in available_backends() for row in check_backend(backend, device, args.seed)]
+    rows = [row for backend, device in available_backends() for row in _rows(backend, device, args.seed)]
     print(format_table(rows))
     failed = [r for r in rows if not (r[4] and r[5] and r[6] < FP32_TOLERANCE)]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
