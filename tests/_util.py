@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +41,15 @@ def reference(x, weight, bias, activation):
     if activation == "gelu_tanh":
         return F.gelu(z, approximate="tanh")
     return getattr(F, activation)(z)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision`` inside the block only (REL_TOL's fp32 row
+    assumes "highest": no TF32)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

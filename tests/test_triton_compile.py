@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from _util import float32_matmul_precision
+
 TARGETS = (80, 90)  # compute capabilities: A100, H100/H200
 # 24 distinct flag sets (5 activations x 5 kinds of launch, with "forward without bias,
 # no activation" the same kernel as "grad_x, no activation") for each of fp16, bf16,
@@ -35,9 +37,7 @@ def specialisations():
     from torch_matgrad.triton_kernels.ops import specialisation
 
     seen = {}
-    previous = torch.get_float32_matmul_precision()
     for precision in ("highest", "high"):  # fp32: IEEE products, then TF32
-        torch.set_float32_matmul_precision(precision)
         for dtype in _TYPE:
             if precision == "high" and dtype != torch.float32:
                 continue
@@ -50,10 +50,10 @@ def specialisations():
                     "grad_b alone": dict(grad_activation=act, rowsum=True, has_c=False),
                 }
                 for what, kwargs in launches.items():
-                    flags = specialisation(dtype, **kwargs)
+                    with float32_matmul_precision(precision):
+                        flags = specialisation(dtype, **kwargs)
                     key = (dtype, tuple(sorted((k, str(v)) for k, v in flags.items())))
                     seen.setdefault(key, (f"{_TYPE[dtype]} {flags['INPUT_PRECISION']} {what} act={act}", dtype, flags))
-    torch.set_float32_matmul_precision(previous)
     return list(seen.values())
 
 
@@ -99,7 +99,9 @@ def test_every_specialisation_compiles_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(cc)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, __file__, str(cc)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for cc in TARGETS
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]

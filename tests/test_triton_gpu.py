@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import REL_TOL, assert_rel_close, rel_err
+from _util import REL_TOL, assert_rel_close, float32_matmul_precision, rel_err
 
 pytestmark = pytest.mark.cuda
 triton = pytest.importorskip("triton")
@@ -24,10 +24,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+    with float32_matmul_precision("highest"):
+        yield
 
 
 def _inputs(m, k, n, dtype, transposed=False):
@@ -136,7 +134,8 @@ def test_cuda_graph_capture_and_replay():
     with torch_matgrad.use_backend("torch"):
         ref = torch_matgrad.linear(x, w, b, activation="gelu")
     ref.backward(torch.ones_like(ref))
-    for got, want in ((static_out, ref), (static_x.grad, x.grad), (layer.weight.grad, w.grad), (layer.bias.grad, b.grad)):
+    pairs = [(static_out, ref), (static_x.grad, x.grad), (layer.weight.grad, w.grad), (layer.bias.grad, b.grad)]
+    for got, want in pairs:
         assert_rel_close(got, want, torch.bfloat16)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import assert_rel_close
+from _util import assert_rel_close, float32_matmul_precision
 
 triton = pytest.importorskip("triton")
 
@@ -30,10 +30,8 @@ def poisoned_outputs(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ops, "_empty", nan_empty)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+    with float32_matmul_precision("highest"):
+        yield
 
 
 def _randn(*shape, layout="contiguous"):

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from _util import assert_rel_close
+from _util import assert_rel_close, float32_matmul_precision
 
 triton = pytest.importorskip("triton")
 
@@ -20,10 +20,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+    with float32_matmul_precision("highest"):
+        yield
 
 
 def _run(backend, fn, inputs, grad):
@@ -178,5 +176,6 @@ def test_vmap_of_grad_falls_back_in_backward():
 
     with torch_matgrad.use_backend("triton"):
         got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(w, xs)
-    want = torch.stack([torch.func.grad(lambda w, x: formulas.activate(x @ w.t(), "gelu").square().sum())(w, x) for x in xs])
+    reference = torch.func.grad(lambda w, x: formulas.activate(x @ w.t(), "gelu").square().sum())
+    want = torch.stack([reference(w, x) for x in xs])
     assert_rel_close(got, want, torch.float64)

@@ -136,7 +136,9 @@ def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_
     backend = _triton()
     if backend is None:
         if forced:
-            raise RuntimeError(f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})")
+            raise RuntimeError(
+                f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})"
+            )
         return _fallback("Triton does not import: " + _triton_import_error)
     reason = _triton_fallback(present, differentiable, direct_z, forced)
     if reason is not None:
