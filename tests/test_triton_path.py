@@ -179,3 +179,12 @@ def test_vmap_of_grad_falls_back_in_backward():
     reference = torch.func.grad(lambda w, x: formulas.activate(x @ w.t(), "gelu").square().sum())
     want = torch.stack([reference(w, x) for x in xs])
     assert_rel_close(got, want, torch.float64)
+
+
+def test_check_lists_the_interpreter_only_when_it_is_on(monkeypatch):
+    from torch_matgrad.check import available_backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ("triton", "cpu") in available_backends()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert ("triton", "cpu") not in available_backends()

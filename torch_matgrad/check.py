@@ -69,20 +69,24 @@ def check_backend(backend: str, device: str, seed: int = 0) -> List[tuple]:
     return rows
 
 
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def available_backends() -> Sequence[tuple]:
-    """``(backend, device)`` pairs this machine can run; ``("triton", "cpu")`` means
-    Triton's interpreter."""
-    has_triton = importlib.util.find_spec("triton") is not None
-    pairs = [("torch", "cpu")] + ([("triton", "cpu")] if has_triton else [])
+    """``(backend, device)`` pairs this process can run. ``("triton", "cpu")`` is
+    Triton's interpreter, listed only when ``TRITON_INTERPRET=1`` is set (it must be on
+    before the kernels are imported)."""
+    pairs = [("torch", "cpu")]
+    if _has_triton() and os.environ.get("TRITON_INTERPRET") == "1":
+        pairs.append(("triton", "cpu"))
     if torch.cuda.is_available():
-        pairs += [("torch", "cuda")] + ([("triton", "cuda")] if has_triton else [])
+        pairs += [("torch", "cuda")] + ([("triton", "cuda")] if _has_triton() else [])
     return pairs
 
 
-def _rows(backend: str, device: str, seed: int) -> List[tuple]:
-    if backend != "triton" or device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
-        return check_backend(backend, device, seed)
-    # The interpreter must be on before the kernels are imported: check in a child.
+def _interpreter_rows(seed: int) -> List[tuple]:
+    """The Triton interpreter's rows, from a child process that switches it on."""
     code = (
         "import json, sys; from torch_matgrad.check import check_backend; "
         "print(json.dumps(check_backend('triton', 'cpu', int(sys.argv[1]))))"
@@ -110,7 +114,10 @@ FP32_TOLERANCE = 1e-4
 
 
 def run(args) -> int:
-    rows = [row for backend, device in available_backends() for row in _rows(backend, device, args.seed)]
+    pairs = available_backends()
+    rows = [row for backend, device in pairs for row in check_backend(backend, device, args.seed)]
+    if _has_triton() and ("triton", "cpu") not in pairs:
+        rows += _interpreter_rows(args.seed)
     print(format_table(rows))
     failed = [r for r in rows if not (r[4] and r[5] and r[6] < FP32_TOLERANCE)]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
