@@ -346,3 +346,22 @@ def linear_jacobians(
         weight=Kron(x, m, scale=scale, transpose_input=True),
         bias=None if bias is None else Kron(x.new_ones(rows, 1), m, scale=scale),
     )
+
+
+def linear_vjp(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(grad_x, grad_W, grad_b)``: ``vec(G)^T J`` for each Jacobian of
+    :func:`linear_jacobians`, as matrices of the inputs' shapes (``as_mat``, items 9-11).
+    The backward read off the notes' Jacobians, independent of :mod:`torch_matgrad.formulas`
+    except for ``act'``; it must equal :func:`torch_matgrad.linear`'s backward."""
+    jacobians = linear_jacobians(x, weight, bias, activation)
+    if tuple(grad_out.shape) != jacobians.input.out_shape:
+        raise ValueError(
+            f"torch_matgrad.jacobian.linear_vjp: grad_out must have shape {jacobians.input.out_shape}, "
+            f"got {tuple(grad_out.shape)}"
+        )
+    u = vec(grad_out)
+    return tuple(
+        None if j is None else as_mat(j.rmatvec(u), t.shape) for j, t in zip(jacobians, (x, weight, bias))
+    )
