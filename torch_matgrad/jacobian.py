@@ -139,8 +139,9 @@ def check_dense_size(shape: Tuple[int, int], dtype: torch.dtype, device: torch.d
     if nbytes > limit or (free is not None and nbytes > free):
         where = f"the limit of {limit:,} bytes" if nbytes > limit else f"the {free:,} bytes free on {device}"
         raise MemoryError(
-            f"torch_matgrad.jacobian: a dense {shape[0]} x {shape[1]} {dtype} Jacobian needs {nbytes:,} bytes "
-            f"({nbytes / 2**30:.3g} GiB), over {where}; use matvec/rmatvec, which never materialise it"
+            f"torch_matgrad.jacobian: a dense {shape[0]} x {shape[1]} {dtype} Jacobian needs {nbytes:,} bytes"
+            + (f" ({nbytes / 2**30:.3g} GiB)" if nbytes >= 2**30 else "")
+            + f", over {where}; use matvec/rmatvec, which never materialise it"
         )
 
 
@@ -222,11 +223,12 @@ class Kron:
         check_dense_size(self.shape, self.dtype, self.device, max_bytes)
 
         def mat(f):
-            # torch.kron views its operands and fails on transposed ones (torch 2.13), such
-            # as the X^T of item 6: hand it contiguous factors.
-            return torch.eye(f, dtype=self.dtype, device=self.device) if isinstance(f, int) else f.contiguous()
+            return torch.eye(f, dtype=self.dtype, device=self.device) if isinstance(f, int) else f
 
-        out = torch.kron(mat(self.a), mat(self.b))
+        # (A (x) B)[(i, j), (k, l)] = A[i, k] B[j, l]. Written out rather than torch.kron,
+        # which views its operands and fails on transposed ones such as item 6's X^T.
+        a, b = mat(self.a), mat(self.b)
+        out = (a[:, None, :, None] * b[None, :, None, :]).reshape(self.shape)
         if self.scale is not None:
             out = self.scale[:, None] * out
         if self.transpose_input:

@@ -1,0 +1,215 @@
+"""The notes' Jacobians (MATH.md items 1-8) against autograd, and the three-way check
+notes = the op's backward = autograd (items 9-11). All float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.functional import jacobian as autograd_jacobian
+from torch.utils.flop_counter import FlopCounterMode
+
+import torch_matgrad
+from torch_matgrad import jacobian as J
+from torch_matgrad.__main__ import main
+
+from _util import REL_TOL, assert_rel_close, reference
+
+F64 = torch.float64
+TOL = REL_TOL[F64]
+# (m, n, b): ragged, including 1s; dense Jacobians stay below (7*33) x (7*33).
+SHAPES = [(1, 1, 1), (2, 3, 2), (7, 1, 33), (1, 33, 7), (7, 33, 1)]
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=F64)
+
+
+def jacobians_by_autograd(fn, arg, out_size):
+    """``d vec(fn(arg)) / d vec(arg)`` as a matrix, by both autograd oracles."""
+    flat = lambda a: fn(a).reshape(-1)  # noqa: E731
+    return [jac.reshape(out_size, arg.numel()) for jac in (autograd_jacobian(flat, arg), torch.func.jacrev(flat)(arg))]
+
+
+def assert_matches_autograd(structured, fn, arg, what):
+    got = structured.dense()
+    assert tuple(got.shape) == structured.shape
+    for want in jacobians_by_autograd(fn, arg, structured.shape[0]):
+        assert_rel_close(got, want, F64, what)
+
+
+# --- vec, as_mat, e_i^T (conventions, item 4) -------------------------------------------
+
+
+def test_vec_is_row_major_on_any_view_and_as_mat_inverts_it():
+    a = randn(5, 3).t()  # a transposed (non-contiguous) view: vec must not follow memory order
+    assert torch.equal(J.vec(a), torch.cat(list(a)))
+    assert torch.equal(J.as_mat(J.vec(a), a.shape), a)
+    with pytest.raises(ValueError, match=r"15 elements cannot form a \(4, 4\) matrix"):
+        J.as_mat(J.vec(a), (4, 4))
+
+
+def test_embed_block_places_a_at_position_i_and_zeros_elsewhere():
+    a = randn(2, 3)
+    row = J.embed_block(1, a, 3)
+    assert torch.equal(row, torch.cat([torch.zeros(2, 3, dtype=F64), a, torch.zeros(2, 3, dtype=F64)], 1))
+    assert torch.equal(J.embed_block(2, 1.0, 4), torch.eye(4)[2:3])  # e_i^T(1) = e_i^T
+    with pytest.raises(IndexError, match="position 3 outside 0..2"):
+        J.embed_block(3, a, 3)
+
+
+# --- items 1-3 against autograd on random nonlinear maps --------------------------------
+
+
+def test_product_rule_item1():
+    m_mat, x = randn(4, 3), randn(3)
+    u, b = (lambda x: torch.sin(m_mat @ x)), (lambda x: (x * x).sum())
+    want = autograd_jacobian(lambda x: b(x) * u(x), x)
+    got = J.product_rule(u(x), autograd_jacobian(u, x), b(x), autograd_jacobian(b, x))
+    assert_rel_close(got, want, F64, "item 1")
+
+
+def test_inner_product_rule_item2():
+    m1, m2, x = randn(4, 3), randn(4, 3), randn(3)
+    u, v = (lambda x: torch.tanh(m1 @ x)), (lambda x: (m2 @ x) ** 2)
+    want = autograd_jacobian(lambda x: u(x) @ v(x), x)
+    got = J.inner_product_rule(u(x), autograd_jacobian(u, x), v(x), autograd_jacobian(v, x))
+    assert_rel_close(got, want, F64, "item 2")
+
+
+def test_linear_map_rule_item3():
+    a, m1, x = randn(5, 4), randn(4, 3), randn(3)
+    u = lambda x: torch.exp(m1 @ x)  # noqa: E731
+    assert_rel_close(J.linear_map_rule(a, autograd_jacobian(u, x)), autograd_jacobian(lambda x: a @ u(x), x), F64, "item 3")
+
+
+# --- items 5-8: each Jacobian = autograd.functional.jacobian = torch.func.jacrev -------
+
+
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_item5_dy_dW(m, n, b):
+    W, x = randn(m, n), randn(n)
+    assert_matches_autograd(J.dy_dW(x, m), lambda W: W @ x, W, "item 5")
+
+
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_item6_dY_dW(m, n, b):
+    W, X = randn(m, n), randn(n, b)
+    assert_matches_autograd(J.dY_dW(X, m), lambda W: W @ X, W, "item 6")
+
+
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_item7_dYT_dXT(m, n, b):
+    W, XT = randn(m, n), randn(b, n)
+    assert_matches_autograd(J.dYT_dXT(W, b), lambda XT: XT @ W.t(), XT, "item 7")
+
+
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_item8_dY_dX(m, n, b):
+    W, X = randn(m, n), randn(n, b)
+    assert_matches_autograd(J.dY_dX(W, b), lambda X: W @ X, X, "item 8")
+
+
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_items7_8_four_d_form_is_the_permuted_reshape(m, n, b):
+    W, X = randn(m, n), randn(n, b)
+    got = J.dY_dX_4d(W, b)
+    for want in (autograd_jacobian(lambda X: W @ X, X), torch.func.jacrev(lambda X: W @ X)(X)):
+        assert got.shape == want.shape == (m, b, n, b)
+        assert torch.equal(got, want)  # every entry is a w_ik or an exact 0
+    # and, flattened, it is the matrix form W (x) I_b of item 8
+    assert torch.equal(got.reshape(m * b, n * b), J.dY_dX(W, b).dense())
+
+
+# --- PyTorch's row convention ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows,n,m", [(1, 1, 1), (7, 3, 5), (4, 33, 2)])
+def test_linear_jacobians_match_autograd(activation, bias, rows, n, m):
+    x, W = randn(n, rows).t(), randn(m, n)  # x: a transposed view, as a user may pass
+    b = randn(m) if bias else None
+    jac = J.linear_jacobians(x, W, b, activation)
+    assert_matches_autograd(jac.input, lambda x: reference(x, W, b, activation), x, "d out/dx")
+    assert_matches_autograd(jac.weight, lambda W: reference(x, W, b, activation), W, "d out/dW")
+    if bias:
+        assert_matches_autograd(jac.bias, lambda b: reference(x, W, b, activation), b, "d out/db")
+    else:
+        assert jac.bias is None
+
+
+def test_activation_derivative_is_the_diagonal_of_the_elementwise_jacobian():
+    z, eye = randn(3, 4), torch.eye(4, dtype=F64)
+    for activation in torch_matgrad.ACTIVATIONS[1:]:
+        want = autograd_jacobian(lambda z: reference(z, eye, None, activation).reshape(-1), z).reshape(12, 12)
+        assert_rel_close(torch.diag(J.vec(J.activation_derivative(z, activation))), want, F64, activation)
+    assert J.activation_derivative(z, None) is None
+
+
+# --- structured products: equal to the dense form, one matmul, never (mb) x (mn) --------
+
+KRONS = {
+    "I (x) T": lambda: J.Kron(3, randn(4, 5)),
+    "T (x) I": lambda: J.Kron(randn(4, 5), 3),
+    "T (x) T": lambda: J.Kron(randn(2, 3), randn(4, 5)),
+    "I (x) I": lambda: J.Kron(2, 3),  # no tensor factor: the default dtype (float32); exact here
+    "D (T (x) I) P": lambda: J.Kron(randn(4, 5), 3, scale=randn(12), transpose_input=True),
+    "D (I (x) T)": lambda: J.Kron(3, randn(1, 5).t(), scale=randn(15)),  # a transposed factor
+}
+
+
+@pytest.mark.parametrize("name", KRONS)
+def test_structured_products_equal_the_dense_form(name):
+    jac = KRONS[name]()
+    dense = jac.dense()
+    assert tuple(dense.shape) == jac.shape == (J._prod(jac.out_shape), J._prod(jac.in_shape))
+    v, u = randn(jac.shape[1]).to(dense.dtype), randn(jac.shape[0]).to(dense.dtype)
+    assert_rel_close(jac.matvec(v), dense @ v, F64, "matvec")
+    assert_rel_close(jac.rmatvec(u), u @ dense, F64, "rmatvec")
+    # leading dims batch: a stack of 2 x 3 vectors at once
+    vs, us = randn(2, 3, jac.shape[1]).to(dense.dtype), randn(2, 3, jac.shape[0]).to(dense.dtype)
+    assert_rel_close(jac.matvec(vs), vs @ dense.t(), F64, "batched matvec")
+    assert_rel_close(jac.rmatvec(us), us @ dense, F64, "batched rmatvec")
+
+
+def test_products_check_the_vector_length():
+    jac = J.Kron(3, randn(4, 5))
+    with pytest.raises(ValueError, match="length 15 for a 12 x 15 Jacobian, got shape \\(12,\\)"):
+        jac.matvec(randn(12))
+    with pytest.raises(ValueError, match="length 12 for a 12 x 15 Jacobian, got shape \\(\\)"):
+        jac.rmatvec(randn(()))
+    with pytest.raises(ValueError, match=r"scale must have shape \(12,\), got \(3, 4\)"):
+        J.Kron(3, randn(4, 5), scale=randn(3, 4))
+
+
+def test_vjp_at_real_size_is_one_matmul_and_dense_refuses():
+    rows, n, m = 512, 384, 256
+    x, W, b, G = randn(rows, n), randn(m, n), randn(m), randn(rows, m)
+    jac = J.linear_jacobians(x, W, b, "gelu")
+    # Dense, each would be (512*256) x (384*256) float64 = 103 GB; the products are GEMMs.
+    for j, want_flops in ((jac.input, 2 * rows * m * n), (jac.weight, 2 * rows * m * n), (jac.bias, 2 * rows * m)):
+        with FlopCounterMode(display=False) as counter:
+            j.rmatvec(J.vec(G))
+        assert counter.get_total_flops() == want_flops
+        with FlopCounterMode(display=False) as counter:
+            j.matvec(randn(j.shape[1]))
+        assert counter.get_total_flops() == want_flops
+    with pytest.raises(MemoryError, match=r"dense 131072 x 98304 torch.float64 Jacobian needs 103,079,215,104 bytes \(96 GiB\)"):
+        jac.weight.dense()
+    gz = G * J.activation_derivative(x @ W.t() + b, "gelu")
+    assert_rel_close(J.as_mat(jac.weight.rmatvec(J.vec(G)), W.shape), gz.t() @ x, F64, "G_z^T x")
+
+
+def test_dense_limit_is_checked_before_allocating():
+    jac = J.dY_dW(randn(3, 4), 5)  # (5*4) x (5*3) float64: 2400 bytes
+    with pytest.raises(MemoryError, match=r"20 x 15 torch.float64 Jacobian needs 2,400 bytes, over the limit of 2,399"):
+        jac.dense(max_bytes=2399)
+    assert jac.dense(max_bytes=2400).shape == (20, 15)
+    with pytest.raises(MemoryError, match="limit of 100 bytes"):
+        J.dY_dX_4d(randn(3, 4), 5, max_bytes=100)
+    # an int factor is a symbolic identity: this costs nothing until dense() refuses it
+    huge = J.Kron(10**6, randn(2, 2))
+    assert huge.shape == (2 * 10**6, 2 * 10**6)
+    with pytest.raises(MemoryError, match="use matvec/rmatvec"):
+        huge.dense()
