@@ -213,3 +213,138 @@ def test_dense_limit_is_checked_before_allocating():
     assert huge.shape == (2 * 10**6, 2 * 10**6)
     with pytest.raises(MemoryError, match="use matvec/rmatvec"):
         huge.dense()
+
+
+# --- the derivations replayed with the rules of items 1-4 --------------------------------
+
+
+def test_replay_items5_6_from_the_inner_product_rule_and_e_i():
+    """``Y_ij = <w_i, X_j>``, ``dw_i/dW~ = e_i^T(I_n)``, ``dX_j/dW~ = 0``: row (i, j) of
+    ``dY~/dW~`` is ``X_j^T e_i^T(I_n) = e_i^T(X_j^T)`` (items 2, 4), i.e. ``I_m (x) X^T``."""
+    m, n, b = 3, 4, 2
+    W, X = randn(m, n), randn(n, b)
+    zero = torch.zeros(n, m * n, dtype=F64)
+    rows = []
+    for i in range(m):
+        for j in range(b):
+            row = J.inner_product_rule(W[i], J.embed_block(i, torch.eye(n, dtype=F64), m), X[:, j], zero)
+            assert torch.equal(row, J.embed_block(i, X[:, j], m)[0])
+            rows.append(row)
+    assert torch.equal(torch.stack(rows), J.dY_dW(X, m).dense())
+    assert torch.equal(torch.stack(rows[::b]), J.dy_dW(X[:, 0], m).dense())  # item 5 is item 6 with b = 1
+
+
+def test_replay_item8_from_the_inner_product_rule():
+    """``Y_ij = <w_i, X_j>`` with ``dw_i/dX~ = 0`` and ``dX_j/dX~ = I_n (x) e_j^T`` (column
+    j picked out of ``X~``): row (i, j) is ``w_i^T (I_n (x) e_j^T)`` (item 2), i.e. ``W (x) I_b``."""
+    m, n, b = 3, 4, 2
+    W, X = randn(m, n), randn(n, b)
+    zero = torch.zeros(n, n * b, dtype=F64)
+    pick = [J.Kron(n, J.embed_block(j, 1.0, b).to(F64)).dense() for j in range(b)]
+    for j in range(b):
+        assert torch.equal(pick[j] @ J.vec(X), X[:, j])
+    rows = [J.inner_product_rule(W[i], zero, X[:, j], pick[j]) for i in range(m) for j in range(b)]
+    assert torch.equal(torch.stack(rows), J.dY_dX(W, b).dense())
+
+
+def test_replay_activation_and_bias_with_items_1_3_and_10():
+    """``out = act(z)``: ``d out~/dW~ = diag(act'(z~)) dz~/dW~`` (items 1, 3); the bias is
+    a weight column whose input is constantly 1 (item 10 with ``x = 1``)."""
+    x, W, b = randn(5, 3), randn(4, 3), randn(4)
+    plain = J.linear_jacobians(x, W, b)
+    for activation in torch_matgrad.ACTIVATIONS[1:]:
+        jac = J.linear_jacobians(x, W, b, activation)
+        diag = torch.diag(J.vec(J.activation_derivative(x @ W.t() + b, activation)))
+        for got, dz in zip(jac, plain):
+            assert_rel_close(got.dense(), J.linear_map_rule(diag, dz.dense()), F64, activation)
+    ones = J.linear_jacobians(torch.ones(5, 1, dtype=F64), b[:, None]).weight
+    assert torch.equal(plain.bias.dense(), ones.dense())
+
+
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_items9_to_11_the_backward_is_vec_G_times_the_jacobian(m, n, b):
+    W, X, G = randn(m, n), randn(n, b), randn(m, b)
+    # item 10: dz/dW = (dz/dY~ (I_m (x) X^T))_as_mat = G X^T; item 9 is its column b = 1
+    assert_rel_close(J.as_mat(J.dY_dW(X, m).rmatvec(J.vec(G)), (m, n)), G @ X.t(), F64, "item 10")
+    assert_rel_close(J.as_mat(J.dy_dW(X[:, 0], m).rmatvec(G[:, 0]), (m, n)), torch.outer(G[:, 0], X[:, 0]), F64, "item 9")
+    # item 11: dz/dX = W^T G, by either Jacobian of X (items 7 and 8)
+    assert_rel_close(J.as_mat(J.dY_dX(W, b).rmatvec(J.vec(G)), (n, b)), W.t() @ G, F64, "item 11 via 8")
+    assert_rel_close(J.as_mat(J.dYT_dXT(W, b).rmatvec(J.vec(G.t())), (b, n)), G.t() @ W, F64, "item 11 via 7")
+
+
+# --- three ways: the notes' Jacobians, the op's backward, autograd ----------------------
+
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            "triton" not in torch_matgrad.dispatch.BACKENDS,
+            reason="no 'triton' backend in torch_matgrad.dispatch.BACKENDS on this branch",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
+@pytest.mark.parametrize("lead,n,m,bias", [((1,), 1, 1, True), ((7,), 33, 5, False), ((3, 11), 7, 127, True), ((0,), 3, 2, True)])
+def test_three_way_notes_backward_autograd(backend, activation, lead, n, m, bias):
+    x = randn(n, *lead).movedim(0, -1)  # non-contiguous, with leading dims
+    W, G = randn(m, n), randn(*lead, m)
+    b = randn(m) if bias else None
+    before = [t.clone() for t in (x, W, b, G) if t is not None]
+    notes = J.linear_vjp(G.reshape(-1, m), x.reshape(-1, n), W, b, activation)
+    inputs = [t.detach().requires_grad_() for t in (x, W, b) if t is not None]
+    with torch_matgrad.use_backend(backend):
+        out = torch_matgrad.linear(*inputs, activation=activation)
+    backward = torch.autograd.grad(out, inputs, G)
+    ref = reference(inputs[0], inputs[1], inputs[2] if bias else None, activation)
+    autograd = torch.autograd.grad(ref, inputs, G)
+    for name, got, by_op, by_autograd in zip(("x", "W", "b"), notes, backward, autograd):
+        got = got.reshape(by_op.shape)
+        assert_rel_close(got, by_op, F64, f"grad_{name}: notes vs {backend} backward")
+        assert_rel_close(got, by_autograd, F64, f"grad_{name}: notes vs autograd")
+    assert all(torch.equal(t, u) for t, u in zip(before, (t for t in (x, W, b, G) if t is not None)))
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_bad_shapes_raise_clear_errors():
+    x, W = randn(5, 3), randn(4, 3)
+    with pytest.raises(ValueError, match=r"x of shape \(5, 2\) has 2 features but weight of shape \(4, 3\) expects 3"):
+        J.linear_jacobians(randn(5, 2), W)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\), got \(3,\)"):
+        J.linear_jacobians(x, W, randn(3))
+    with pytest.raises(ValueError, match=r"x must be a 2-D tensor, got shape \(2, 5, 3\)"):
+        J.linear_jacobians(randn(2, 5, 3), W)
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(5, 4\), got \(4, 5\)"):
+        J.linear_vjp(randn(4, 5), x, W)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        J.linear_jacobians(x, W, activation="tanh")
+    with pytest.raises(ValueError, match=r"x must be a vector, got shape \(3, 1\)"):
+        J.dy_dW(randn(3, 1), 4)
+    with pytest.raises(ValueError, match=r"W must be a 2-D tensor, got shape \(3,\)"):
+        J.dY_dX(randn(3), 2)
+
+
+# --- the CLI -----------------------------------------------------------------------------
+
+
+def test_cli_prints_the_block_maps_and_agrees(capsys):
+    assert main(["jacobian", "--m", "2", "--n", "3", "--b", "2", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    for grid in ("[ X^T  0   ]\n  [ 0    X^T ]", "[ W  0 ]\n  [ 0  W ]", "[ w11 I  w12 I  w13 I ]", "[ D1 W  0    ]"):
+        assert grid in text
+    assert "?" not in text and "0 mismatch" in text
+
+
+def test_cli_exits_1_on_a_wrong_backward_or_a_wrong_jacobian(capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_matgrad.formulas, "grad_weight", lambda g, x: 2 * g.transpose(-1, -2).matmul(x))
+        assert main(["jacobian"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    monkeypatch.setattr(J, "dY_dW", lambda X, m: J.Kron(m, 2 * X.t()))
+    assert main(["jacobian"]) == 1
+    assert "[ ?  0 ]\n  [ 0  ? ]" in capsys.readouterr().out
