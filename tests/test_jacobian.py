@@ -3,6 +3,9 @@ notes = the op's backward = autograd (items 9-11). All float64."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -348,3 +351,15 @@ def test_cli_exits_1_on_a_wrong_backward_or_a_wrong_jacobian(capsys, monkeypatch
     monkeypatch.setattr(J, "dY_dW", lambda X, m: J.Kron(m, 2 * X.t()))
     assert main(["jacobian"]) == 1
     assert "[ ?  0 ]\n  [ 0  ? ]" in capsys.readouterr().out
+
+
+def test_derivation_md_links_name_real_functions_and_tests():
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "derivation.md").read_text()
+    tests = re.findall(r"tests/test_jacobian\.py::(\w+)", text)
+    functions = re.findall(r"\[`(jacobian|formulas)\.(\w+)`\]", text)
+    assert len(tests) >= 15 and len(functions) >= 15
+    assert [t for t in tests if t not in globals()] == []
+    assert [f"{mod}.{name}" for mod, name in functions if not hasattr(getattr(torch_matgrad, mod), name)] == []
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (root / "docs" / target).resolve().exists(), target
