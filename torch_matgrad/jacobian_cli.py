@@ -117,7 +117,8 @@ def three_way(backend: str, device: str, activation, m: int, n: int, b: int, gen
     """Max abs differences (notes vs the op's backward, notes vs autograd) of
     ``(grad_x, grad_W, grad_b)`` for random float64 data and a random ``G``."""
     x, weight, bias, grad = (
-        torch.randn(*shape, generator=generator, dtype=torch.float64).to(device) for shape in ((b, n), (m, n), (m,), (b, m))
+        torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
+        for shape in ((b, n), (m, n), (m,), (b, m))
     )
     notes = jacobian.linear_vjp(grad, x, weight, bias, activation)
     inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
@@ -162,5 +163,6 @@ def run(args) -> int:
     print("vec(G)^T J (the notes) vs the op's backward vs autograd, float64, max abs error:")
     print(format_table(rows))
     failed = [r for r in rows if max(r[3], r[4]) > TOLERANCE]
-    print(f"\n{len(rows) - len(failed)} agree, {len(failed)} mismatch" + (f"; {unknown} unrecognised blocks" if unknown else ""))
+    summary = f"\n{len(rows) - len(failed)} agree, {len(failed)} mismatch"
+    print(summary + (f"; {unknown} unrecognised blocks" if unknown else ""))
     return 1 if failed or unknown else 0
