@@ -3,6 +3,7 @@ notes = the op's backward = autograd (items 9-11). All float64."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -158,7 +159,7 @@ KRONS = {
 def test_structured_products_equal_the_dense_form(name):
     jac = KRONS[name]()
     dense = jac.dense()
-    assert tuple(dense.shape) == jac.shape == (J._prod(jac.out_shape), J._prod(jac.in_shape))
+    assert tuple(dense.shape) == jac.shape == (math.prod(jac.out_shape), math.prod(jac.in_shape))
     v, u = randn(jac.shape[1]).to(dense.dtype), randn(jac.shape[0]).to(dense.dtype)
     assert_rel_close(jac.matvec(v), dense @ v, F64, "matvec")
     assert_rel_close(jac.rmatvec(u), u @ dense, F64, "rmatvec")
@@ -190,19 +191,26 @@ def test_vjp_at_real_size_is_one_matmul_and_dense_refuses():
         with FlopCounterMode(display=False) as counter:
             j.matvec(randn(j.shape[1]))
         assert counter.get_total_flops() == want_flops
-    with pytest.raises(MemoryError, match=r"131072 x 98304 torch.float64 Jacobian needs 103,079,215,104 bytes \(96 GiB"):
+    with pytest.raises(MemoryError, match=r"131072 x 98304 torch.float64 Jacobian needs 103,079,215,104"):
         jac.weight.dense()
     gz = G * J.activation_derivative(x @ W.t() + b, "gelu")
     assert_rel_close(J.as_mat(jac.weight.rmatvec(J.vec(G)), W.shape), gz.t() @ x, F64, "G_z^T x")
 
 
-def test_dense_limit_is_checked_before_allocating():
+def test_dense_limit_is_checked_before_allocating(monkeypatch):
     jac = J.dY_dW(randn(3, 4), 5)  # (5*4) x (5*3) float64: 2400 bytes
     with pytest.raises(MemoryError, match=r"20 x 15 torch.float64 Jacobian needs 2,400 bytes, over the limit of 2,399"):
         jac.dense(max_bytes=2399)
     assert jac.dense(max_bytes=2400).shape == (20, 15)
     with pytest.raises(MemoryError, match="limit of 100 bytes"):
         J.dY_dX_4d(randn(3, 4), 5, max_bytes=100)
+    # the memory available is a second limit (MemAvailable on Linux, free memory on a GPU)
+    if Path("/proc/meminfo").exists():
+        assert J._free_bytes(torch.device("cpu")) > 0
+    monkeypatch.setattr(J, "_free_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match="needs 2,400 bytes, over the 1,000 bytes free on cpu"):
+        jac.dense()
+    monkeypatch.undo()
     # an int factor is a symbolic identity: this costs nothing until dense() refuses it
     huge = J.Kron(10**6, randn(2, 2))
     assert huge.shape == (2 * 10**6, 2 * 10**6)
@@ -324,7 +332,11 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match=r"x must be a vector, got shape \(3, 1\)"):
         J.dy_dW(randn(3, 1), 4)
     with pytest.raises(ValueError, match=r"W must be a 2-D tensor, got shape \(3,\)"):
-        J.dY_dX(randn(3), 2)
+        J.dY_dX_4d(randn(3), 2)
+    with pytest.raises(ValueError, match=r"a factor must be a 2-D tensor or an int size of I, got shape \(2, 2, 2\)"):
+        J.Kron(2, randn(2, 2, 2))
+    with pytest.raises(ValueError, match=r"A must be a scalar, vector or matrix, got shape \(1, 1, 1\)"):
+        J.embed_block(0, randn(1, 1, 1), 2)
 
 
 # --- the CLI -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ and PyTorch's row convention ``out = act(x W^T + b)``: :func:`linear_jacobians`.
 
 from __future__ import annotations
 
-import os
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,7 +63,7 @@ def as_mat(v: Tensor, shape: Sequence[int]) -> Tensor:
     """The inverse of :func:`vec`: the notes' ``(.)_as_mat``. A ``1 x mn`` row such as
     ``dz/dW~`` becomes the ``m x n`` matrix ``dz/dW`` that PyTorch stores in ``W.grad``."""
     shape = tuple(shape)
-    if v.numel() != _prod(shape):
+    if v.numel() != math.prod(shape):
         raise ValueError(f"torch_matgrad.jacobian.as_mat: {v.numel()} elements cannot form a {shape} matrix")
     return v.reshape(shape)
 
@@ -73,6 +73,10 @@ def embed_block(i: int, a: Union[Tensor, float], blocks: int) -> Tensor:
     blocks with ``A`` at position ``i`` (0-based; the notes count from 1) and zero blocks
     of ``A``'s shape elsewhere. A scalar ``A`` gives the unit row ``e_i^T``."""
     a = torch.as_tensor(a)
+    if a.dim() > 2:
+        raise ValueError(
+            f"torch_matgrad.jacobian.embed_block: A must be a scalar, vector or matrix, got shape {tuple(a.shape)}"
+        )
     a = a.reshape(1, 1) if a.dim() == 0 else (a.reshape(1, -1) if a.dim() == 1 else a)
     if not 0 <= i < blocks:
         raise IndexError(f"torch_matgrad.jacobian.embed_block: position {i} outside 0..{blocks - 1}")
@@ -107,30 +111,35 @@ def linear_map_rule(a: Tensor, du: Tensor) -> Tensor:
 # --- structured Jacobians ---------------------------------------------------------------
 
 
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
 def _factor_shape(f: Factor) -> Tuple[int, int]:
-    return (f, f) if isinstance(f, int) else tuple(f.shape)
+    if isinstance(f, int) and f >= 0:
+        return (f, f)
+    if isinstance(f, Tensor) and f.dim() == 2:
+        return tuple(f.shape)
+    got = f"shape {tuple(f.shape)}" if isinstance(f, Tensor) else repr(f)
+    raise ValueError(f"torch_matgrad.jacobian.Kron: a factor must be a 2-D tensor or an int size of I, got {got}")
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:
-    """Memory free on ``device`` now, or None where that is not cheap to ask."""
+    """Memory available on ``device`` now, or None where that is not cheap to ask."""
     try:
         if device.type == "cuda":
             return torch.cuda.mem_get_info(device)[0]
         if device.type == "cpu":
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError, RuntimeError):
+            # MemAvailable counts reclaimable page cache; "free" pages alone would refuse
+            # matrices that fit on any host that has read a few files.
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, ValueError, RuntimeError):
         pass
     return None
 
 
-def check_dense_size(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device, max_bytes=None) -> None:
+def check_dense_size(
+    shape: Tuple[int, int], dtype: torch.dtype, device: torch.device, max_bytes: Optional[int] = None
+) -> None:
     """Raise ``MemoryError`` naming the shape and bytes if a dense ``shape`` matrix is
     over ``max_bytes`` (default :data:`DENSE_LIMIT_BYTES`) or over the free memory."""
     nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
@@ -283,8 +292,9 @@ def dY_dX_4d(W: Tensor, b: int, max_bytes: Optional[int] = None) -> Tensor:
     ``A.permute(1, 0, 3, 2)`` (the notes' ``permute_axes(2, 1, 4, 3)``, 1-based): the
     4-D Jacobian ``dY_ij/dX_kl`` of shape ``(m, b, n, b)``, as
     ``torch.autograd.functional.jacobian`` returns it."""
+    flat = dYT_dXT(W, b).dense(max_bytes)
     m, n = W.shape
-    return dYT_dXT(W, b).dense(max_bytes).reshape(b, m, b, n).permute(1, 0, 3, 2)
+    return flat.reshape(b, m, b, n).permute(1, 0, 3, 2)
 
 
 # --- PyTorch's row convention: out = act(x W^T + b) -------------------------------------
