@@ -290,15 +290,16 @@ BACKENDS = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
 @pytest.mark.parametrize(
     "lead,n,m,bias", [((1,), 1, 1, True), ((7,), 33, 5, False), ((3, 11), 7, 127, True), ((0,), 3, 2, True)]
 )
-def test_three_way_notes_backward_autograd(backend, activation, lead, n, m, bias):
-    x = randn(n, *lead).movedim(0, -1)  # non-contiguous, with leading dims
-    W, G = randn(m, n), randn(*lead, m)
-    b = randn(m) if bias else None
+def test_three_way_notes_backward_autograd(device, backend, activation, lead, n, m, bias):
+    x = randn(n, *lead).movedim(0, -1).to(device)  # non-contiguous, with leading dims
+    W, G = randn(m, n).to(device), randn(*lead, m).to(device)
+    b = randn(m).to(device) if bias else None
     before = [t.clone() for t in (x, W, b, G) if t is not None]
     notes = J.linear_vjp(G.reshape(-1, m), x.reshape(-1, n), W, b, activation)
     inputs = [t.detach().requires_grad_() for t in (x, W, b) if t is not None]
