@@ -41,18 +41,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+# Blocks are products of the example's float64 entries, so a match is exact up to rounding.
+_RTOL = 1e-12
+
+# Block maps are for reading: past this size a grid no longer fits a terminal.
+MAX_MAP_SIZE = 16
+
+
 def _label(block: Tensor, names: Dict[str, Tensor], scalars: Dict[str, float]) -> str:
     """The name of ``block``: ``0``, a named matrix, or a named scalar times one; else ``?``."""
     if not block.any():
         return "0"
     for name, mat in names.items():
-        if mat.shape == block.shape:
-            if torch.allclose(block, mat, rtol=1e-12, atol=0):
-                return name
+        if mat.shape != block.shape or not mat.any():
+            continue
+        if torch.allclose(block, mat, rtol=_RTOL, atol=0):
+            return name
+        k = mat.reshape(-1).abs().argmax()
+        ratio = (block.reshape(-1)[k] / mat.reshape(-1)[k]).item()
+        if torch.allclose(block, ratio * mat, rtol=_RTOL, atol=0):
             for sname, s in scalars.items():
-                if torch.allclose(block, s * mat, rtol=1e-12, atol=0):
+                if abs(s - ratio) <= _RTOL * abs(s):
                     return f"{sname} {name}"
     return "?"
+
+
+def _ij(i: int, j: int) -> str:
+    """1-based subscript ``ij``, with a comma once an index has two digits."""
+    return f"{i + 1}{j + 1}" if max(i, j) < 9 else f"{i + 1},{j + 1}"
 
 
 def block_map(
@@ -78,7 +94,7 @@ def _maps(m: int, n: int, b: int, activation, generator) -> List[Tuple[str, Tens
     X = torch.randn(n, b, generator=generator, dtype=torch.float64)
     bias = torch.randn(m, generator=generator, dtype=torch.float64)
     x = X[:, 0]
-    w_ik = {f"w{i + 1}{k + 1}": W[i, k].item() for i in range(m) for k in range(n)}
+    w_ik = {f"w{_ij(i, k)}": W[i, k].item() for i in range(m) for k in range(n)}
     maps = [
         ("item 5: dy/dW~ = I_m (x) x^T, y = W x (x = X[:, 0])", jacobian.dy_dW(x, m), (1, n), {"x^T": x[None]}, {}),
         ("item 6: dY~/dW~ = I_m (x) X^T, Y = W X", jacobian.dY_dW(X, m), (b, n), {"X^T": X.T}, {}),
@@ -97,7 +113,7 @@ def _maps(m: int, n: int, b: int, activation, generator) -> List[Tuple[str, Tens
     else:
         diag = {f"D{r + 1}": torch.diag(d[r]) for r in range(b)}
         per_row_w = {f"D{r + 1} W": torch.diag(d[r]) @ W for r in range(b)}
-        d_ri = {f"d{r + 1}{i + 1}": d[r, i].item() for r in range(b) for i in range(m)}
+        d_ri = {f"d{_ij(r, i)}": d[r, i].item() for r in range(b) for i in range(m)}
     conv = f"out = {activation or 'identity'}(x W^T + b), x = X^T"
     maps += [
         (f"rows: d out~/dx~ = {act}(I_B (x) W), {conv}", jac.input, (m, n), per_row_w, {}),
@@ -150,11 +166,14 @@ def run(args) -> int:
         print(f"D = diag({activation}'(z~)), Dr its block for row r of x, drk = {activation}'(z_rk)")
     print("P permutes W~ into (W^T)~; blocks of 0 are zero\n")
     unknown = 0
-    for title, dense, block, names, scalars in _maps(args.m, args.n, args.b, activation, generator):
-        grid = block_map(dense, block, names, scalars)
-        unknown += sum(s == "?" for row in grid for s in row)
-        print(f"{title}\n  {dense.shape[0]} x {dense.shape[1]}, blocks of {block[0]} x {block[1]}")
-        print(_format_grid(grid) + "\n")
+    if max(args.m, args.n, args.b) > MAX_MAP_SIZE:
+        print(f"(block maps are printed for --m, --n, --b up to {MAX_MAP_SIZE})\n")
+    else:
+        for title, dense, block, names, scalars in _maps(args.m, args.n, args.b, activation, generator):
+            grid = block_map(dense, block, names, scalars)
+            unknown += sum(s == "?" for row in grid for s in row)
+            print(f"{title}\n  {dense.shape[0]} x {dense.shape[1]}, blocks of {block[0]} x {block[1]}")
+            print(_format_grid(grid) + "\n")
     rows = [
         (backend, device, str(act), *three_way(backend, device, act, args.m, args.n, args.b, generator))
         for backend, device in available_backends()
