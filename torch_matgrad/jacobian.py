@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import formulas
+from . import formulas, function
 
 #: :meth:`Kron.dense` refuses a Jacobian larger than this many bytes (and larger than the
 #: memory free right now, where that is cheap to ask). 4 GiB is a float64 square matrix
@@ -71,7 +71,8 @@ def as_mat(v: Tensor, shape: Sequence[int]) -> Tensor:
 def embed_block(i: int, a: Union[Tensor, float], blocks: int) -> Tensor:
     """``e_i^T(A) = (0, ..., 0, A, 0, ..., 0)`` (item 4): a block row of ``blocks``
     blocks with ``A`` at position ``i`` (0-based; the notes count from 1) and zero blocks
-    of ``A``'s shape elsewhere. A scalar ``A`` gives the unit row ``e_i^T``."""
+    of ``A``'s shape elsewhere. A vector is taken as a row (``x^T``); a scalar ``A`` gives
+    the unit row ``e_i^T``."""
     a = torch.as_tensor(a)
     if a.dim() > 2:
         raise ValueError(
@@ -338,18 +339,11 @@ def linear_jacobians(
 
     ``rmatvec(vec(G))`` of each is then ``G_z W``, ``G_z^T x`` and ``G_z^T 1`` (items 9-11).
     """
+    # The op's own checks (types, dtypes, shapes, devices, activation), then 2-D rows:
+    # the Jacobians are of the Function, which sees leading dims already flattened.
+    function._check(x, weight, bias, activation)
+    function._check_dtypes(x, weight, bias)
     _check_matrix("x", x)
-    _check_matrix("weight", weight)
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"torch_matgrad.jacobian.linear_jacobians: x of shape {tuple(x.shape)} has {x.shape[1]} features "
-            f"but weight of shape {tuple(weight.shape)} expects {weight.shape[1]}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"torch_matgrad.jacobian.linear_jacobians: bias must have shape ({weight.shape[0]},), "
-            f"got {tuple(bias.shape)}"
-        )
     rows, m = x.shape[0], weight.shape[0]
     d = activation_derivative(formulas.preactivation(x, weight, bias), activation)
     scale = None if d is None else vec(d)
