@@ -4,7 +4,7 @@ The backward is written out from matrix-calculus identities (``docs/MATH.md``) i
 :mod:`torch_matgrad.formulas`; :mod:`torch_matgrad.dispatch` picks the implementation.
 """
 
-from . import dispatch, formulas
+from . import dispatch, formulas, jacobian
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
@@ -12,4 +12,4 @@ from .modules import Linear
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "Linear", "LinearFunction", "dispatch", "formulas", "linear", "use_backend"]
+__all__ = ["ACTIVATIONS", "Linear", "LinearFunction", "dispatch", "formulas", "jacobian", "linear", "use_backend"]
