@@ -7,6 +7,11 @@ kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -127,6 +132,36 @@ def test_inputs_not_modified():
     triton_backend.backward(g, None, x, w, z, "silu", ALL_NEEDS)
     for t, c in zip((x, w, b, g), (*copies, g_copy)):
         assert torch.equal(t, c)
+
+
+_FAR_ROWS = textwrap.dedent(
+    """
+    import torch
+    from torch_matgrad import formulas, triton_backend
+
+    # 3 rows 2^30 elements apart in one 4 GiB storage that stays mostly untouched (so
+    # never resident): the last row starts 2^31 elements in, where int32 offsets wrap.
+    storage = torch.empty(2**31 + 40, dtype=torch.float16)
+    x = storage.as_strided((3, 40), (2**30, 1))
+    x.copy_(torch.randn(3, 40))
+    w, g = torch.randn(9, 40, dtype=torch.float16), torch.randn(3, 9, dtype=torch.float16)
+    out, z = triton_backend.forward(x, w, None, "gelu")
+    got = [out, *triton_backend.backward(g, None, x, w, z, "gelu", (True, True, True))]
+    ref_out, ref_z = formulas.forward(x.double(), w.double(), None, "gelu")
+    want = [ref_out, *formulas.backward(g.double(), None, x.double(), w.double(), ref_z, "gelu", (True,) * 3)]
+    errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+    assert max(errs) < 4e-3, errs
+    """
+)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU test has a real >2^31-element operand")
+def test_offsets_past_2_31_elements():
+    # A wrapped int32 offset reads outside the storage, which crashes the interpreter:
+    # run in a child so that shows as a failure, not a dead test run.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, "-c", _FAR_ROWS], env=env, capture_output=True, text=True)
+    assert child.returncode == 0, f"exit {child.returncode}\n{child.stderr[-3000:]}"
 
 
 def test_wrapper_rejects_mismatches():
