@@ -182,3 +182,21 @@ def test_fp32_precision_follows_torch():
     assert ops.input_precision(torch.bfloat16) == "ieee"
     assert ops.input_precision(torch.float64) == "ieee"
 
+
+
+@pytest.mark.parametrize("limit_kib, kept", [(227, 7), (163, 7), (99, 4), (16, 1)])
+def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, kept):
+    # H100 (227 KiB per block), A100 (163), consumer Ampere (99); with nothing that fits,
+    # the smallest tile with two stages is the fallback. The prologue's saved tile counts.
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: limit_kib * 1024)
+    configs = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in ops._CONFIGS
+    ]
+    a = torch.empty(2, 2, dtype=torch.bfloat16)
+    assert len(ops._fits(configs, {"a_ptr": a}, PRO_ACT=0)) == kept
+    with_prologue = ops._fits(configs, {"a_ptr": a}, PRO_ACT=2)
+    assert len(with_prologue) <= kept
+    for cfg in with_prologue:
+        m, n, k = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
+        assert (2 * m * k + k * n) * 2 * cfg.num_stages <= limit_kib * 1024 or len(with_prologue) == 1

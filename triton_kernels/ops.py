@@ -48,19 +48,23 @@ _AUTOTUNE_KEY = [
 ]
 
 
+def _shared_memory_limit(device: torch.device) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
 def _fits(configs, named_args, **kwargs):
     """Drop configurations whose pipelined tiles exceed the device's shared memory."""
     args = {**named_args, **kwargs}
     elem = args["a_ptr"].element_size()
-    device = args["a_ptr"].device
-    limit = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    limit = _shared_memory_limit(args["a_ptr"].device)
+    a_tiles = 2 if args["PRO_ACT"] else 1  # the prologue streams the saved tile beside A
     fitting = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         # fp64 accumulators take twice the registers: 128 x 128 and up would spill.
         if elem == 8 and bm * bn > 128 * 64:
             continue
-        if (bm * bk + bk * bn) * elem * cfg.num_stages <= limit:
+        if (a_tiles * bm * bk + bk * bn) * elem * cfg.num_stages <= limit:
             fitting.append(cfg)
     # The smallest tile with two stages fits any GPU Triton supports.
     return fitting or [triton.Config({**configs[-1].kwargs}, num_stages=2, num_warps=4)]
