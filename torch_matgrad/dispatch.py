@@ -21,8 +21,8 @@ Even when forced, ``"triton"`` hands these cases to ``"torch"`` (the list is
 :func:`_triton_fallback`): a backward under ``create_graph`` (it must itself be
 differentiable), a gradient flowing straight into ``z`` (double backward), tensor
 subclasses and functorch-wrapped tensors (DTensor, the batched tensors of
-``vmap(grad(f))``), meta tensors, and mixed dtypes. Set the logger ``torch_matgrad``
-to DEBUG to see each fallback and why it happened.
+``vmap(grad(f))``), meta tensors, mixed dtypes, and code that ``torch.compile`` is
+tracing. Set the logger ``torch_matgrad`` to DEBUG to see each fallback and why.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _triton():
     if _triton_module is None and _triton_import_error is None:
         try:
             from . import triton_backend
-        except ImportError as e:  # no triton wheel for this platform
+        except (ImportError, RuntimeError) as e:  # no triton wheel, or a broken install
             _triton_import_error = f"{type(e).__name__}: {e}"
         else:
             _triton_module = triton_backend
@@ -112,10 +112,11 @@ def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool
     if len(dtypes) != 1 or not dtypes <= set(_triton().SUPPORTED_DTYPES):
         return f"unsupported dtype combination {sorted(map(str, dtypes))}"
     if not forced and torch.float64 in dtypes:
-        # float64 is for gradcheck and references: the kernels support it (the
-        # interpreter and the GPU tests check it, via the forced backend), but under
-        # "auto" cuBLAS's DGEMM stays the reference on CUDA.
-        return "float64 stays on torch ops unless the triton backend is forced"
+        # The kernels compile in float64 for sm_80 and sm_90 (fp64 tensor-core mma,
+        # m8n8k4) and pass under the interpreter, but have not yet been run on a GPU
+        # (tests/test_triton_gpu.py checks them there) nor timed against cuBLAS's
+        # DGEMM: until then "auto" keeps float64, the gradcheck dtype, on cuBLAS.
+        return "float64 runs on Triton only when the triton backend is forced"
     if torch.compiler.is_compiling():
         # Inductor fuses the GEMM epilogue itself; tracing the autotuned user kernel
         # is not supported on every torch >= 2.4.
