@@ -188,3 +188,16 @@ def test_check_lists_the_interpreter_only_when_it_is_on(monkeypatch):
     assert ("triton", "cpu") in available_backends()
     monkeypatch.delenv("TRITON_INTERPRET")
     assert ("triton", "cpu") not in available_backends()
+
+
+def test_torch_compile_traces_the_torch_ops():
+    # Forced or not, what torch.compile traces is the formulas module, without a graph break.
+    x, w = torch.randn(5, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+
+    def f(x, w):
+        with torch_matgrad.use_backend("triton"):
+            return torch_matgrad.linear(x, w, activation="silu")
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="eager", fullgraph=True)(x, w)
+    assert_rel_close(got, formulas.activate(x.double() @ w.double().t(), "silu"), torch.float32)

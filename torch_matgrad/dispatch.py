@@ -117,10 +117,6 @@ def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool
         # (tests/test_triton_gpu.py checks them there) nor timed against cuBLAS's
         # DGEMM: until then "auto" keeps float64, the gradcheck dtype, on cuBLAS.
         return "float64 runs on Triton only when the triton backend is forced"
-    if torch.compiler.is_compiling():
-        # Inductor fuses the GEMM epilogue itself; tracing the autotuned user kernel
-        # is not supported on every torch >= 2.4.
-        return "inside torch.compile"
     return None
 
 
@@ -132,6 +128,11 @@ def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_
         return formulas
     device = present[0].device.type
     if requested == "torch" or (requested == "auto" and device != "cuda"):
+        return formulas
+    if torch.compiler.is_compiling():
+        # Inductor fuses the GEMM epilogue itself, and tracing an autotuned user kernel
+        # (or importing it mid-trace) is not supported on every torch >= 2.4. No log
+        # here: logging while tracing breaks the graph.
         return formulas
     forced = requested == "triton"
     backend = _triton()
@@ -153,8 +154,7 @@ def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_
 
 
 def _fallback(reason: str):
-    if not torch.compiler.is_compiling():  # logging would break the traced graph
-        log.debug("torch_matgrad: using torch ops instead of Triton: %s", reason)
+    log.debug("torch_matgrad: using torch ops instead of Triton: %s", reason)
     return formulas
 
 
