@@ -183,6 +183,19 @@ def test_fp32_precision_follows_torch():
     assert ops.input_precision(torch.float64) == "ieee"
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+def test_fp32_precision_follows_the_per_backend_setting():
+    # After the newer API is used the legacy getter raises; the setting is still read.
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    try:
+        for value in ("tf32", "ieee"):
+            matmul.fp32_precision = value
+            assert ops.input_precision(torch.float32) == value
+    finally:
+        matmul.fp32_precision = previous
+
+
 
 @pytest.mark.parametrize("limit_kib, kept", [(227, 7), (163, 7), (99, 4), (16, 1)])
 def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, kept):

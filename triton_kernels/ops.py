@@ -88,16 +88,29 @@ _ACC_DTYPE = {torch.float64: tl.float64}  # fp32 accumulation for the others
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _tf32_allowed() -> bool:
+    # torch >= 2.9 also has per-backend settings ("ieee", "tf32", or "none": inherit
+    # from the parent); once a program uses them, the legacy getter raises.
+    for setting in (
+        getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+        getattr(torch.backends, "fp32_precision", None),
+    ):
+        if setting not in (None, "none"):
+            return setting == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for operands of ``dtype``.
 
-    float32 follows PyTorch's setting: ``torch.get_float32_matmul_precision()`` is
-    ``"highest"`` -> ``"ieee"`` (true fp32 products, as cuBLAS without TF32); ``"high"``
-    or ``"medium"`` -> ``"tf32"``. ``torch.backends.cuda.matmul.allow_tf32`` is the
-    same switch seen from the other side (setting one sets the other). Other dtypes
-    have one precision, written ``"ieee"``.
+    float32 follows PyTorch's setting for CUDA matmuls, as cuBLAS does:
+    ``torch.get_float32_matmul_precision()`` ``"highest"`` (the default) -> ``"ieee"``
+    (true fp32 products); ``"high"`` or ``"medium"`` -> ``"tf32"``.
+    ``torch.backends.cuda.matmul.allow_tf32`` is the same switch (setting one sets the
+    other), and so is ``torch.backends.cuda.matmul.fp32_precision`` on torch >= 2.9.
+    Other dtypes have one precision, written ``"ieee"``.
     """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and _tf32_allowed():
         return "tf32"
     return "ieee"
 
