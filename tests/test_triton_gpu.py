@@ -162,3 +162,13 @@ def test_auto_uses_triton_on_cuda_except_float64():
     t = torch.randn(4, 4, device="cuda", dtype=torch.bfloat16)
     assert dispatch._choose((t,), differentiable=False) is triton_backend
     assert dispatch._choose((t.double(),), differentiable=False) is formulas
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    x, w, b, g = (t.to("cuda:1") for t in _inputs(300, 200, 100, torch.bfloat16))
+    with torch.cuda.device(0):
+        got, want = _both(x, w, b, g, "gelu")
+    for g, r in zip(got, want):
+        assert g.device == x.device
+        assert_rel_close(g, r, torch.bfloat16)

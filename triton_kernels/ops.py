@@ -13,6 +13,7 @@ driver to benchmark).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -182,21 +183,23 @@ def fused_matmul(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(n, meta["BLOCK_N"]) if has_c else 1),
     )
-    _launch[grid](
-        a, b_arg, c_arg, saved, bias, z, sums,  # absent ones are None: constexpr, never read
-        m, n, k,
-        a.stride(0), a.stride(1),
-        b.stride(0) if has_c else 0, b.stride(1) if has_c else 0,
-        c.stride(0) if has_c else 0, c.stride(1) if has_c else 0,
-        saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
-        bias.stride(0) if bias is not None else 0, sums.stride(0) if rowsum else 0,
-        _bucket(m), _bucket(n), _bucket(k),
-        **specialisation(
-            dtype, grad_activation=grad_activation, rowsum=rowsum, has_c=has_c,
-            has_bias=bias is not None, activation=activation, store_z=z is not None,
-        ),
-        **_META,
-    )
+    # Triton launches on the current device: make it the tensors' (cuda:1 from cuda:0).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _launch[grid](
+            a, b_arg, c_arg, saved, bias, z, sums,  # absent ones are None: constexpr, never read
+            m, n, k,
+            a.stride(0), a.stride(1),
+            b.stride(0) if has_c else 0, b.stride(1) if has_c else 0,
+            c.stride(0) if has_c else 0, c.stride(1) if has_c else 0,
+            saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
+            bias.stride(0) if bias is not None else 0, sums.stride(0) if rowsum else 0,
+            _bucket(m), _bucket(n), _bucket(k),
+            **specialisation(
+                dtype, grad_activation=grad_activation, rowsum=rowsum, has_c=has_c,
+                has_bias=bias is not None, activation=activation, store_z=z is not None,
+            ),
+            **_META,
+        )
     return c, z, sums
 
 
