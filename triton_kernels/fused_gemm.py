@@ -1,4 +1,4 @@
-"""One fused GEMM kernel for the forward and the three backward products of the op.
+"""One fused GEMM kernel for the forward and every product of the backward of the op.
 
 ``C = prologue(A) @ B``, then the epilogue ``act(C + bias)``:
 
