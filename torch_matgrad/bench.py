@@ -213,9 +213,11 @@ def _compile_config(mode: str):
     """The backward mode replays one graph (``retain_graph=True``), which a compiled
     backward that reuses ("donates") its saved buffers refuses (torch >= 2.6): switch
     donation off, for that mode only, both when the graphs compile and when they run."""
-    if mode != "backward" or not hasattr(torch._functorch.config, "donated_buffer"):
+    from torch._functorch import config
+
+    if mode != "backward" or not hasattr(config, "donated_buffer"):
         return contextlib.nullcontext()
-    return torch._functorch.config.patch(donated_buffer=False)
+    return config.patch(donated_buffer=False)
 
 
 # --------------------------------------------------------------------------- inputs
