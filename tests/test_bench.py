@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import shutil
 import subprocess
@@ -82,6 +83,7 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
     assert len(rows) == 2 * cases
     for r in rows:
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["commit"] and r["date"]
+        assert r["clock"] == "wall time" and "threads" in r["device_name"]
         assert r["provider"] in ("torch_matgrad", "eager")
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
         flops = {"forward": 2, "backward": 4, "full": 6}[r["mode"]] * int(r["M"]) * int(r["K"]) * int(r["N"])
@@ -134,6 +136,20 @@ def test_cpu_timer_orders_and_interleaves():
     assert timed[:4] == ["short", "long", "long", "short"]  # order reversed every other round
 
 
+def test_cpu_clock_ignores_sleep():
+    # Process CPU time does not advance while the process waits (as when others run).
+    def sleep():
+        time.sleep(0.01)
+
+    def spin():
+        end = time.process_time() + 0.003
+        while time.process_time() < end:
+            pass
+
+    got = bench._time_cpu({"sleep": sleep, "spin": spin}, rep_ms=20, clock=time.process_time)
+    assert got["sleep"][0] < 2.0 and got["spin"][0] > 2.0
+
+
 def test_inputs_rotate_past_the_cache():
     small = bench._input_sets(bench.Case("t", 8, 16, 8, "fp32", "none", "full"), "cpu")
     assert len(small) == bench._MAX_SETS
@@ -161,7 +177,7 @@ def test_compile_provider_runs_every_mode():
     for mode in bench.MODES:
         case = bench.Case("tiny", 7, 33, 17, "fp32", "gelu_tanh", mode)
         with bench._compile_config(mode):
-            rows = bench.run_case(case, "cpu", ["eager", "compile"], 1.0, env)
+            rows = bench.run_case(case, "cpu", ["eager", "compile"], functools.partial(bench._time_cpu, rep_ms=1), env)
         (compiled,) = [r for r in rows if r["provider"] == "compile"]
         assert float(compiled["max_rel_diff_vs_eager"]) < 1e-5 and float(compiled["median_ms"]) > 0
 

@@ -19,9 +19,10 @@ Modes: ``forward`` is inference (``torch.no_grad``, 2MNK flops); ``backward`` ti
 flops are not counted: they are O(MN), under 0.1% of the GEMMs for K >= 1000.
 
 Timing: CUDA uses ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
-call) and median / 20th / 80th percentiles; CPU uses a ``time.perf_counter`` loop
-that interleaves the providers round by round, so that load from other processes
-hits all of them alike. Either way the inputs rotate among several sets whose total
+call) and median / 20th / 80th percentiles; CPU uses a loop that interleaves the
+providers round by round, so that load from other processes hits all of them alike,
+timed by wall clock or (``--clock cpu``, with ``--threads 1``) by this process's CPU
+time, which such load does not inflate at all. Either way the inputs rotate among several sets whose total
 exceeds the last-level cache, so a provider never reads inputs that the previous
 call left in cache. Peak memory (CUDA only: torch's CPU allocator keeps no peak
 counter) is ``max_memory_allocated`` during one full step, less what the inputs
@@ -41,6 +42,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import functools
 import itertools
 import math
 import platform
@@ -97,9 +99,10 @@ MATCH_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-3}
 _CACHE_MULTIPLE = 2
 _CPU_CACHE_BYTES = 32 << 20  # no portable way to read L3; 32 MB covers server parts
 _MAX_SETS = 8
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 CSV_COLUMNS = (
-    "date", "commit", "device", "device_name", "torch", "triton", "shape_set", "M", "K", "N", "dtype",
+    "date", "commit", "device", "device_name", "torch", "triton", "clock", "shape_set", "M", "K", "N", "dtype",
     "activation", "mode", "provider", "backend", "median_ms", "p20_ms", "p80_ms", "tflops", "peak_mem_mib",
     "time_vs_eager", "max_rel_diff_vs_eager",
 )
@@ -137,6 +140,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's own choice); one thread keeps CPU "
                         "figures steady on a machine that other work shares")
+    parser.add_argument("--clock", choices=tuple(_CLOCKS), default="wall",
+                        help="CPU only: 'wall' (default) or 'cpu', this process's CPU time, which other "
+                        "processes on a shared machine do not inflate; meaningful with --threads 1 "
+                        "(with more threads it adds up their time, spinning included)")
     parser.add_argument("--rep-ms", type=float,
                         help="timing budget: per provider and case on CUDA (default 100), "
                         "per case for all providers together on CPU (default 1000)")
@@ -293,14 +300,18 @@ def _quantiles(samples_ms: List[float]) -> Tuple[float, float, float]:
 
 
 def _time_cuda(steps: Dict[str, Callable], rep_ms: float) -> Dict[str, Tuple[float, float, float]]:
+    """``do_bench`` per provider: CUDA events, the L2 cache flushed before each call."""
     from triton.testing import do_bench
 
     return {name: tuple(do_bench(step, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])) for name, step in steps.items()}
 
 
-def _time_cpu(steps: Dict[str, Callable], rep_ms: float) -> Dict[str, Tuple[float, float, float]]:
+def _time_cpu(
+    steps: Dict[str, Callable], rep_ms: float, clock: Callable[[], float] = time.perf_counter
+) -> Dict[str, Tuple[float, float, float]]:
     """Rounds of one call per provider, the order reversed every other round, until the
-    budget is spent (at least 5 rounds, at most 200)."""
+    budget of wall time is spent (at least 5 rounds, at most 200); each call is timed
+    with ``clock``."""
     names = list(steps)
     for name in names:  # warm-up: first-call allocations, oneDNN primitive creation
         steps[name]()
@@ -309,9 +320,9 @@ def _time_cpu(steps: Dict[str, Callable], rep_ms: float) -> Dict[str, Tuple[floa
     start = time.perf_counter()
     for rnd in range(200):
         for name in names if rnd % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[name]()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            samples[name].append((clock() - t0) * 1e3)
         if rnd >= 4 and (time.perf_counter() - start) * 1e3 > rep_ms:
             break
     return {name: _quantiles(s) for name, s in samples.items()}
@@ -381,8 +392,8 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def run_case(case: Case, device: str, providers: Sequence[str], rep_ms: float, env: Dict[str, str]) -> List[dict]:
-    """One row per provider for ``case``."""
+def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable, env: Dict[str, str]) -> List[dict]:
+    """One row per provider for ``case``; ``timer(steps)`` gives each step's quantiles."""
     act = None if case.activation == "none" else case.activation
     sets = _input_sets(case, device)
     fns = {p: _provider_fn(p) for p in providers}
@@ -391,7 +402,7 @@ def run_case(case: Case, device: str, providers: Sequence[str], rep_ms: float, e
     diffs = {p: _max_rel_diff(_results(fn, act, case.mode, sets[0]), want) for p, fn in fns.items()}
     del want
     steps = {p: _step(fn, act, case.mode, sets) for p, fn in fns.items()}
-    timings = (_time_cuda if device == "cuda" else _time_cpu)(steps, rep_ms)
+    timings = timer(steps)
     flops = _FLOPS_PER_MNK[case.mode] * case.m * case.n * case.k
     rows = []
     for p in fns:
@@ -495,7 +506,7 @@ def report(rows: Sequence[dict], markdown: bool = False) -> str:
     """The environment, the per-case table and the geometric means, as text or Markdown."""
     env = rows[0]
     head = (f"{env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}; "
-            f"commit {env['commit']}; {env['date']}")
+            f"commit {env['commit']}; {env['date']}; timed by {env['clock']}")
     means = [("provider", "mode", "dtype", "geomean time / eager", "cases")] + [
         (p, m, d, f"{g:.3f}", str(c)) for p, m, d, g, c in summary(rows)
     ]
@@ -556,8 +567,12 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     providers = args.providers or (list(PROVIDERS) if device == "cuda" else ["torch_matgrad", "eager"])
-    rep_ms = args.rep_ms or (100.0 if device == "cuda" else 1000.0)
-    env = environment(device)
+    if device == "cuda":
+        timer, clock = functools.partial(_time_cuda, rep_ms=args.rep_ms or 100.0), "cuda events"
+    else:
+        timer = functools.partial(_time_cpu, rep_ms=args.rep_ms or 1000.0, clock=_CLOCKS[args.clock])
+        clock = f"{args.clock} time"
+    env = {**environment(device), "clock": clock}
     out = args.out or Path("benchmarks", "results", "cpu" if device == "cpu" else _slug(env["device_name"]))
     out.mkdir(parents=True, exist_ok=True)
     cases = plan(args, device)
@@ -571,7 +586,7 @@ def run(args) -> int:
         writer.writeheader()
         for case in cases:
             with _compile_config(case.mode):
-                new = run_case(case, device, providers, rep_ms, env)
+                new = run_case(case, device, providers, timer, env)
             writer.writerows(new)
             f.flush()
             rows += new
