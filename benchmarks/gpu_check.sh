@@ -3,13 +3,15 @@
 # short benchmark of torch_matgrad against F.linear + activation (cuBLAS), bf16, forward and
 # backward without activation and full steps with gelu_tanh and silu, and write into OUTDIR:
 #
-#   setup.log    card, versions, install      pytest.log   pytest -m cuda
+#   setup.log    card, versions, install, the card's two measured ceilings (copy GB/s, cuBLAS TFLOP/s)
+#   pytest.log   pytest -m cuda
 #   bench.log    progress and table           bench.csv, bench.md, tflops_<set>.png
 #
 # Without a GPU it is a dry run of the same stages: the cuda tests skip and the benchmark
 # runs on the CPU on tiny shapes (seconds; its figures say nothing about any GPU).
-# Each stage has a timeout, so the whole stays under 8 minutes; the benchmark runs even
-# when a test fails. Prints the results table last. Exit status 1 if any stage failed.
+# Each stage has a timeout (45+30+160+190 s, plus 10 s grace each: 7.75 min at most); the
+# benchmark runs even when a test fails. Prints the results table last. Exit status 1 if
+# any stage failed.
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR        (PYTHON=... picks the interpreter)
 set -u -o pipefail
@@ -61,11 +63,30 @@ setup() {
     fi
 }
 
+# The card's two ceilings, measured once: a 512 MiB device-to-device copy (bytes read plus
+# written) and a cuBLAS bf16 8192^3 product; benchmarks/NOTES.md compares kernels with them.
+ceilings() {
+    "$PY" - <<'EOF'
+import torch
+from triton.testing import do_bench
+
+a = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+b = torch.empty_like(a)
+ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, quantiles=[0.5])
+print(f"ceiling copy: {2 * a.nbytes / ms / 1e6:.0f} GB/s (read + write, median {ms:.3f} ms)")
+x, y = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+ms = do_bench(lambda: x @ y, warmup=25, rep=200, quantiles=[0.5])
+print(f"ceiling cuBLAS bf16 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s (median {ms:.3f} ms)")
+EOF
+}
+
 export -f setup importable
 export PY ROOT
-stage setup 60 setup.log bash -c setup
+stage setup 45 setup.log bash -c setup
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     GPU=1
+    export -f ceilings
+    stage ceilings 30 setup.log bash -c ceilings
     BENCH=(--quick --providers torch_matgrad,eager)
 else
     GPU=0
@@ -73,7 +94,7 @@ else
     BENCH=(--quick --device cpu --shapes tiny --rep-ms 50)
 fi
 
-stage tests 170 pytest.log "$PY" -m pytest -m cuda -q -p no:cacheprovider "$ROOT/tests"
+stage tests 160 pytest.log "$PY" -m pytest -m cuda -q -p no:cacheprovider "$ROOT/tests"
 rc=$?
 if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     # pytest's "no tests collected": acceptable for a dry run on a tree without cuda tests.
@@ -81,7 +102,7 @@ if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     echo "   (dry run: no cuda tests collected)"
 fi
 
-stage bench 200 bench.log "$PY" -m torch_matgrad bench "${BENCH[@]}" --out "$OUT"
+stage bench 190 bench.log "$PY" -m torch_matgrad bench "${BENCH[@]}" --out "$OUT"
 
 echo
 if [ -f "$OUT/bench.md" ]; then
@@ -91,6 +112,7 @@ elif [ -f "$OUT/bench.csv" ]; then
     cat "$OUT/bench.csv"
 fi
 echo
+grep -h "^ceiling" "$OUT/setup.log"
 [ $GPU -eq 0 ] && echo "DRY RUN without a GPU: the figures above are CPU figures."
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${FAILED[@]}"
