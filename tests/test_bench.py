@@ -83,11 +83,11 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
     assert len(rows) == 2 * cases
     for r in rows:
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["commit"] and r["date"]
-        assert r["clock"] == "wall time" and "threads" in r["device_name"]
+        assert r["clock"] == "wall time" and f"{os.cpu_count()} cores" in r["device_name"]
         assert r["provider"] in ("torch_matgrad", "eager")
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
         flops = {"forward": 2, "backward": 4, "full": 6}[r["mode"]] * int(r["M"]) * int(r["K"]) * int(r["N"])
-        assert float(r["tflops"]) == pytest.approx(flops / float(r["median_ms"]) / 1e9, rel=2e-2, abs=2e-3)
+        assert float(r["tflops"]) == pytest.approx(flops / float(r["median_ms"]) / 1e9, rel=1e-2)
         assert r["peak_mem_mib"] == ""  # CPU: no peak counter (documented)
         assert float(r["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[bench.DTYPES[r["dtype"]]]
     eager = [r for r in rows if r["provider"] == "eager"]

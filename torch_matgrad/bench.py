@@ -45,6 +45,7 @@ import datetime
 import functools
 import itertools
 import math
+import os
 import platform
 import re
 import statistics
@@ -124,7 +125,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--quick", action="store_true",
                         help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
-                        "and full steps with gelu_tanh and silu; on CPU the CPU target's shapes, full steps")
+                        "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
+                        "full steps, every activation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="default: cuda when available")
     parser.add_argument("--dtype", type=listed(tuple(DTYPES)), help="comma list (default bf16,fp16,fp32)")
@@ -351,7 +353,7 @@ def environment(device: str) -> Dict[str, str]:
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = f"{_cpu_model()}, {torch.get_num_threads()} threads"
+        name = f"{_cpu_model()}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": _commit(),
@@ -416,7 +418,7 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
             "activation": case.activation, "mode": case.mode, "provider": p,
             "backend": backend_ran(*sets[0][:3]) if p == "torch_matgrad" else p,
             "median_ms": f"{median:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
-            "tflops": f"{flops / (median * 1e-3) / 1e12:.3f}", "peak_mem_mib": peak,
+            "tflops": f"{flops / (median * 1e-3) / 1e12:.4g}", "peak_mem_mib": peak,
             "time_vs_eager": f"{median / base[0]:.3f}" if base else "",
             "max_rel_diff_vs_eager": f"{diffs[p]:.2e}",
         })
@@ -544,12 +546,13 @@ def plot(rows: Sequence[dict], out: Path) -> List[Path]:
             ax.set_xticklabels([f"{m}x{k}x{n}" for m, k, n in shapes], rotation=60, ha="right", fontsize=7)
             ax.set_title(f"{mode}, {dtype}, act={act}", fontsize=10)
             ax.set_ylabel("TFLOP/s")
+            ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         fig.suptitle(f"{shape_set} (M x K x N): {mine[0]['device_name']}, torch {mine[0]['torch']}", fontsize=11)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
         path = out / f"tflops_{shape_set}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
