@@ -89,7 +89,7 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
         flops = {"forward": 2, "backward": 4, "full": 6}[r["mode"]] * int(r["M"]) * int(r["K"]) * int(r["N"])
         assert float(r["tflops"]) == pytest.approx(flops / float(r["median_ms"]) / 1e9, rel=1e-2)
         assert r["peak_mem_mib"] == ""  # CPU: no peak counter (documented)
-        assert float(r["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[bench.DTYPES[r["dtype"]]]
+        assert float(r["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[bench.DTYPES[r["dtype"]]] and not r["error"]
     eager = [r for r in rows if r["provider"] == "eager"]
     assert all(r["time_vs_eager"] == "1.000" and r["backend"] == "eager" for r in eager)
     assert {r["backend"] for r in rows if r["provider"] == "torch_matgrad"} == {"auto->torch"}
@@ -106,8 +106,25 @@ def test_mismatch_makes_the_command_fail(tmp_path, monkeypatch, capsys):
     rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "fp32", "--activation", "silu",
                "--mode", "forward", "--out", str(tmp_path), "--rep-ms", "1", "--no-plot"])
     assert rc == 1
-    assert "MISMATCH: torch_matgrad" in capsys.readouterr().err
+    assert "MISMATCH: torch_matgrad (auto->torch) at 7x33x17 fp32 silu forward differs" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_failing_provider_is_reported_and_the_rest_timed(tmp_path, monkeypatch, capsys):
+    def broken(x, w, b, act):
+        raise RuntimeError("kernel launch failed\nsecond line")
+
+    monkeypatch.setattr(bench, "_matgrad", broken)
+    rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "bf16", "--activation", "none",
+               "--mode", "full", "--out", str(tmp_path), "--rep-ms", "1"])
+    assert rc == 1
+    assert "ERROR: torch_matgrad (auto->torch) at 7x33x17 bf16 none full: RuntimeError: kernel launch failed" in (
+        capsys.readouterr().err)
+    _, rows = _read_csv(tmp_path / "bench.csv")
+    failed = [r for r in rows if r["provider"] == "torch_matgrad"]
+    assert all(r["error"] == "RuntimeError: kernel launch failed" and r["median_ms"] == "" for r in failed)
+    assert all(float(r["median_ms"]) > 0 and not r["error"] for r in rows if r["provider"] == "eager")
+    assert (tmp_path / "tflops_tiny.png").exists()  # plotted from the rows that have times
 
 
 def test_summary_is_a_geometric_mean():
@@ -179,6 +196,7 @@ def test_compile_provider_runs_every_mode():
         with bench._compile_config(mode):
             rows = bench.run_case(case, "cpu", ["eager", "compile"], functools.partial(bench._time_cpu, rep_ms=1), env)
         (compiled,) = [r for r in rows if r["provider"] == "compile"]
+        assert not compiled["error"], compiled["error"]
         assert float(compiled["max_rel_diff_vs_eager"]) < 1e-5 and float(compiled["median_ms"]) > 0
 
 

@@ -33,7 +33,8 @@ the date. Outputs: a table on stdout, ``bench.csv`` (appended case by case, so a
 cut short keeps what it measured), ``bench.md``, and with matplotlib one
 ``tflops_<set>.png`` per shape set (TFLOP/s against shape, one line per provider).
 Before timing, every provider's output and gradients are compared with the eager
-baseline's; a mismatch is reported and makes the command exit 1.
+baseline's; a mismatch, or a provider that raises (its row then carries the error and
+the other providers are still timed), is reported and makes the command exit 1.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CSV_COLUMNS = (
     "date", "commit", "device", "device_name", "torch", "triton", "clock", "shape_set", "M", "K", "N", "dtype",
     "activation", "mode", "provider", "backend", "median_ms", "p20_ms", "p80_ms", "tflops", "peak_mem_mib",
-    "time_vs_eager", "max_rel_diff_vs_eager",
+    "time_vs_eager", "max_rel_diff_vs_eager", "error",
 )
 
 
@@ -395,40 +396,64 @@ def _slug(text: str) -> str:
 
 
 def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable, env: Dict[str, str]) -> List[dict]:
-    """One row per provider for ``case``; ``timer(steps)`` gives each step's quantiles."""
+    """One row per provider for ``case``; ``timer(steps)`` gives each step's quantiles.
+
+    A provider that raises on this case gets a row with its error and no timing; the
+    others are still timed (one failing kernel or graph must not cost the whole run).
+    """
     act = None if case.activation == "none" else case.activation
     sets = _input_sets(case, device)
-    fns = {p: _provider_fn(p) for p in providers}
     # The baseline is always computed for the check, even when it is not timed.
     want = _results(_eager, act, case.mode, sets[0])
-    diffs = {p: _max_rel_diff(_results(fn, act, case.mode, sets[0]), want) for p, fn in fns.items()}
+    diffs: Dict[str, float] = {}
+    errors: Dict[str, str] = {}
+    steps: Dict[str, Callable] = {}
+    for p in providers:
+        try:
+            fn = _provider_fn(p)
+            diffs[p] = _max_rel_diff(_results(fn, act, case.mode, sets[0]), want)
+            step = _step(fn, act, case.mode, sets)
+            step()
+            step()  # replays must work too (CUDA graphs, retained autograd graphs)
+            steps[p] = step
+        except Exception as e:  # noqa: BLE001 -- reported in the row and the exit status
+            errors[p] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     del want
-    steps = {p: _step(fn, act, case.mode, sets) for p, fn in fns.items()}
-    timings = timer(steps)
+    timings = timer(steps) if steps else {}
+    base = timings.get(BASELINE)
     flops = _FLOPS_PER_MNK[case.mode] * case.m * case.n * case.k
     rows = []
-    for p in fns:
-        median, p20, p80 = timings[p]
-        peak = ""
-        if device == "cuda" and case.mode == "full":
-            peak = f"{_peak_mem_mib(steps[p]):.1f}"
-        base = timings.get(BASELINE)
-        rows.append({
+    for p in providers:
+        row = {
             **env, "shape_set": case.shape_set, "M": case.m, "K": case.k, "N": case.n, "dtype": case.dtype,
             "activation": case.activation, "mode": case.mode, "provider": p,
             "backend": backend_ran(*sets[0][:3]) if p == "torch_matgrad" else p,
-            "median_ms": f"{median:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
-            "tflops": f"{flops / (median * 1e-3) / 1e12:.4g}", "peak_mem_mib": peak,
-            "time_vs_eager": f"{median / base[0]:.3f}" if base else "",
-            "max_rel_diff_vs_eager": f"{diffs[p]:.2e}",
-        })
+            "median_ms": "", "p20_ms": "", "p80_ms": "", "tflops": "", "peak_mem_mib": "", "time_vs_eager": "",
+            "max_rel_diff_vs_eager": f"{diffs[p]:.2e}" if p in diffs else "", "error": errors.get(p, ""),
+        }
+        if p in timings:
+            median, p20, p80 = timings[p]
+            row.update(median_ms=f"{median:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
+                       tflops=f"{flops / (median * 1e-3) / 1e12:.4g}",
+                       time_vs_eager=f"{median / base[0]:.3f}" if base else "")
+            if device == "cuda" and case.mode == "full":
+                row["peak_mem_mib"] = f"{_peak_mem_mib(steps[p]):.1f}"
+        rows.append(row)
     return rows
 
 
-def mismatches(rows: Sequence[dict]) -> List[dict]:
-    """Rows whose results differ from the eager baseline by more than ``MATCH_TOL``."""
+def failures(rows: Sequence[dict]) -> List[str]:
+    """One line per row that failed: an error, or results further from the eager
+    baseline than ``MATCH_TOL``."""
     tol = {name: MATCH_TOL[dtype] for name, dtype in DTYPES.items()}
-    return [r for r in rows if float(r["max_rel_diff_vs_eager"]) > tol[r["dtype"]]]
+    lines = []
+    for r in rows:
+        where = f"{r['provider']} ({r['backend']}) at {r['M']}x{r['K']}x{r['N']} {r['dtype']} {r['activation']} {r['mode']}"
+        if r["error"]:
+            lines.append(f"ERROR: {where}: {r['error']}")
+        elif float(r["max_rel_diff_vs_eager"]) > tol[r["dtype"]]:
+            lines.append(f"MISMATCH: {where} differs from eager by {r['max_rel_diff_vs_eager']}")
+    return lines
 
 
 class _Progress:
@@ -477,7 +502,7 @@ def pivot(rows: Sequence[dict]) -> Tuple[List[str], List[List[str]]]:
         line = [key[0], f"{key[1]} x {key[2]} x {key[3]}", *key[4:]]
         for p in providers:
             r = by.get(p)
-            line += [r["median_ms"], r["tflops"]] if r else ["", ""]
+            line += ([r["median_ms"] or "error", r["tflops"]]) if r else ["", ""]
             if p != BASELINE:
                 line.append(r["time_vs_eager"] if r else "")
         lines.append(line)
@@ -530,8 +555,8 @@ def plot(rows: Sequence[dict], out: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for shape_set in dict.fromkeys(r["shape_set"] for r in rows):
-        mine = [r for r in rows if r["shape_set"] == shape_set]
+    for shape_set in dict.fromkeys(r["shape_set"] for r in rows if r["tflops"]):
+        mine = [r for r in rows if r["shape_set"] == shape_set and r["tflops"]]
         panels = list(dict.fromkeys((r["mode"], r["dtype"], r["activation"]) for r in mine))
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
@@ -579,6 +604,7 @@ def run(args) -> int:
     out = args.out or Path("benchmarks", "results", "cpu" if device == "cpu" else _slug(env["device_name"]))
     out.mkdir(parents=True, exist_ok=True)
     cases = plan(args, device)
+    started = time.perf_counter()
     print(f"bench: {len(cases)} cases x {len(providers)} providers on {env['device_name']}; writing {out}/",
           file=sys.stderr)
 
@@ -605,8 +631,8 @@ def run(args) -> int:
             print("bench: matplotlib is not installed (pip install torch-matgrad[bench]); no plots", file=sys.stderr)
         else:
             print("plots: " + ", ".join(map(str, written)))
-    bad = mismatches(rows)
-    for r in bad:
-        print(f"MISMATCH: {r['provider']} ({r['backend']}) differs from eager by {r['max_rel_diff_vs_eager']} "
-              f"at {r['M']}x{r['K']}x{r['N']} {r['dtype']} {r['activation']} {r['mode']}", file=sys.stderr)
+    bad = failures(rows)
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"bench: {len(cases)} cases in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 1 if bad else 0
