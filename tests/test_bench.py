@@ -170,9 +170,10 @@ def test_cpu_clock_ignores_sleep():
 def test_inputs_rotate_past_the_cache():
     small = bench._input_sets(bench.Case("t", 8, 16, 8, "fp32", "none", "full"), "cpu")
     assert len(small) == bench._MAX_SETS
-    assert not torch.equal(small[0][0], small[1][0])  # fresh data per set
+    assert not torch.equal(small[0][0], small[1][0])  # fresh activations per set
+    assert small[0][1] is small[1][1] and isinstance(small[0][1], torch.nn.Parameter)  # one layer's weights
     assert all(t.requires_grad for t in small[0][:3]) and not small[0][3].requires_grad
-    big = bench.Case("t", 4096, 4096, 1024, "fp32", "none", "full")  # 100 MB per set: one is enough
+    big = bench.Case("t", 4096, 4096, 1024, "fp32", "none", "full")  # x and grad_out: 84 MB, one set is enough
     assert len(bench._input_sets(big, "cpu")) == 1
 
 
