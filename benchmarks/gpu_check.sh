@@ -13,7 +13,9 @@
 # benchmark runs even when a test fails. Prints the results table last. Exit status 1 if
 # any stage failed.
 #
-# Usage: benchmarks/gpu_check.sh OUTDIR        (PYTHON=... picks the interpreter)
+# Usage: benchmarks/gpu_check.sh OUTDIR
+#   PYTHON=...                the interpreter (default python3)
+#   TORCH_MATGRAD_COMMIT=...  the commit to record where the tree has no .git
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -57,10 +59,14 @@ setup() {
     "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
     "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton does not import"
-    git -C "$ROOT" describe --always --dirty --abbrev=12 2>/dev/null || echo "(not a git checkout)"
-    if ! importable 2>/dev/null; then
-        "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT" && importable
-    fi
+    echo "commit: ${TORCH_MATGRAD_COMMIT:-$(git -C "$ROOT" describe --always --dirty --abbrev=12 2>/dev/null \
+|| echo "unknown: not a git checkout; set TORCH_MATGRAD_COMMIT")}"
+    importable 2>/dev/null && return 0
+    "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT" && importable && return 0
+    # No editable install (e.g. no setuptools offline): map the kernels by a symlink in
+    # the tree, removed again when this script exits; runs from $ROOT then import it.
+    echo "editable install failed: linking torch_matgrad/triton_kernels -> ../triton_kernels"
+    ln -s ../triton_kernels "$ROOT/torch_matgrad/triton_kernels" && importable
 }
 
 # The card's two ceilings, measured once: a 512 MiB device-to-device copy (bytes read plus
@@ -80,6 +86,9 @@ print(f"ceiling cuBLAS bf16 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s (median
 EOF
 }
 
+if [ ! -e torch_matgrad/triton_kernels ]; then
+    trap '[ -L "$ROOT/torch_matgrad/triton_kernels" ] && rm "$ROOT/torch_matgrad/triton_kernels"' EXIT
+fi
 export -f setup importable
 export PY ROOT
 stage setup 45 setup.log bash -c setup

@@ -216,3 +216,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert {"setup.log", "pytest.log", "bench.log", "bench.csv", "bench.md"} <= set(files)
     # The table is printed last.
     assert done.stdout.index("| set | M x K x N") > done.stdout.index("== bench")
+
+
+def test_commit_recorded(monkeypatch):
+    monkeypatch.delenv("TORCH_MATGRAD_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert bench._commit().startswith(head.stdout.strip())
+    # A tree copied without .git (a GPU machine) is told its commit.
+    monkeypatch.setenv("TORCH_MATGRAD_COMMIT", "0123abcd")
+    assert bench.environment("cpu")["commit"] == "0123abcd"

@@ -382,7 +382,10 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
-    """``git describe`` of the source tree this module was loaded from ("unknown" outside git)."""
+    """``$TORCH_MATGRAD_COMMIT`` (for a tree copied without ``.git``), else ``git describe``
+    of the source tree this module was loaded from, else "unknown"."""
+    if os.environ.get("TORCH_MATGRAD_COMMIT"):
+        return os.environ["TORCH_MATGRAD_COMMIT"]
     try:
         done = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],
