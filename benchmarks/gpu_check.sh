@@ -59,7 +59,7 @@ setup() {
     "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
     "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton does not import"
-    echo "commit: ${TORCH_MATGRAD_COMMIT:-$(git -C "$ROOT" describe --always --dirty --abbrev=12 2>/dev/null \
+    echo "commit: ${TORCH_MATGRAD_COMMIT:-$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null \
 || echo "unknown: not a git checkout; set TORCH_MATGRAD_COMMIT")}"
     importable 2>/dev/null && return 0
     "$PY" -m pip install --no-deps --no-build-isolation -e "$ROOT" && importable && return 0

@@ -382,18 +382,23 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
-    """``$TORCH_MATGRAD_COMMIT`` (for a tree copied without ``.git``), else ``git describe``
-    of the source tree this module was loaded from, else "unknown"."""
+    """``$TORCH_MATGRAD_COMMIT`` (for a tree copied without ``.git``), else the commit of
+    the source tree this module was loaded from (``-dirty`` with uncommitted changes to
+    tracked files), else "unknown"."""
     if os.environ.get("TORCH_MATGRAD_COMMIT"):
         return os.environ["TORCH_MATGRAD_COMMIT"]
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else None
+
     try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10,
-        )
+        head = git("rev-parse", "--short=12", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+    return (head + ("-dirty" if changes else "")) if head else "unknown"
 
 
 def _slug(text: str) -> str:
