@@ -226,3 +226,31 @@ def test_commit_recorded(monkeypatch):
     # A tree copied without .git (a GPU machine) is told its commit.
     monkeypatch.setenv("TORCH_MATGRAD_COMMIT", "0123abcd")
     assert bench.environment("cpu")["commit"] == "0123abcd"
+
+
+@pytest.mark.cuda
+def test_cuda_run_times_with_events_and_reports_peak_memory(tmp_path):
+    rc = main(["bench", "--device", "cuda", "--shapes", "tiny", "--dtype", "bf16", "--activation", "none,silu",
+               "--providers", "torch_matgrad,eager", "--out", str(tmp_path), "--rep-ms", "5", "--no-plot"])
+    assert rc == 0
+    _, rows = _read_csv(tmp_path / "bench.csv")
+    assert rows and all(r["clock"] == "cuda events" and r["device_name"] == torch.cuda.get_device_name() for r in rows)
+    assert all(float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]) for r in rows)
+    assert all(float(r["peak_mem_mib"]) > 0 for r in rows if r["mode"] == "full")
+    assert all(r["peak_mem_mib"] == "" for r in rows if r["mode"] != "full")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_compile_provider_in_the_modes_that_replay_graphs():
+    # max-autotune brings CUDA graphs; the backward mode replays retained autograd graphs
+    # over rotating inputs. Both must run (or this says why not) before a long GPU run.
+    env = {**bench.environment("cuda"), "clock": "cuda events"}
+    timer = functools.partial(bench._time_cuda, rep_ms=5)
+    for mode in ("backward", "full"):
+        case = bench.Case("tiny", 64, 128, 96, "bf16", "gelu_tanh", mode)
+        with bench._compile_config(mode):
+            rows = bench.run_case(case, "cuda", ["eager", "compile"], timer, env)
+        (compiled,) = [r for r in rows if r["provider"] == "compile"]
+        assert not compiled["error"], compiled["error"]
+        assert float(compiled["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[torch.bfloat16]

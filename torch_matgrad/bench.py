@@ -450,7 +450,7 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
                        tflops=f"{flops / (median * 1e-3) / 1e12:.4g}",
                        time_vs_eager=f"{median / base[0]:.3f}" if base else "")
             if device == "cuda" and case.mode == "full":
-                row["peak_mem_mib"] = f"{_peak_mem_mib(steps[p]):.1f}"
+                row["peak_mem_mib"] = f"{_peak_mem_mib(steps[p]):.4g}"
         rows.append(row)
     return rows
 
