@@ -8,6 +8,7 @@ import sys
 
 # command -> module; each module defines ``configure(parser)`` and ``run(args) -> int``.
 COMMANDS = {
+    "bench": "torch_matgrad.bench",
     "check": "torch_matgrad.check",
     "jacobian": "torch_matgrad.jacobian_cli",
 }

@@ -1,0 +1,256 @@
+"""``python -m torch_matgrad bench`` and ``benchmarks/gpu_check.sh`` on the CPU, tiny shapes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_matgrad import bench
+from torch_matgrad.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    return parser.parse_args(argv)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_quick_plans():
+    cpu = bench.plan(_args("--quick"), "cpu")
+    assert {(c.m, c.k, c.n) for c in cpu} == set(bench.SHAPE_SETS["cpu"])
+    assert {c.dtype for c in cpu} == {"fp32", "bf16"} and {c.mode for c in cpu} == {"full"}
+    assert len(cpu) == len(bench.SHAPE_SETS["cpu"]) * 2 * len(bench.ACTIVATIONS)
+    cuda = bench.plan(_args("--quick"), "cuda")
+    assert {c.dtype for c in cuda} == {"bf16"}
+    assert {(c.activation, c.mode) for c in cuda} == {
+        ("none", "forward"), ("none", "backward"), ("gelu_tanh", "full"), ("silu", "full")}
+    assert (4096, 4096, 4096) in {(c.m, c.k, c.n) for c in cuda}
+    # Explicit options override the quick defaults.
+    only = bench.plan(_args("--quick", "--mode", "forward", "--activation", "silu", "--shapes", "tiny"), "cuda")
+    assert {(c.activation, c.mode, c.shape_set) for c in only} == {("silu", "forward", "tiny")}
+
+
+def test_full_plan_covers_the_issue_shapes():
+    cases = bench.plan(_args("--shapes", "all", "--dtype", "bf16", "--activation", "none", "--mode", "full"), "cuda")
+    shapes = {(c.m, c.k, c.n) for c in cases}
+    for m in (512, 2048, 8192, 16384):
+        for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)):
+            assert (m, k, n) in shapes
+    assert {(s, s, s) for s in (1024, 8192)} <= shapes
+    assert {1, 64} <= {c.m for c in cases} and 4095 in {c.k for c in cases}
+    assert len(cases) == len(shapes)  # no case twice
+
+
+def test_bad_option_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "fp8"])
+    assert "choose from bf16, fp16, fp32" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One CPU run over every mode, activation and two dtypes on tiny shapes."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "fp32,bf16", "--out", str(out),
+               "--rep-ms", "5"])
+    return rc, out
+
+
+def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
+    rc, out = tiny_run
+    assert rc == 0
+    columns, rows = _read_csv(out / "bench.csv")
+    assert tuple(columns) == bench.CSV_COLUMNS
+    cases = len(bench.SHAPE_SETS["tiny"]) * 2 * len(bench.ACTIVATIONS) * len(bench.MODES)
+    assert len(rows) == 2 * cases
+    for r in rows:
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["commit"] and r["date"]
+        assert r["clock"] == "wall time" and f"{os.cpu_count()} cores" in r["device_name"]
+        assert r["provider"] in ("torch_matgrad", "eager")
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        flops = {"forward": 2, "backward": 4, "full": 6}[r["mode"]] * int(r["M"]) * int(r["K"]) * int(r["N"])
+        assert float(r["tflops"]) == pytest.approx(flops / float(r["median_ms"]) / 1e9, rel=1e-2)
+        assert r["peak_mem_mib"] == ""  # CPU: no peak counter (documented)
+        assert float(r["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[bench.DTYPES[r["dtype"]]] and not r["error"]
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert all(r["time_vs_eager"] == "1.000" and r["backend"] == "eager" for r in eager)
+    assert {r["backend"] for r in rows if r["provider"] == "torch_matgrad"} == {"auto->torch"}
+    md = (out / "bench.md").read_text()
+    assert "| set | M x K x N | dtype | act | mode | torch_matgrad ms" in md
+    assert md.count("| tiny |") == cases and "geomean time / eager" in md
+    png = out / "tflops_tiny.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_mismatch_makes_the_command_fail(tmp_path, monkeypatch, capsys):
+    # A provider computing the wrong function (bias dropped) must be caught before timing.
+    monkeypatch.setattr(bench, "_matgrad", lambda x, w, b, act: bench._eager(x, w, None, act))
+    rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "fp32", "--activation", "silu",
+               "--mode", "forward", "--out", str(tmp_path), "--rep-ms", "1", "--no-plot"])
+    assert rc == 1
+    assert "MISMATCH: torch_matgrad (auto->torch) at 7x33x17 fp32 silu forward differs" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_failing_provider_is_reported_and_the_rest_timed(tmp_path, monkeypatch, capsys):
+    def broken(x, w, b, act):
+        raise RuntimeError("kernel launch failed\nsecond line")
+
+    monkeypatch.setattr(bench, "_matgrad", broken)
+    rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "bf16", "--activation", "none",
+               "--mode", "full", "--out", str(tmp_path), "--rep-ms", "1"])
+    assert rc == 1
+    assert "ERROR: torch_matgrad (auto->torch) at 7x33x17 bf16 none full: RuntimeError: kernel launch failed" in (
+        capsys.readouterr().err)
+    _, rows = _read_csv(tmp_path / "bench.csv")
+    failed = [r for r in rows if r["provider"] == "torch_matgrad"]
+    assert all(r["error"] == "RuntimeError: kernel launch failed" and r["median_ms"] == "" for r in failed)
+    assert all(float(r["median_ms"]) > 0 and not r["error"] for r in rows if r["provider"] == "eager")
+    assert (tmp_path / "tflops_tiny.png").exists()  # plotted from the rows that have times
+
+
+def test_summary_is_a_geometric_mean():
+    rows = [{"provider": "torch_matgrad", "mode": "full", "dtype": "bf16", "time_vs_eager": t} for t in ("0.5", "2.0", "1.0")]
+    rows.append({"provider": "eager", "mode": "full", "dtype": "bf16", "time_vs_eager": "1.000"})
+    ((provider, mode, dtype, mean, count),) = bench.summary(rows)
+    assert (provider, mode, dtype, count) == ("torch_matgrad", "full", "bf16", 3)
+    assert mean == pytest.approx(1.0)
+
+
+def test_cpu_timer_orders_and_interleaves():
+    calls = []
+
+    def sleeper(name, seconds):
+        def step():
+            calls.append(name)
+            time.sleep(seconds)
+        return step
+
+    got = bench._time_cpu({"short": sleeper("short", 0.001), "long": sleeper("long", 0.006)}, rep_ms=50)
+    assert got["short"][0] >= 1.0 and got["long"][0] >= 6.0
+    assert got["long"][0] > got["short"][0]
+    for median, p20, p80 in got.values():
+        assert p20 <= median <= p80
+    timed = calls[4:]  # after two warm-up calls each
+    assert timed[:4] == ["short", "long", "long", "short"]  # order reversed every other round
+
+
+def test_cpu_clock_ignores_sleep():
+    # Process CPU time does not advance while the process waits (as when others run).
+    def sleep():
+        time.sleep(0.01)
+
+    def spin():
+        end = time.process_time() + 0.003
+        while time.process_time() < end:
+            pass
+
+    got = bench._time_cpu({"sleep": sleep, "spin": spin}, rep_ms=20, clock=time.process_time)
+    assert got["sleep"][0] < 2.0 and got["spin"][0] > 2.0
+
+
+def test_inputs_rotate_past_the_cache():
+    small = bench._input_sets(bench.Case("t", 8, 16, 8, "fp32", "none", "full"), "cpu")
+    assert len(small) == bench._MAX_SETS
+    assert not torch.equal(small[0][0], small[1][0])  # fresh activations per set
+    assert small[0][1] is small[1][1] and isinstance(small[0][1], torch.nn.Parameter)  # one layer's weights
+    assert all(t.requires_grad for t in small[0][:3]) and not small[0][3].requires_grad
+    big = bench.Case("t", 4096, 4096, 1024, "fp32", "none", "full")  # x and grad_out: 84 MB, one set is enough
+    assert len(bench._input_sets(big, "cpu")) == 1
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails as if not installed
+    progress = bench._Progress(2)
+    progress.step("first")
+    progress.step("second")
+    progress.close()
+    assert "[2/2] second" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_provider_runs_every_mode():
+    # torch.compile's backward refuses retain_graph by default (donated buffers); the
+    # backward mode must still time it. Default mode on CPU would take minutes to
+    # autotune; a tiny shape takes seconds.
+    env = bench.environment("cpu")
+    for mode in bench.MODES:
+        case = bench.Case("tiny", 7, 33, 17, "fp32", "gelu_tanh", mode)
+        with bench._compile_config(mode):
+            rows = bench.run_case(case, "cpu", ["eager", "compile"], functools.partial(bench._time_cpu, rep_ms=1), env)
+        (compiled,) = [r for r in rows if r["provider"] == "compile"]
+        assert not compiled["error"], compiled["error"]
+        assert float(compiled["max_rel_diff_vs_eager"]) < 1e-5 and float(compiled["median_ms"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script is the real check, not a dry run")
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_gpu_check_dry_run(tmp_path):
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+        env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DRY RUN" in done.stdout and "gpu_check: all stages passed" in done.stdout
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8, files  # what comes back from the GPU machine
+    assert {"setup.log", "pytest.log", "bench.log", "bench.csv", "bench.md"} <= set(files)
+    # The table is printed last.
+    assert done.stdout.index("| set | M x K x N") > done.stdout.index("== bench")
+
+
+def test_commit_recorded(monkeypatch):
+    monkeypatch.delenv("TORCH_MATGRAD_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert bench._commit().startswith(head.stdout.strip())
+    # A tree copied without .git (a GPU machine) is told its commit.
+    monkeypatch.setenv("TORCH_MATGRAD_COMMIT", "0123abcd")
+    assert bench.environment("cpu")["commit"] == "0123abcd"
+
+
+@pytest.mark.cuda
+def test_cuda_run_times_with_events_and_reports_peak_memory(tmp_path):
+    rc = main(["bench", "--device", "cuda", "--shapes", "tiny", "--dtype", "bf16", "--activation", "none,silu",
+               "--providers", "torch_matgrad,eager", "--out", str(tmp_path), "--rep-ms", "5", "--no-plot"])
+    assert rc == 0
+    _, rows = _read_csv(tmp_path / "bench.csv")
+    assert rows and all(r["clock"] == "cuda events" and r["device_name"] == torch.cuda.get_device_name() for r in rows)
+    assert all(float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]) for r in rows)
+    assert all(float(r["peak_mem_mib"]) > 0 for r in rows if r["mode"] == "full")
+    assert all(r["peak_mem_mib"] == "" for r in rows if r["mode"] != "full")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_compile_provider_in_the_modes_that_replay_graphs():
+    # max-autotune brings CUDA graphs; the backward mode replays retained autograd graphs
+    # over rotating inputs. Both must run (or this says why not) before a long GPU run.
+    env = {**bench.environment("cuda"), "clock": "cuda events"}
+    timer = functools.partial(bench._time_cuda, rep_ms=5)
+    for mode in ("backward", "full"):
+        case = bench.Case("tiny", 64, 128, 96, "bf16", "gelu_tanh", mode)
+        with bench._compile_config(mode):
+            rows = bench.run_case(case, "cuda", ["eager", "compile"], timer, env)
+        (compiled,) = [r for r in rows if r["provider"] == "compile"]
+        assert not compiled["error"], compiled["error"]
+        assert float(compiled["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[torch.bfloat16]
