@@ -68,7 +68,7 @@ def _linear_slots(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Mo
     """``(parent, attribute, qualified name, module)`` for every registration of an
     ``nn.Linear`` (a module registered under two names appears twice)."""
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent.named_children():
+        for attr, child in parent._modules.items():  # named_children() drops repeats
             if isinstance(child, nn.Linear):
                 yield parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child
 
