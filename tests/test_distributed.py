@@ -132,6 +132,10 @@ def _worker(rank, scenario, backend, store):
     try:
         with tm.use_backend(backend):
             SCENARIOS[scenario](rank)
+        # Tear down only once both ranks are done: a rank destroying gloo's process
+        # group while its peer still talks to it can abort the peer ("terminate called
+        # without an active exception", seen under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
