@@ -93,6 +93,17 @@ def test_optimizer_state_survives_the_swap():
     assert type(model[0]) is tm.Linear
 
 
+def test_parameter_hooks_survive_and_the_root_is_not_replaced():
+    model = _mlp()
+    seen = []
+    model[0].weight.register_hook(lambda g: seen.append(tuple(g.shape)))
+    assert tm.replace_linear(model) == 2
+    model(torch.randn(3, 7)).sum().backward()
+    assert seen == [(33, 7)]  # the hook lives on the shared Parameter
+    root = nn.Linear(3, 3)
+    assert tm.replace_linear(root) == 0 and type(root) is nn.Linear  # documented: use from_linear
+
+
 @pytest.mark.parametrize(
     "include, exclude, swapped",
     [

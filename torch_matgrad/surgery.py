@@ -17,6 +17,11 @@ could change what the model computes:
 - a layer with module hooks (forward, pre-forward, backward or state-dict hooks, which
   is how ``weight_norm`` and ``torch.nn.utils.prune`` work): module hooks belong to the
   module object and cannot move to a new one.
+
+``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` are swapped (training calls
+their ``forward``), but its inference fast path (eval mode without grad, see its
+docstring) reads their weights directly: the numbers are the same, the op just does not
+run there.
 """
 
 from __future__ import annotations
