@@ -31,11 +31,15 @@ def assert_rel_close(got, want, dtype, what=""):
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e} > {REL_TOL[dtype]:.0e} for {dtype}"
 
 
-def reference(x, weight, bias, activation):
-    """``act(F.linear(x, W, b))`` with ``torch.nn.functional`` alone."""
-    z = F.linear(x, weight, bias)
+def activate_ref(z, activation):
+    """The activation from ``torch.nn.functional`` alone."""
     if activation is None:
         return z
     if activation == "gelu_tanh":
         return F.gelu(z, approximate="tanh")
     return getattr(F, activation)(z)
+
+
+def reference(x, weight, bias, activation):
+    """``act(F.linear(x, W, b))`` with ``torch.nn.functional`` alone."""
+    return activate_ref(F.linear(x, weight, bias), activation)

@@ -4,7 +4,7 @@ The backward is written out from matrix-calculus identities (``docs/MATH.md``) i
 :mod:`torch_matgrad.formulas`; :mod:`torch_matgrad.dispatch` picks the implementation.
 """
 
-from . import dispatch, formulas
+from . import dispatch, formulas, jacobian
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
@@ -20,6 +20,7 @@ __all__ = [
     "dispatch",
     "formulas",
     "fuse_activations",
+    "jacobian",
     "linear",
     "replace_linear",
     "use_backend",

@@ -9,6 +9,7 @@ import sys
 # command -> module; each module defines ``configure(parser)`` and ``run(args) -> int``.
 COMMANDS = {
     "check": "torch_matgrad.check",
+    "jacobian": "torch_matgrad.jacobian_cli",
 }
 
 
