@@ -8,6 +8,7 @@ side and the time per step of each.
 
     python examples/swap_into_transformer.py                 # CPU, or CUDA when present
     python examples/swap_into_transformer.py --autocast bf16 --steps 50
+    python examples/swap_into_transformer.py --threads 1     # tiny GEMMs: 1 CPU thread is fastest
 
 The test suite imports this file (tests/test_convergence.py), so the model and the
 training loop here are the ones whose losses are checked step by step.
@@ -113,7 +114,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
 
     original, swapped, n_replaced, n_fused = make_pair(device=args.device)

@@ -39,6 +39,17 @@ TOL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The model's GEMMs are tiny (32 x 128): with two intra-op threads on a loaded
+    # 2-core CI machine a step took ~400 ms instead of ~5 ms (threads waiting on each
+    # other), so these tests run single-threaded and restore the setting after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _check(device, autocast_dtype):
     loss_tol, param_tol = TOL[device, autocast_dtype or torch.float32]
     original, swapped, n_replaced, n_fused = example.make_pair(device=device)
