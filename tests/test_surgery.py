@@ -30,7 +30,10 @@ def _outputs_and_grads(model, x):
     x = x.detach().clone().requires_grad_()
     out = model(x)
     params = list(model.parameters())
-    grads = torch.autograd.grad(out, [x] + params, torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+    # The same cotangent for both models under comparison (randn_like takes no generator
+    # before torch 2.5).
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad(out, [x] + params, cot.to(out.device))
     return [out, *grads]
 
 
