@@ -16,7 +16,8 @@ could change what the model computes:
   includes layers with ``torch.nn.utils.parametrize`` parametrizations;
 - a layer with module hooks (forward, pre-forward, backward or state-dict hooks, which
   is how ``weight_norm`` and ``torch.nn.utils.prune`` work): module hooks belong to the
-  module object and cannot move to a new one.
+  module object and cannot move to a new one. ``fully_shard`` and
+  ``parallelize_module`` add such hooks (FSDP2 also a subclass): swap before wrapping.
 
 ``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` are swapped (training calls
 their ``forward``), but its inference fast path (eval mode without grad, see its
