@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_matgrad as tm
-from _ecosystem import DEVICES, backend  # noqa: F401  (fixture)
+from _backends import DEVICES, backend  # noqa: F401  (fixture)
 from _util import assert_rel_close, reference
 
 LOW = [torch.bfloat16, torch.float16]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import torch_matgrad as tm
-from _ecosystem import BACKENDS
+from _backends import BACKENDS
 from _util import assert_rel_close
 
 

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torch_matgrad as tm
-from _ecosystem import BACKENDS
+from _backends import BACKENDS
 from _util import assert_rel_close
 
 pytestmark = [

@@ -12,7 +12,7 @@ from torch.autograd.functional import jacobian
 from torch.func import grad, jacfwd, jacrev, vmap
 
 import torch_matgrad as tm
-from _ecosystem import DEVICES, backend  # noqa: F401  (fixture)
+from _backends import DEVICES, backend  # noqa: F401  (fixture)
 from _util import assert_rel_close, reference
 
 ACTS = list(tm.ACTIVATIONS)

@@ -1,4 +1,4 @@
-"""Parameters shared by the ecosystem tests (func, compile, autocast, distributed)."""
+"""Backend and device parameters for tests that run on every backend and device."""
 
 import pytest
 
