@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_matgrad as tm
+from _backends import backend  # noqa: F401  (fixture)
 from _util import assert_rel_close
 
 ACT_MODULES = [
@@ -301,6 +302,13 @@ def _backward_products(model, x):
 
 
 def test_frozen_base_weights_skip_the_weight_gradient_product():
+    # torch ops, so that the products are visible to the dispatch mode (a Triton kernel
+    # is not an aten op); the test below covers what every backend is asked for.
+    with tm.use_backend("torch"):
+        _check_products_skipped()
+
+
+def _check_products_skipped():
     model = _lora_model()
     x = torch.randn(7, 24)
     shapes = _backward_products(model, x)
@@ -313,6 +321,30 @@ def test_frozen_base_weights_skip_the_weight_gradient_product():
     model[2].base.requires_grad_(True)
     shapes = _backward_products(model, x)
     assert (24, 40) in shapes and (40, 24) not in shapes
+
+
+def test_frozen_base_weights_ask_no_backend_for_the_weight_gradient(backend, monkeypatch):
+    asked = []
+    real_backward = tm.dispatch.backward
+
+    def spy(grad_out, grad_z, x, weight, saved, activation, needs):
+        asked.append((None if weight is None else tuple(weight.shape), tuple(needs)))
+        return real_backward(grad_out, grad_z, x, weight, saved, activation, needs)
+
+    monkeypatch.setattr(tm.dispatch, "backward", spy)
+    model = _lora_model()
+    model(torch.randn(7, 24)).sum().backward()
+    # (saved weight's shape, (need_x, need_W, need_b)); W is saved only when grad_x is
+    # needed. The first base layer sees data and frozen parameters: no backward at all.
+    # The second base layer is asked for grad_x only; the adapters for their weights.
+    expected = [
+        (None, (False, True, False)),  # first down-projection (its input is data)
+        ((40, 4), (True, True, False)),  # first up-projection
+        ((24, 40), (True, False, False)),  # second base layer: no G_z^T x
+        ((4, 40), (True, True, False)),
+        ((24, 4), (True, True, False)),
+    ]
+    assert sorted(asked, key=str) == sorted(expected, key=str)
 
 
 def test_requires_grad_toggled_between_steps_matches_nn_linear():
