@@ -9,7 +9,19 @@ from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
 from .modules import Linear
+from .surgery import fuse_activations, replace_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "Linear", "LinearFunction", "dispatch", "formulas", "jacobian", "linear", "use_backend"]
+__all__ = [
+    "ACTIVATIONS",
+    "Linear",
+    "LinearFunction",
+    "dispatch",
+    "formulas",
+    "fuse_activations",
+    "jacobian",
+    "linear",
+    "replace_linear",
+    "use_backend",
+]

@@ -124,6 +124,15 @@ def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # torch.is_autocast_enabled raises for devices without autocast, such as "meta"
+    # (models built on the meta device for deferred init); those never autocast.
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     r"""``act(x W^T + b)``: ``torch.nn.functional.linear`` plus a fused activation.
 
@@ -143,7 +152,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     """
     _check(x, weight, bias, activation)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         # torch.amp.custom_fwd would break the new-style Function (pytorch#132388):
         # cast here, then run the Function with autocast off.
         dtype = torch.get_autocast_dtype(device_type)
