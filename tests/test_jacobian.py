@@ -16,6 +16,7 @@ import torch_matgrad
 from torch_matgrad import jacobian as J
 from torch_matgrad.__main__ import main
 
+from _backends import BACKENDS, DEVICES
 from _util import activate_ref, assert_rel_close, reference
 
 F64 = torch.float64
@@ -277,19 +278,9 @@ def test_items9_to_11_the_backward_is_vec_G_times_the_jacobian(m, n, b):
 
 # --- three ways: the notes' Jacobians, the op's backward, autograd ----------------------
 
-BACKENDS = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            "triton" not in torch_matgrad.dispatch.BACKENDS,
-            reason="no 'triton' backend in torch_matgrad.dispatch.BACKENDS on this branch",
-        ),
-    ),
-]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", torch_matgrad.ACTIVATIONS)
 @pytest.mark.parametrize(

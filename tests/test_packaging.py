@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,8 @@ print("ok")
     assert out.stdout.strip().endswith("ok")
 
 
-def test_readme_example_runs():
-    block = re.search(r"## Use it\s+```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+@pytest.mark.parametrize("section", ["## Use it", "## The notes, executable"])
+def test_readme_example_runs(section):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(section) + r".*?```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})

@@ -200,9 +200,7 @@ def backend_ran(x, w, b) -> str:
     """What ``torch_matgrad.linear`` runs for these tensors: the backend asked for, then
     the implementation the dispatcher picks for the forward (``torch`` or a kernel
     backend), e.g. ``auto->torch``."""
-    module = dispatch._choose((x, w, b), differentiable=False)
-    chosen = module.__name__.rsplit(".", 1)[-1]
-    return f"{dispatch.requested_backend()}->{'torch' if chosen == 'formulas' else chosen.replace('_backend', '')}"
+    return f"{dispatch.requested_backend()}->{dispatch.chosen_backend(x, w, b)}"
 
 
 def _provider_fn(name: str) -> Callable:

@@ -154,6 +154,12 @@ def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_
     return backend
 
 
+def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str:
+    """The backend (``"torch"`` or ``"triton"``) that the forward would run for these
+    tensors right now, after the request and every fallback (benchmarks record it)."""
+    return "triton" if _choose((x, weight, bias), differentiable=False) is not formulas else "torch"
+
+
 def _fallback(reason: str):
     log.debug("torch_matgrad: using torch ops instead of Triton: %s", reason)
     return formulas
