@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with a CUDA GPU and this source tree, run the `cuda` tests and a
-# short benchmark of torch_matgrad against F.linear + activation (cuBLAS), bf16, forward and
-# backward without activation and full steps with gelu_tanh and silu, and write into OUTDIR:
+# GPU check: on a machine with a CUDA GPU and this source tree, run the GPU tests and the
+# benchmarks that decide the GPU defaults, and write into OUTDIR:
 #
 #   setup.log    card, versions, install, the card's two measured ceilings (copy GB/s, cuBLAS TFLOP/s)
-#   pytest.log   pytest -m cuda
-#   bench.log    progress and table           bench.csv, bench.md, tflops_<set>.png
+#   pytest.log   every `cuda` test and every `kernels` test (the Triton kernels on the GPU)
+#   warm.log     the parallel compilation of the benchmarks' kernels
+#   bench.log    progress and tables of the benchmarks
+#   quick/       bf16, the four quick shapes, forward / backward / full x none / gelu_tanh / silu:
+#                torch_matgrad ("auto"), eager (cuBLAS + F activation), and the Triton backward
+#                with act' in the GEMM prologue against one G_z pass before plain GEMMs
+#   decode/      bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels
+#   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
-# Without a GPU it is a dry run of the same stages: the cuda tests skip and the benchmark
-# runs on the CPU on tiny shapes (seconds; its figures say nothing about any GPU).
-# Each stage has a timeout (45+30+160+190 s, plus 10 s grace each: 7.75 min at most); the
-# benchmark runs even when a test fails. Prints the results table last. Exit status 1 if
-# any stage failed.
+# Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
+# autotuner compiles each of its configurations for every kernel specialisation it
+# meets (~1 s each on one core). So the tests autotune over one small configuration
+# (TORCH_MATGRAD_TRITON_CONFIGS), except the tests that run every configuration, and
+# run on many cores (pytest-xdist); meanwhile one process per configuration runs the
+# benchmarks' cases once, untimed, which fills the shared on-disk cache with exactly
+# the binaries the timed runs then load instead of compiling.
+#
+# Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
+# the benchmarks run on the CPU on tiny shapes (seconds; their figures say nothing about
+# any GPU). Each stage has a time limit (setup 40, ceilings 20, tests and warm-up side by
+# side 150, quick bench 100, decode bench 90: at most 7.5 min with the 10 s grace each);
+# the benchmarks run even when a test fails. Prints the results tables last. Exit
+# status 1 if any stage failed.
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR
 #   PYTHON=...                the interpreter (default python3)
 #   TORCH_MATGRAD_COMMIT=...  the commit to record where the tree has no .git
+#   JOBS=...                  pytest-xdist workers (default: the CPU count, at most 16)
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -86,41 +101,87 @@ print(f"ceiling cuBLAS bf16 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s (median
 EOF
 }
 
+# warm BENCH_ARGS...: each benchmark's cases once per autotune configuration, in
+# parallel processes that each autotune over that one configuration (no timing worth
+# keeping: --rep-ms 1), so that every binary the timed runs need is in the disk cache.
+warm() {
+    local cfg pids=()
+    for cfg in $("$PY" -c "from torch_matgrad.triton_kernels.ops import CONFIG_NAMES; print(*CONFIG_NAMES)"); do
+        (
+            for args in "$@"; do
+                # shellcheck disable=SC2086
+                TORCH_MATGRAD_TRITON_CONFIGS=$cfg "$PY" -m torch_matgrad bench $args --rep-ms 1 --no-plot \
+                    --out "$WARM/$cfg" >>"$WARM/$cfg.log" 2>&1 || echo "$cfg: bench $args: exit $?"
+            done
+            echo "$cfg: done"
+        ) &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    tail -n 2 "$WARM"/*.log
+}
+
 if [ ! -e torch_matgrad/triton_kernels ]; then
     trap '[ -L "$ROOT/torch_matgrad/triton_kernels" ] && rm "$ROOT/torch_matgrad/triton_kernels"' EXIT
 fi
-export -f setup importable
+export -f setup importable warm
 export PY ROOT
-stage setup 45 setup.log bash -c setup
+stage setup 40 setup.log bash -c setup
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
+[ "$JOBS" -gt 16 ] && JOBS=16
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     GPU=1
     export -f ceilings
-    stage ceilings 30 setup.log bash -c ceilings
-    BENCH=(--quick --providers torch_matgrad,eager)
+    stage ceilings 20 setup.log bash -c ceilings
+    # Each entry is one benchmark: its arguments (word-split) and its output folder.
+    QUICK="--quick --dtype bf16 --activation none,gelu_tanh,silu --mode forward,backward,full \
+--providers torch_matgrad,eager,matgrad_gz_prologue,matgrad_gz_pass"
+    DECODE="--shapes decode --dtype bf16 --activation none,gelu_tanh --mode forward,full \
+--providers eager,matgrad_torch,matgrad_triton --rep-ms 50"
+    MARKS="cuda or kernels"
 else
     GPU=0
     echo "No CUDA GPU: DRY RUN (cuda tests skip; CPU benchmark on tiny shapes, no GPU figures)"
-    BENCH=(--quick --device cpu --shapes tiny --rep-ms 50)
+    QUICK="--quick --device cpu --shapes tiny --rep-ms 50"
+    DECODE="--device cpu --shapes tiny --dtype fp32 --activation none --mode forward \
+--providers eager,matgrad_torch --rep-ms 20"
+    MARKS="cuda"
 fi
 
-stage tests 160 pytest.log "$PY" -m pytest -m cuda -q -p no:cacheprovider "$ROOT/tests"
+if [ $GPU -eq 1 ]; then
+    WARM=$(mktemp -d)
+    export WARM
+    stage warm-up 150 warm.log bash -c 'warm "$0" "$1"' "$QUICK" "$DECODE" &
+    warm_pid=$!
+fi
+# One small configuration for the correctness tests (the tests that need every
+# configuration, or several, choose their own).
+stage tests 150 pytest.log env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4 "$PY" -m pytest -m "$MARKS" -q -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
 rc=$?
 if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     # pytest's "no tests collected": acceptable for a dry run on a tree without cuda tests.
     unset 'FAILED[-1]'
     echo "   (dry run: no cuda tests collected)"
 fi
-
-stage bench 190 bench.log "$PY" -m torch_matgrad bench "${BENCH[@]}" --out "$OUT"
-
-echo
-if [ -f "$OUT/bench.md" ]; then
-    cat "$OUT/bench.md"
-elif [ -f "$OUT/bench.csv" ]; then
-    echo "bench did not finish; the rows it measured:"
-    cat "$OUT/bench.csv"
+if [ $GPU -eq 1 ]; then
+    wait $warm_pid || FAILED+=("warm-up: exit $?")
 fi
+
+# shellcheck disable=SC2086
+stage quick-bench 100 bench.log "$PY" -m torch_matgrad bench $QUICK --out "$OUT/quick"
+# shellcheck disable=SC2086
+stage decode-bench 90 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
+
 echo
+for run in quick decode; do
+    if [ -f "$OUT/$run/bench.md" ]; then
+        cat "$OUT/$run/bench.md"
+    elif [ -f "$OUT/$run/bench.csv" ]; then
+        echo "$run bench did not finish; the rows it measured:"
+        cat "$OUT/$run/bench.csv"
+    fi
+    echo
+done
 grep -h "^ceiling" "$OUT/setup.log"
 [ $GPU -eq 0 ] && echo "DRY RUN without a GPU: the figures above are CPU figures."
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -148,14 +148,20 @@ def test_repeated_calls_are_bit_identical(dtype):
         assert torch.equal(a, c)
 
 
-def test_autotune_key_is_coarse():
+def test_autotune_key_is_coarse(monkeypatch):
     # Batch sizes in one power-of-two bucket share a tuning result: no re-benchmarking.
+    # Two configurations of 64+ rows, so that the autotuner really chooses (with one it
+    # keeps no cache), whatever $TORCH_MATGRAD_TRITON_CONFIGS says.
+    launch = ops.launcher([c for c in ops.CONFIGS if c.kwargs["BLOCK_M"] == 64][:2])
+    monkeypatch.setattr(ops, "_launch", launch)
     w = torch.randn(256, 512, device="cuda", dtype=torch.float16)
     triton_backend.forward(torch.randn(1000, 512, device="cuda", dtype=torch.float16), w, None, None)
-    tuned = len(ops._launch.cache)
+    assert len(launch.cache) == 1
     for rows in (999, 1010, 1024):
         triton_backend.forward(torch.randn(rows, 512, device="cuda", dtype=torch.float16), w, None, None)
-    assert len(ops._launch.cache) == tuned
+    assert len(launch.cache) == 1
+    triton_backend.forward(torch.randn(1025, 512, device="cuda", dtype=torch.float16), w, None, None)
+    assert len(launch.cache) == 2
 
 
 def test_auto_uses_triton_on_cuda_except_float64():

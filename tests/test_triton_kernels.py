@@ -17,6 +17,7 @@ import torch
 
 from _util import assert_rel_close, float32_matmul_precision
 
+pytestmark = pytest.mark.kernels
 triton = pytest.importorskip("triton")
 
 from torch_matgrad import formulas, triton_backend  # noqa: E402
@@ -197,19 +198,88 @@ def test_fp32_precision_follows_the_per_backend_setting():
 
 
 
-@pytest.mark.parametrize("limit_kib, kept", [(227, 7), (163, 7), (99, 4), (16, 1)])
-def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, kept):
+def _configs(*, bm_min=0, bm_max=1 << 30):
+    return [c for c in ops.CONFIGS if bm_min <= c.kwargs["BLOCK_M"] <= bm_max]
+
+
+# Per shared-memory limit: configurations kept for a large M (tiles of >= 64 rows) and
+# for a decoding M (<= 64 rows), bf16 without a prologue.
+@pytest.mark.parametrize(
+    "limit_kib, large, small",
+    [(227, len(_configs(bm_min=64)), len(_configs(bm_max=64))), (163, 8, 6), (99, 5, 6), (16, 1, 1)],
+)
+def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, large, small):
     # H100 (227 KiB per block), A100 (163), consumer Ampere (99); with nothing that fits,
     # the smallest tile with two stages is the fallback. The prologue's saved tile counts.
     monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: limit_kib * 1024)
-    configs = [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in ops._CONFIGS
-    ]
     a = torch.empty(2, 2, dtype=torch.bfloat16)
-    assert len(ops._fits(configs, {"a_ptr": a}, PRO_ACT=0)) == kept
-    with_prologue = ops._fits(configs, {"a_ptr": a}, PRO_ACT=2)
-    assert len(with_prologue) <= kept
-    for cfg in with_prologue:
-        m, n, k = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
-        assert (2 * m * k + k * n) * 2 * cfg.num_stages <= limit_kib * 1024 or len(with_prologue) == 1
+    for m_bucket, kept in ((4096, large), (16, small)):
+        chosen = ops._fits(ops.CONFIGS, {"a_ptr": a, "M_BUCKET": m_bucket}, PRO_ACT=0)
+        assert len(chosen) == kept, [ops.config_name(c) for c in chosen]
+        with_prologue = ops._fits(ops.CONFIGS, {"a_ptr": a, "M_BUCKET": m_bucket}, PRO_ACT=2)
+        assert len(with_prologue) <= kept
+        for cfg in with_prologue:
+            m, n, k = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
+            fits = (2 * m * k + k * n) * 2 * cfg.num_stages <= limit_kib * 1024
+            assert fits or len(with_prologue) == 1
+
+
+def test_float64_never_gets_a_large_tile(monkeypatch):
+    # fp64 accumulators of 128 x 128 and up spill; a one-configuration list that holds
+    # only such a tile falls back to a small one rather than running it.
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
+    a = torch.empty(2, 2, dtype=torch.float64)
+    for configs in (ops.CONFIGS, ops.CONFIGS[:1]):
+        for cfg in ops._fits(configs, {"a_ptr": a, "M_BUCKET": 4096}, PRO_ACT=0):
+            assert cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 128 * 64
+
+
+def test_configs_are_chosen_by_name(monkeypatch):
+    assert ops.selected_configs("") == ops.CONFIGS == ops.selected_configs("all")
+    picked = ops.selected_configs(f"{ops.CONFIG_NAMES[2]}, {ops.CONFIG_NAMES[0]}")
+    assert picked == [ops.CONFIGS[2], ops.CONFIGS[0]]
+    monkeypatch.setenv(ops.CONFIGS_ENV_VAR, ops.CONFIG_NAMES[-1])
+    assert ops.selected_configs() == [ops.CONFIGS[-1]]
+    with pytest.raises(ValueError, match=f"{ops.CONFIGS_ENV_VAR}='64x64': unknown configuration.*choose from all, "):
+        ops.selected_configs("64x64")
+
+
+@pytest.mark.parametrize("config", ops.CONFIG_NAMES)
+def test_every_autotune_configuration(monkeypatch, config):
+    # The tiles the GPU runs, each on a shape that spans more than one tile in every
+    # dimension with ragged edges: forward with the bias/GELU epilogue and the z store,
+    # both prologue products and the grad_b row sums.
+    cfg = ops.CONFIGS[ops.CONFIG_NAMES.index(config)]
+    if ops.INTERPRET:
+        monkeypatch.setattr(ops, "_META", dict(cfg.kwargs))
+    else:
+        monkeypatch.setattr(ops, "_launch", ops.launcher([cfg]))
+    bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
+    # As rows (M) the forward sees m, the grad_W product n; reduction: k, then m.
+    m, k, n = max(bm, bn) + 37, 2 * bk + 5, max(bm, bn) + 11
+    _check_all(m, k, n, torch.bfloat16, "gelu", bias=True)
+
+
+@pytest.mark.parametrize("strategy", ["prologue", "pass"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_gz_strategies(monkeypatch, strategy, activation):
+    # Both ways of forming G_z give the formulas' gradients; "pass" launches the GEMMs
+    # without the prologue (its G_z comes from PyTorch's derivative kernel).
+    launched = []
+    fused = ops.fused_matmul
+
+    def counting(*args, **kwargs):
+        launched.append(kwargs.get("grad_activation"))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "fused_matmul", counting)
+    with triton_backend.gz_strategy(strategy):
+        _check_all(65, 33, 40, torch.float32, activation, bias=True)
+    # The forward, then grad_x and grad_W + grad_b.
+    assert launched[1:] == ([activation] * 2 if strategy == "prologue" else [None, None])
+
+
+def test_gz_strategy_names_the_choices():
+    with pytest.raises(ValueError, match="choose one of auto, prologue, pass"):
+        with triton_backend.gz_strategy("fused"):
+            pass

@@ -10,6 +10,7 @@ import torch
 
 from _util import assert_rel_close, float32_matmul_precision
 
+pytestmark = pytest.mark.kernels
 triton = pytest.importorskip("triton")
 
 import torch_matgrad  # noqa: E402

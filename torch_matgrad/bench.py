@@ -12,6 +12,13 @@ Providers (all run in one process, on the same device, in the same run):
     ``torch.compile(mode="max-autotune")`` of that same eager block. On by default
     on CUDA only: on a CPU it takes minutes per shape and measures Inductor's CPU
     GEMM templates, not anything this project ships.
+``matgrad_torch``, ``matgrad_triton``
+    ``torch_matgrad.linear`` with the backend forced (forward and backward): what
+    ``"auto"`` chooses between.
+``matgrad_gz_prologue``, ``matgrad_gz_pass``
+    The Triton backend with ``G_z = G * act'(z)`` fused into the backward GEMMs'
+    prologue, or formed in one elementwise pass before them
+    (:func:`torch_matgrad.triton_backend.gz_strategy`).
 
 Modes: ``forward`` is inference (``torch.no_grad``, 2MNK flops); ``backward`` times
 ``torch.autograd.grad`` of a prebuilt graph into x, W and b (grad_x and grad_W: 4MNK);
@@ -87,7 +94,10 @@ _ALL_SETS = ("transformer", "square", "decode", "odd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACTIVATIONS = ("none", "gelu_tanh", "silu")
 MODES = ("forward", "backward", "full")
-PROVIDERS = ("torch_matgrad", "eager", "compile")
+PROVIDERS = (
+    "torch_matgrad", "eager", "compile", "matgrad_torch", "matgrad_triton", "matgrad_gz_prologue", "matgrad_gz_pass",
+)
+DEFAULT_PROVIDERS = ("torch_matgrad", "eager", "compile")
 BASELINE = "eager"
 _FLOPS_PER_MNK = {"forward": 2, "backward": 4, "full": 6}
 
@@ -138,7 +148,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"comma list of shape sets: {', '.join(SHAPE_SETS)}, all "
                         f"(= {', '.join(_ALL_SETS)}; default on CUDA, 'cpu' on CPU)")
     parser.add_argument("--providers", type=listed(PROVIDERS),
-                        help="comma list (default torch_matgrad,eager,compile on CUDA; torch_matgrad,eager on CPU)")
+                        help=f"comma list of {', '.join(PROVIDERS)} (default {','.join(DEFAULT_PROVIDERS)} "
+                        "on CUDA; torch_matgrad,eager on CPU)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device-slug>)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     parser.add_argument("--threads", type=int,
@@ -204,9 +215,53 @@ def backend_ran(x, w, b) -> str:
     return f"{dispatch.requested_backend()}->{dispatch.chosen_backend(x, w, b)}"
 
 
+# Providers that run torch_matgrad.linear with a forced backend (and G_z strategy).
+_FORCED = {
+    "matgrad_torch": ("torch", None),
+    "matgrad_triton": ("triton", None),
+    "matgrad_gz_prologue": ("triton", "prologue"),
+    "matgrad_gz_pass": ("triton", "pass"),
+}
+
+
+def _provider_context(name: str) -> contextlib.AbstractContextManager:
+    """The context every call of a provider runs in: its forced backend and strategy."""
+    stack = contextlib.ExitStack()
+    if name in _FORCED:
+        backend, gz = _FORCED[name]
+        stack.enter_context(dispatch.use_backend(backend))
+        if gz is not None:
+            from . import triton_backend
+
+            stack.enter_context(triton_backend.gz_strategy(gz))
+    return stack
+
+
+def _in_context(name: str, step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run inside the provider's context (a few microseconds per call)."""
+    if name not in _FORCED:
+        return step
+
+    def stepped():
+        with _provider_context(name):
+            return step()
+
+    return stepped
+
+
+def _backend_of(name: str, tensors) -> str:
+    if name == "torch_matgrad" or name in _FORCED:
+        with _provider_context(name):
+            try:
+                return backend_ran(*tensors)
+            except RuntimeError:  # a forced backend that cannot run here: the row has the error
+                return f"{dispatch.requested_backend()}->unavailable"
+    return name
+
+
 def _provider_fn(name: str) -> Callable:
     """The ``fn(x, w, b, act)`` a provider runs; built afresh for every case."""
-    if name == "torch_matgrad":
+    if name == "torch_matgrad" or name in _FORCED:
         return _matgrad
     if name == "eager":
         return _eager
@@ -423,8 +478,9 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
     for p in providers:
         try:
             fn = _provider_fn(p)
-            diffs[p] = _max_rel_diff(_results(fn, act, case.mode, sets[0]), want)
-            step = _step(fn, act, case.mode, sets)
+            with _provider_context(p):
+                diffs[p] = _max_rel_diff(_results(fn, act, case.mode, sets[0]), want)
+                step = _in_context(p, _step(fn, act, case.mode, sets))
             step()
             step()  # replays must work too (CUDA graphs, retained autograd graphs)
             steps[p] = step
@@ -439,7 +495,7 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
         row = {
             **env, "shape_set": case.shape_set, "M": case.m, "K": case.k, "N": case.n, "dtype": case.dtype,
             "activation": case.activation, "mode": case.mode, "provider": p,
-            "backend": backend_ran(*sets[0][:3]) if p == "torch_matgrad" else p,
+            "backend": _backend_of(p, sets[0][:3]),
             "median_ms": "", "p20_ms": "", "p80_ms": "", "tflops": "", "peak_mem_mib": "", "time_vs_eager": "",
             "max_rel_diff_vs_eager": f"{diffs[p]:.2e}" if p in diffs else "", "error": errors.get(p, ""),
         }
@@ -606,7 +662,7 @@ def run(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    providers = args.providers or (list(PROVIDERS) if device == "cuda" else ["torch_matgrad", "eager"])
+    providers = args.providers or (list(DEFAULT_PROVIDERS) if device == "cuda" else ["torch_matgrad", "eager"])
     if device == "cuda":
         timer, clock = functools.partial(_time_cuda, rep_ms=args.rep_ms or 100.0), "cuda events"
     else:

@@ -12,21 +12,55 @@ product (MATH.md item)     ``fused_matmul`` operands          fused into it
 
 Transposes are stride swaps (no copies). ``grad_b`` is the row sum of ``G_z^T``
 reduced inside the weight-gradient launch; without ``grad_W`` it is a launch that
-only sums. Not differentiable: :mod:`torch_matgrad.dispatch` sends double backward
+only sums.
+
+``G_z`` is formed one of two ways (:func:`gz_strategy`): in the prologue of both
+backward GEMMs, as above, which never writes ``G_z`` but recomputes ``act'`` in every
+program that loads a tile of ``G``; or in one elementwise pass (PyTorch's own
+derivative kernel: reads ``G`` and ``z``, writes ``G_z``) followed by the two GEMMs
+without a prologue. ``"auto"`` picks per shape by the rule in :func:`_gz_in_prologue`.
+
+Not differentiable: :mod:`torch_matgrad.dispatch` sends double backward
 and direct gradients of ``z`` to :mod:`torch_matgrad.formulas`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 from torch import Tensor
 
-from .formulas import NEEDS_PREACTIVATION
+from .formulas import NEEDS_PREACTIVATION, grad_preactivation
 from .triton_kernels.fused_gemm import INTERPRET
 from .triton_kernels.ops import SUPPORTED_DTYPES, fused_matmul
 
-__all__ = ["INTERPRET", "SUPPORTED_DTYPES", "backward", "forward"]
+__all__ = ["GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy"]
+
+#: Ways to form ``G_z = G * act'(z)`` in the backward; see the module docstring.
+GZ_STRATEGIES = ("auto", "prologue", "pass")
+_gz = "auto"
+
+
+@contextlib.contextmanager
+def gz_strategy(name: str) -> Iterator[None]:
+    """Form ``G_z`` by ``name`` (one of ``GZ_STRATEGIES``) inside the block: benchmarks
+    time the two against each other."""
+    global _gz
+    if name not in GZ_STRATEGIES:
+        raise ValueError(f"gz_strategy: unknown strategy {name!r}; choose one of {', '.join(GZ_STRATEGIES)}")
+    previous, _gz = _gz, name
+    try:
+        yield
+    finally:
+        _gz = previous
+
+
+def _gz_in_prologue(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether the backward fuses ``act'`` into its GEMMs' prologue for this shape."""
+    if _gz != "auto":
+        return _gz == "prologue"
+    return True
 
 
 def forward(
@@ -57,6 +91,11 @@ def backward(
     if grad_out is None:
         return None, None, None
     need_x, need_w, need_b = needs
+    if activation is not None:
+        operand = weight if weight is not None else x  # whichever is saved has in_features columns
+        in_features = operand.shape[1] if operand is not None else 0
+        if not _gz_in_prologue(*grad_out.shape, in_features):
+            grad_out, activation = grad_preactivation(grad_out, saved, activation), None
     prologue = dict(grad_activation=activation, saved=saved) if activation is not None else {}
     grad_x = fused_matmul(grad_out, weight, **prologue)[0] if need_x else None
     grad_w = grad_b = None

@@ -14,6 +14,8 @@ driver to benchmark).
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -25,8 +27,10 @@ from ..formulas import activate
 from .fused_gemm import ACT_CODES, INTERPRET, fused_gemm_kernel
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the large tiles feed Hopper and
-# Ampere tensor cores on big GEMMs; the small ones keep every SM busy when M or N is
-# small. GROUP_M = 8 block rows share the B columns in L2.
+# Ampere tensor cores on big GEMMs; the 64-row ones keep every SM busy when M or N is
+# small; the 16- and 32-row ones are for decoding (M <= 64 rows), where the product is
+# bound by reading B once and a 128-row tile would compute 87-99% padding. GROUP_M = 8
+# block rows share the B columns in L2.
 _CONFIGS = [
     (128, 256, 64, 3, 8),
     (256, 128, 64, 3, 8),
@@ -35,8 +39,22 @@ _CONFIGS = [
     (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
+    (64, 64, 128, 3, 4),
+    (32, 64, 128, 4, 4),
+    (16, 64, 128, 4, 4),
+    (16, 32, 256, 4, 4),
 ]
 _GROUP_M = 8
+# When no configuration fits (or fp64 leaves none): 64 x 64 x 32 in two stages fits any
+# GPU Triton supports (24 KiB of shared memory in fp64).
+_FALLBACK = triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=_GROUP_M), num_stages=2, num_warps=4)
+#: Rows (M) up to which the autotuner tries only tiles of at most 64 rows, and above
+#: which only tiles of at least 64: half the compilations and benchmarks per shape.
+SMALL_M = 64
+
+#: Environment variable restricting the autotuner to some of ``CONFIG_NAMES`` (a comma
+#: list): fewer compilations on a cold cache, e.g. for correctness tests on a GPU.
+CONFIGS_ENV_VAR = "TORCH_MATGRAD_TRITON_CONFIGS"
 
 # Interpreter: tiles of 32 x 32 x 16 (tl.dot's minimum is 16) make the small test
 # shapes span several blocks and a ragged edge in every dimension; GROUP_M = 2 so the
@@ -49,16 +67,31 @@ _AUTOTUNE_KEY = [
 ]
 
 
+def config_name(config: "triton.Config") -> str:
+    """``BMxBNxBK_sS_wW``: tile, pipeline stages and warps of an autotune configuration."""
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}_s{config.num_stages}_w{config.num_warps}"
+
+
+CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M), num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in _CONFIGS
+]
+CONFIG_NAMES = [config_name(c) for c in CONFIGS]
+
+
 def _shared_memory_limit(device: torch.device) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
 def _fits(configs, named_args, **kwargs):
-    """Drop configurations whose pipelined tiles exceed the device's shared memory."""
+    """Drop configurations whose pipelined tiles exceed the device's shared memory, and
+    those of the other side of ``SMALL_M``; never all of them."""
     args = {**named_args, **kwargs}
     elem = args["a_ptr"].element_size()
     limit = _shared_memory_limit(args["a_ptr"].device)
     a_tiles = 2 if args["PRO_ACT"] else 1  # the prologue streams the saved tile beside A
+    small = args.get("M_BUCKET", SMALL_M + 1) <= SMALL_M
     fitting = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -67,22 +100,47 @@ def _fits(configs, named_args, **kwargs):
             continue
         if (a_tiles * bm * bk + bk * bn) * elem * cfg.num_stages <= limit:
             fitting.append(cfg)
-    # The smallest tile with two stages fits any GPU Triton supports.
-    return fitting or [triton.Config({**configs[-1].kwargs}, num_stages=2, num_warps=4)]
+    sized = [c for c in fitting if (c.kwargs["BLOCK_M"] <= SMALL_M if small else c.kwargs["BLOCK_M"] >= SMALL_M)]
+    return sized or fitting or [_FALLBACK]
+
+
+def selected_configs(spec: Optional[str] = None) -> list:
+    """The autotune configurations named in ``spec`` (default: ``$TORCH_MATGRAD_TRITON_CONFIGS``;
+    unset or ``all``: every one)."""
+    spec = os.environ.get(CONFIGS_ENV_VAR, "") if spec is None else spec
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names or names == ["all"]:
+        return list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIG_NAMES]
+    if unknown:
+        raise ValueError(
+            f"{CONFIGS_ENV_VAR}={spec!r}: unknown configuration(s) {', '.join(unknown)}; "
+            f"choose from all, {', '.join(CONFIG_NAMES)}"
+        )
+    return [CONFIGS[CONFIG_NAMES.index(n)] for n in names]
+
+
+def _autotune_bench(fn, quantiles):
+    # 5 ms warm-up and 25 ms of repeats per configuration (Triton's default is 25 + 100):
+    # enough to rank GEMMs of 10 us and up, and a cold shape costs ~0.3 s, not ~1.4 s.
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def launcher(configs: list):
+    """``fused_gemm_kernel`` autotuned over ``configs`` (compiled kernels only)."""
+    extra = {"do_bench": _autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(
+        configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _fits}, **extra
+    )(fused_gemm_kernel)
 
 
 if INTERPRET:
     _launch = fused_gemm_kernel
     _META = INTERPRETER_META
 else:
-    _launch = triton.autotune(
-        configs=[
-            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M), num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in _CONFIGS
-        ],
-        key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _fits},
-    )(fused_gemm_kernel)
+    _launch = launcher(selected_configs())
     _META = {}
 
 _ACC_DTYPE = {torch.float64: tl.float64}  # fp32 accumulation for the others
