@@ -84,6 +84,11 @@ def make_batches(steps: int, seed: int = 1, device: str = "cpu") -> List[Tuple[t
     return batches
 
 
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy, in fp32 whatever the autocast dtype."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+
 def train(
     models: Sequence[nn.Module], batches, autocast_dtype: Optional[torch.dtype] = None, lr: float = 1e-2
 ) -> Tuple[List[List[float]], List[float]]:
@@ -101,7 +106,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(tokens)
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+            loss = loss_fn(logits, target)
             loss.backward()
             opt.step()
             model_losses.append(loss.item())  # .item() synchronises: the time is complete

@@ -28,14 +28,19 @@ STEPS = 20
 #   running RMS, so an ulp-level gradient difference in a near-zero entry can flip that
 #   entry's update: 1e-2 over a whole tensor bounds what rounding can do in 20 steps at
 #   lr 1e-2, while a wrong formula moves parameters by O(1). Losses: 2^-7, two bf16 ulps.
-# CUDA: Triton tiles sum K in another order than cuBLAS (fp32: ~1e-7 per GEMM, grown
-#   over 20 steps to ~1e-5; fp16 has 8x finer ulps than bf16).
+# CUDA: Triton tiles sum K in another order than cuBLAS, so the runs differ by rounding
+#   from the first step on, and AdamW turns rounding noise in a gradient that is zero in
+#   exact arithmetic (the attention's key bias: softmax ignores it) into full lr-sized
+#   steps (seen on an H100: 1e-2 to 0.7 relative in in_proj_bias after 20 steps). So on
+#   CUDA the parameters are not compared after training; instead every parameter's
+#   gradient at the first step (same weights, same batch) must agree to the GEMMs'
+#   rounding, and the losses of all 20 steps as on the CPU.
 TOL = {
     ("cpu", torch.float32): (1e-5, REL_TOL[torch.float32]),
     ("cpu", torch.bfloat16): (2**-7, 1e-2),
-    ("cuda", torch.float32): (1e-4, 1e-4),
-    ("cuda", torch.bfloat16): (2**-7, 1e-2),
-    ("cuda", torch.float16): (2**-9, 2e-3),
+    ("cuda", torch.float32): (1e-4, 1e-5),
+    ("cuda", torch.bfloat16): (2**-7, 2e-2),
+    ("cuda", torch.float16): (2**-9, 4e-3),
 }
 
 
@@ -50,6 +55,20 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _first_step_gradients(models, batch, autocast_dtype):
+    """Each model's parameter gradients of the loss on ``batch``, from the same weights."""
+    grads = []
+    for model in models:
+        model.zero_grad(set_to_none=True)
+        x, y = batch
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = example.loss_fn(model(x), y)
+        loss.backward()
+        grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
 def _check(device, autocast_dtype):
     loss_tol, param_tol = TOL[device, autocast_dtype or torch.float32]
     original, swapped, n_replaced, n_fused = example.make_pair(device=device)
@@ -57,10 +76,17 @@ def _check(device, autocast_dtype):
     assert (n_replaced, n_fused) == (5, 2)
     assert sum(isinstance(m, tm.Linear) and m.activation == "gelu" for m in swapped.modules()) == 2
     batches = example.make_batches(STEPS, device=device)
+    if device == "cuda":
+        ref_grads, grads = _first_step_gradients([original, swapped], batches[0], autocast_dtype)
+        for name, g in grads.items():
+            err = rel_err(g, ref_grads[name])
+            assert err <= param_tol, f"{name}.grad: relative difference {err:.1e} > {param_tol:.0e}"
     (ref_losses, losses), _ = example.train([original, swapped], batches, autocast_dtype)
     assert ref_losses[-1] < ref_losses[0] - 0.1, "the toy task should be learning"
     for step, (a, b) in enumerate(zip(ref_losses, losses)):
         assert abs(a - b) <= loss_tol * abs(a), f"step {step}: loss {b} vs nn.Linear {a}"
+    if device == "cuda":
+        return
     ref_params = dict(original.named_parameters())
     for name, p in swapped.named_parameters():
         assert p.dtype == torch.float32
