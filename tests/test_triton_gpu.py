@@ -166,11 +166,15 @@ def test_autotune_key_is_coarse(monkeypatch):
     assert len(launch.cache) == 2
 
 
-def test_auto_uses_triton_on_cuda_except_float64():
-    t = torch.randn(4, 4, device="cuda", dtype=torch.bfloat16)
+def test_auto_uses_triton_on_cuda_except_float64_and_decoding():
+    rows = dispatch.AUTO_TORCH_MAX_ROWS
+    t = torch.randn(rows + 1, 4, device="cuda", dtype=torch.bfloat16)
     with torch_matgrad.use_backend("auto"):
         assert dispatch._choose((t,), differentiable=False) is triton_backend
         assert dispatch._choose((t.double(),), differentiable=False) is formulas
+        assert dispatch._choose((t[:rows],), differentiable=False) is formulas
+    with torch_matgrad.use_backend("triton"):
+        assert dispatch._choose((t[:rows],), differentiable=False) is triton_backend
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

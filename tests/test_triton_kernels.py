@@ -208,7 +208,7 @@ def _configs(*, bm_min=0, bm_max=1 << 30):
 # for a decoding M (<= 64 rows), bf16 without a prologue.
 @pytest.mark.parametrize(
     "limit_kib, large, small",
-    [(227, len(_configs(bm_min=64)), len(_configs(bm_max=64))), (163, 8, 6), (99, 5, 6), (16, 1, 1)],
+    [(227, len(_configs(bm_min=64)), len(_configs(bm_max=64))), (163, 7, 6), (99, 5, 6), (16, 1, 1)],
 )
 def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, large, small):
     # H100 (227 KiB per block), A100 (163), consumer Ampere (99); with nothing that fits,

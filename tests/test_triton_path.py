@@ -168,6 +168,15 @@ def test_float64_stays_on_torch_under_auto():
     assert dispatch._triton_fallback([t], False, False, forced=True) is None
 
 
+def test_decoding_rows_stay_on_torch_under_auto():
+    # Under "auto" only CUDA tensors reach these checks; call them directly on CPU runs.
+    rows = dispatch.AUTO_TORCH_MAX_ROWS
+    small, large = torch.randn(rows, 8), torch.randn(rows + 1, 8)
+    assert "cuBLAS" in dispatch._triton_fallback([small], False, False, forced=False)
+    assert dispatch._triton_fallback([large], False, False, forced=False) is None
+    assert dispatch._triton_fallback([small], False, False, forced=True) is None
+
+
 def test_vmap_of_grad_falls_back_in_backward():
     # The backward of vmap(grad(f)) sees batched tensors; they must reach torch ops.
     w = torch.randn(3, 4, device=DEVICE, dtype=torch.float64)

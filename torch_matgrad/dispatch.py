@@ -12,7 +12,8 @@ Backends:
     Anything else is an error when forced.
 ``"auto"`` (default)
     ``"triton"`` for CUDA tensors when Triton imports and supports the case (float64
-    excepted, see :func:`_triton_fallback`), ``"torch"`` for everything else.
+    and inputs of at most ``AUTO_TORCH_MAX_ROWS`` rows excepted, see
+    :func:`_triton_fallback`), ``"torch"`` for everything else.
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
 with the environment variable ``TORCH_MATGRAD_BACKEND``; the context manager wins.
@@ -38,6 +39,12 @@ from torch import Tensor
 from . import formulas
 
 ENV_VAR = "TORCH_MATGRAD_BACKEND"
+
+#: Under "auto", inputs of at most this many rows (decoding) run on cuBLAS: on an H100
+#: the Triton kernels matched cuBLAS there within -12%..+10% in CUDA-graph replays, but
+#: each eager call spent ~185 us on the host against ~55 us for the torch path
+#: (``benchmarks/host_overhead.py``), and a decoding step is bound by that host time.
+AUTO_TORCH_MAX_ROWS = 64
 BACKENDS = ("auto", "torch", "triton")
 
 log = logging.getLogger("torch_matgrad")
@@ -96,7 +103,8 @@ def _is_functorch_wrapped(t: Tensor) -> bool:
 
 
 def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool) -> Optional[str]:
-    """Why these tensors go to torch ops instead of the Triton kernels (None: they don't)."""
+    """Why these tensors go to torch ops instead of the Triton kernels (None: they don't).
+    ``tensors[0]`` has the op's rows (the input, or the output gradient)."""
     if differentiable:
         return "backward under create_graph must be differentiable"
     if direct_z:
@@ -118,6 +126,8 @@ def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool
         # DGEMM, and ptxas reports register spills for every float64 tile of the GELU
         # backward (1.5-5.6 KB stack frames): "auto" keeps float64 on cuBLAS.
         return "float64 runs on Triton only when the triton backend is forced"
+    if not forced and tensors[0].dim() == 2 and tensors[0].shape[0] <= AUTO_TORCH_MAX_ROWS:
+        return f"{tensors[0].shape[0]} rows (<= AUTO_TORCH_MAX_ROWS = {AUTO_TORCH_MAX_ROWS}): cuBLAS"
     return None
 
 
