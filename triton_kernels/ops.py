@@ -3,8 +3,10 @@
 No autograd here: :mod:`torch_matgrad.triton_backend` builds the op's forward and
 backward from :func:`fused_matmul`.
 
-Autotuning (compiled kernels only): a few configurations for Ampere and Hopper, pruned
-to those that fit the device's shared memory, keyed on the next power of two of each
+Autotuning (compiled kernels only): a few configurations for Ampere and Hopper (the
+small-M ones only for M <= ``SMALL_M`` rows, the others only above), pruned to those that
+fit the device's shared memory, optionally narrowed by ``$TORCH_MATGRAD_TRITON_CONFIGS``
+(fewer compilations on a cold cache), keyed on the next power of two of each
 dimension plus the specialisation flags and dtypes, so a new batch size reuses the
 tuning of its power-of-two bucket instead of benchmarking again. Under the interpreter
 a single small configuration runs without ``triton.autotune`` (which needs a GPU
