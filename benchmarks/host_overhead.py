@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         profile.runcall(lambda: [fn(*fargs) for _ in range(args.calls)])
     sync()
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(14)
+    pstats.Stats(profile, stream=text).strip_dirs().sort_stats("tottime").print_stats(14)
     print(f"\nhost profile of {p} ({args.calls} calls), by own time:")
     print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-2400:])
 

@@ -87,8 +87,10 @@ def test_compile_dynamic_batch_under_autocast():
 def test_compile_fullgraph_cuda(backend, monkeypatch):
     # nn.Linear's reference must not use TF32 either (the kernels follow the same switch).
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    graphs = []
     with tm.use_backend(backend):
-        _check_compiled_equals_eager("cuda")
+        _check_compiled_equals_eager("cuda", graphs)
+    assert len(graphs) == 1, "expected one whole-model graph"
 
 
 @pytest.mark.cuda

@@ -38,9 +38,9 @@ STEPS = 20
 TOL = {
     ("cpu", torch.float32): (1e-5, REL_TOL[torch.float32]),
     ("cpu", torch.bfloat16): (2**-7, 1e-2),
-    ("cuda", torch.float32): (1e-4, 1e-5),
-    ("cuda", torch.bfloat16): (2**-7, 2e-2),
-    ("cuda", torch.float16): (2**-9, 4e-3),
+    ("cuda", torch.float32): (1e-4, REL_TOL[torch.float32]),
+    ("cuda", torch.bfloat16): (2**-7, REL_TOL[torch.bfloat16]),
+    ("cuda", torch.float16): (2**-9, REL_TOL[torch.float16]),
 }
 
 

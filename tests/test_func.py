@@ -125,3 +125,16 @@ def test_forward_mode_gives_a_clear_error():
     w = torch.randn(4, 6)
     with pytest.raises(NotImplementedError, match="jvp"):
         jacfwd(lambda x: tm.linear(x, w))(torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_dual_tensors_give_the_same_clear_error(grad_mode):
+    # torch.autograd.forward_ad outside functorch, with or without grad mode: the
+    # inference fast path (no Function) must not run and drop or fake the tangents.
+    import torch.autograd.forward_ad as fwAD
+
+    w = torch.randn(4, 6)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        x = fwAD.make_dual(torch.randn(3, 6), torch.randn(3, 6))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            tm.linear(x, w)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 from torch import Tensor
 
 from . import dispatch, formulas
@@ -171,8 +172,9 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
     # The Function works on rows: (..., n) -> (B, n). reshape is a view whenever the
     # strides allow it, so transposed 2-D views reach the backend without a copy.
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        # vmap/grad need the Function's rules; torch.compile traces the Function.
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or _fw_ad._current_level >= 0:
+        # vmap/grad need the Function's rules; torch.compile traces the Function; and
+        # under forward-mode AD it must refuse (no jvp) rather than drop the tangents.
         out, _ = LinearFunction.apply(x2, weight, bias, activation)
     elif not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         # Nothing to differentiate (inference, frozen layers on detached inputs): no

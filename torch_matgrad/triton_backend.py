@@ -19,7 +19,7 @@ backward GEMMs, as above, which never writes ``G_z`` but recomputes ``act'`` in 
 program that loads a tile of ``G``; or in one elementwise pass (PyTorch's own
 derivative kernel: reads ``G`` and ``z``, writes ``G_z``) followed by the two GEMMs
 without a prologue. ``"auto"`` takes the pass: on an H100 (bf16, the four quick
-shapes, ``benchmarks/NOTES.md``) the pass made the GELU-tanh and SiLU backward 1.3-2.5x
+shapes, ``benchmarks/NOTES.md``) the pass made the GELU-tanh and SiLU backward 1.3-2.8x
 faster than the prologue at every shape measured; the prologue recomputes ``act'`` in
 each of the ~``in_features / BLOCK_N`` programs that load a ``G`` tile and keeps the
 tensor cores waiting on it.
