@@ -120,18 +120,17 @@ def test_nan_and_inf_propagate_like_torch(activation):
 def test_auto_sends_cpu_to_torch_and_forced_sends_it_to_triton():
     x = torch.randn(3, 4)
     with torch_matgrad.use_backend("auto"):
-        assert dispatch._choose((x,), differentiable=False) is formulas
+        assert dispatch.chosen_backend(x, x) == "torch"
+    if not triton_backend.INTERPRET:
+        pytest.skip("Triton's interpreter is off")
     with torch_matgrad.use_backend("triton"):
-        expected = triton_backend if triton_backend.INTERPRET else None
-        if expected is None:
-            pytest.skip("Triton's interpreter is off")
-        assert dispatch._choose((x,), differentiable=False) is triton_backend
+        assert dispatch.chosen_backend(x, x) == "triton"
 
 
 def test_forced_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     monkeypatch.setattr(triton_backend, "INTERPRET", False)
     with torch_matgrad.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dispatch._choose((torch.randn(2, 2),), differentiable=False)
+        dispatch.chosen_backend(torch.randn(2, 2), torch.randn(2, 2))
 
 
 class _Subclass(torch.Tensor):
@@ -139,42 +138,106 @@ class _Subclass(torch.Tensor):
 
 
 @pytest.mark.parametrize(
-    "case, kwargs, reason",
+    "case, reason",
     [
-        ("plain", dict(differentiable=True), "create_graph"),
-        ("plain", dict(differentiable=False, direct_z=True), "directly into z"),
-        ("subclass", dict(differentiable=False), "tensor subclass _Subclass"),
-        ("meta", dict(differentiable=False), "meta tensor"),
-        ("mixed", dict(differentiable=False), "unsupported dtype combination"),
+        ("subclass", "tensor subclass _Subclass"),
+        ("meta", "meta tensor"),
+        ("mixed", "unsupported dtype combination"),
     ],
 )
-def test_fallbacks_are_logged(caplog, case, kwargs, reason):
+def test_forward_fallbacks_are_logged(caplog, case, reason):
     t = torch.randn(3, 4, device=DEVICE)
-    tensors = {
-        "plain": (t,),
-        "subclass": (t.as_subclass(_Subclass),),
-        "meta": (torch.empty(3, 4, device="meta"),),
+    x, w = {
+        "subclass": (t.as_subclass(_Subclass), t),
+        "meta": (torch.empty(3, 4, device="meta"), torch.empty(3, 4, device="meta")),
         "mixed": (t, t.double()),
     }[case]
     with torch_matgrad.use_backend("triton"), caplog.at_level(logging.DEBUG, logger="torch_matgrad"):
-        assert dispatch._choose(tensors, **kwargs) is formulas
+        assert dispatch.chosen_backend(x, w) == "torch"
     assert reason in caplog.text
+
+
+def _launches(monkeypatch):
+    """Counts of Triton kernel launches made by the backend's forward and backward."""
+    counts = {"forward": 0, "backward": 0}
+    half = []
+    launch = triton_backend.fused_matmul
+
+    def counted(*args, **kwargs):
+        counts[half[-1] if half else "forward"] += 1
+        return launch(*args, **kwargs)
+
+    def backward(*args):
+        half.append("backward")
+        try:
+            return real_backward(*args)
+        finally:
+            half.pop()
+
+    real_backward = triton_backend.backward
+    monkeypatch.setattr(triton_backend, "fused_matmul", counted)
+    monkeypatch.setattr(triton_backend, "backward", backward)
+    return counts
+
+
+@pytest.mark.parametrize("activation", ["gelu", None])
+def test_backward_runs_the_backend_its_forward_ran(monkeypatch, activation):
+    # The backend is read when the forward runs; the backward, called after the block,
+    # runs the same kernels (and a torch forward's backward stays on torch ops).
+    launches = _launches(monkeypatch)
+    x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((33, 17), (9, 17), (9,)))
+    with torch_matgrad.use_backend("triton"):
+        y = torch_matgrad.linear(x, w, b, activation=activation)
+    with torch_matgrad.use_backend("torch"), dispatch.recording() as ran:
+        y.backward(torch.randn_like(y))
+    assert ran == {("backward", "triton"): 1}
+    assert launches == {"forward": 1, "backward": 2}  # grad_x; grad_W with grad_b
+    with torch_matgrad.use_backend("torch"):
+        y = torch_matgrad.linear(x, w, b, activation=activation)
+    with torch_matgrad.use_backend("triton"), dispatch.recording() as ran:
+        y.backward(torch.randn_like(y))
+    assert ran == {("backward", "torch"): 1}
+    assert launches == {"forward": 1, "backward": 2}
+
+
+def test_backward_fallbacks_are_logged(caplog):
+    x, w = (torch.randn(*s, dtype=torch.float64, device=DEVICE, requires_grad=True) for s in ((5, 4), (3, 4)))
+    with torch_matgrad.use_backend("triton"):
+        out = torch_matgrad.linear(x, w, activation="gelu")
+    with caplog.at_level(logging.DEBUG, logger="torch_matgrad"), dispatch.recording() as ran:
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert "create_graph" in caplog.text and ran == {("backward", "torch"): 1}
+    # gradgradcheck-style: the double backward sends a gradient straight into z.
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="torch_matgrad"):
+        torch.autograd.grad(gx.sum(), w)
+    assert "directly into z" in caplog.text
+    # vmap over the backward: the output gradients are batched tensors.
+    caplog.clear()
+    with torch_matgrad.use_backend("triton"):
+        out = torch_matgrad.linear(x, w, activation="gelu")
+    grads = torch.randn(2, *out.shape, dtype=out.dtype, device=DEVICE)
+    with caplog.at_level(logging.DEBUG, logger="torch_matgrad"):
+        (got,) = torch.autograd.grad(out, x, grads, retain_graph=True, is_grads_batched=True)
+    assert "output gradient: functorch-wrapped tensor" in caplog.text
+    want = torch.stack([torch.autograd.grad(out, x, g, retain_graph=True)[0] for g in grads])
+    assert_rel_close(got, want, torch.float64)
 
 
 def test_float64_stays_on_torch_under_auto():
     # Under "auto" only CUDA tensors reach these checks; call them directly on CPU runs.
     t = torch.randn(3, 4, dtype=torch.float64)
-    assert "float64" in dispatch._triton_fallback([t], False, False, forced=False)
-    assert dispatch._triton_fallback([t], False, False, forced=True) is None
+    assert "float64" in dispatch._triton_fallback([t], forced=False)
+    assert dispatch._triton_fallback([t], forced=True) is None
 
 
 def test_decoding_rows_stay_on_torch_under_auto():
     # Under "auto" only CUDA tensors reach these checks; call them directly on CPU runs.
     rows = dispatch.AUTO_TORCH_MAX_ROWS
     small, large = torch.randn(rows, 8), torch.randn(rows + 1, 8)
-    assert "cuBLAS" in dispatch._triton_fallback([small], False, False, forced=False)
-    assert dispatch._triton_fallback([large], False, False, forced=False) is None
-    assert dispatch._triton_fallback([small], False, False, forced=True) is None
+    assert "cuBLAS" in dispatch._triton_fallback([small], forced=False)
+    assert dispatch._triton_fallback([large], forced=False) is None
+    assert dispatch._triton_fallback([small], forced=True) is None
 
 
 def test_vmap_of_grad_falls_back_in_backward():
@@ -193,7 +256,7 @@ def test_vmap_of_grad_falls_back_in_backward():
 
 
 def test_check_lists_the_interpreter_only_when_it_is_on(monkeypatch):
-    from torch_matgrad.check import available_backends
+    from torch_matgrad.cli import available_backends
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ("triton", "cpu") in available_backends()

@@ -17,17 +17,26 @@ Backends:
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
 with the environment variable ``TORCH_MATGRAD_BACKEND``; the context manager wins.
+Both take the names above in any case.
 
-Even when forced, ``"triton"`` hands these cases to ``"torch"`` (the list is
-:func:`_triton_fallback`): a backward under ``create_graph`` (it must itself be
-differentiable), a gradient flowing straight into ``z`` (double backward), tensor
-subclasses and functorch-wrapped tensors (DTensor, the batched tensors of
-``vmap(grad(f))``), meta tensors, mixed dtypes, and code that ``torch.compile`` is
-tracing. Set the logger ``torch_matgrad`` to DEBUG to see each fallback and why.
+The choice is made once per op, when its forward runs (:func:`chosen_backend`), and
+the op's backward runs the same implementation, wherever and whenever it is called
+(as autocast's state is captured at forward time). Two cases hand a Triton op's
+backward to ``"torch"``: a backward under ``create_graph`` (it must itself be
+differentiable) and a gradient flowing straight into ``z`` (double backward); so do
+gradients the kernels cannot read (tensor subclasses, the batched tensors of
+``vmap`` over a backward) and a backward that ``torch.compile`` is tracing.
+
+Even when forced, ``"triton"`` hands these forwards to ``"torch"`` (the list is
+:func:`_triton_fallback`): tensor subclasses and functorch-wrapped tensors (DTensor,
+the tensors of ``torch.func`` transforms), meta tensors, mixed dtypes, and code that
+``torch.compile`` is tracing. Set the logger ``torch_matgrad`` to DEBUG to see each
+fallback and why; :func:`recording` counts which implementation ran each half.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -45,28 +54,39 @@ ENV_VAR = "TORCH_MATGRAD_BACKEND"
 #: each eager call spent ~185 us on the host against ~55 us for the torch path
 #: (``benchmarks/host_overhead.py``), and a decoding step is bound by that host time.
 AUTO_TORCH_MAX_ROWS = 64
+#: What may be requested.
 BACKENDS = ("auto", "torch", "triton")
+#: What runs: the answer of :func:`chosen_backend`.
+IMPLEMENTATIONS = ("torch", "triton")
 
 log = logging.getLogger("torch_matgrad")
 
 _forced: Optional[str] = None
+_ran: Optional[collections.Counter] = None
 
 
-def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"torch_matgrad: unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")
-    return name
+def _check_backend(name, source: str) -> str:
+    """``name`` as one of ``BACKENDS`` (any case, surrounding spaces ignored), or a
+    ValueError naming ``source``: where the name came from."""
+    normal = name.strip().lower() if isinstance(name, str) else name
+    if normal not in BACKENDS:
+        raise ValueError(
+            f"torch_matgrad: {source} names no backend; choose one of {', '.join(map(repr, BACKENDS))} (any case)"
+        )
+    return normal
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force the backend inside a ``with`` block (tests and benchmarks use this).
+    """Force the backend of the ops whose forward runs inside a ``with`` block; their
+    backward runs the same backend wherever it is called.
 
     >>> with torch_matgrad.use_backend("torch"):
     ...     y = torch_matgrad.linear(x, w)
+    >>> y.sum().backward()  # the torch backend's backward
     """
     global _forced
-    previous, _forced = _forced, _check_backend(name)
+    previous, _forced = _forced, _check_backend(name, f"use_backend({name!r})")
     try:
         yield
     finally:
@@ -74,10 +94,31 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def requested_backend() -> str:
-    """The backend asked for: ``use_backend`` first, then ``$TORCH_MATGRAD_BACKEND``."""
+    """The backend asked for: ``use_backend`` first, then ``$TORCH_MATGRAD_BACKEND``
+    (unset or empty: ``"auto"``)."""
     if _forced is not None:
         return _forced
-    return _check_backend(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+    raw = os.environ.get(ENV_VAR)
+    return _check_backend(raw, f"${ENV_VAR}={raw!r}") if raw and raw.strip() else "auto"
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[collections.Counter]:
+    """Count, inside the block, which implementation ran each half of the op: the
+    counter's keys are ``("forward" | "backward", "torch" | "triton")``.
+
+    >>> with torch_matgrad.dispatch.recording() as ran:
+    ...     torch_matgrad.linear(x, w).sum().backward()
+    >>> ran  # Counter({('forward', 'torch'): 1, ('backward', 'torch'): 1})
+    """
+    global _ran
+    previous, _ran = _ran, collections.Counter()
+    try:
+        yield _ran
+    finally:
+        if previous is not None:
+            previous.update(_ran)
+        _ran = previous
 
 
 _triton_module = None
@@ -98,17 +139,20 @@ def _triton():
 
 
 def _is_functorch_wrapped(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return check is not None and check(t)
+    # Legacy batched tensors are what autograd.grad(..., is_grads_batched=True) passes
+    # a backward; functorch does not count them as its own wrappers.
+    functorch = torch._C._functorch
+    return any(
+        check is not None and check(t)
+        for check in (getattr(functorch, "is_functorch_wrapped_tensor", None),
+                      getattr(functorch, "is_legacy_batchedtensor", None))
+    )
 
 
-def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool) -> Optional[str]:
+def _triton_fallback(tensors, forced: bool) -> Optional[str]:
     """Why these tensors go to torch ops instead of the Triton kernels (None: they don't).
-    ``tensors[0]`` has the op's rows (the input, or the output gradient)."""
-    if differentiable:
-        return "backward under create_graph must be differentiable"
-    if direct_z:
-        return "a gradient flows directly into z (double backward)"
+    ``tensors[0]`` has the op's rows (the input, or the output gradient); ``forced``:
+    the Triton backend was asked for by name, so "auto"'s preferences do not apply."""
     for t in tensors:
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             return f"tensor subclass {type(t).__name__}"
@@ -121,30 +165,29 @@ def _triton_fallback(tensors, differentiable: bool, direct_z: bool, forced: bool
         return f"unsupported dtype combination {sorted(map(str, dtypes))}"
     if not forced and torch.float64 in dtypes:
         # The kernels compile in float64 for sm_80 and sm_90 (fp64 tensor-core mma,
-        # m8n8k4) and pass under the interpreter, but have not yet been run on a GPU
-        # (tests/test_triton_gpu.py checks them there) nor timed against cuBLAS's
-        # DGEMM, and ptxas reports register spills for every float64 tile of the GELU
-        # backward (1.5-5.6 KB stack frames): "auto" keeps float64 on cuBLAS.
+        # m8n8k4) and pass on an H100 (tests/test_triton_gpu.py), but have not been
+        # timed against cuBLAS's DGEMM, and ptxas reports register spills for every
+        # float64 tile of the GELU backward (1.5-5.6 KB stack frames): "auto" keeps
+        # float64 on cuBLAS.
         return "float64 runs on Triton only when the triton backend is forced"
     if not forced and tensors[0].dim() == 2 and tensors[0].shape[0] <= AUTO_TORCH_MAX_ROWS:
         return f"{tensors[0].shape[0]} rows (<= AUTO_TORCH_MAX_ROWS = {AUTO_TORCH_MAX_ROWS}): cuBLAS"
     return None
 
 
-def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_z: bool = False):
-    """The implementation module for these tensors (``formulas`` or a kernel backend)."""
+def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str:
+    """The implementation (``"torch"`` or ``"triton"``) of an op on these tensors whose
+    forward starts now: the request, then every fallback. The op records it, and its
+    backward runs the same one (see the module docstring for the exceptions)."""
     requested = requested_backend()
-    present = [t for t in tensors if t is not None]
-    if not present:  # a backward with nothing flowing in: torch ops return the Nones
-        return formulas
-    device = present[0].device.type
+    device = x.device.type
     if requested == "torch" or (requested == "auto" and device != "cuda"):
-        return formulas
+        return "torch"
     if torch.compiler.is_compiling():
         # Inductor fuses the GEMM epilogue itself, and tracing an autotuned user kernel
         # (or importing it mid-trace) is not supported on every torch >= 2.4. No log
         # here: logging while tracing breaks the graph.
-        return formulas
+        return "torch"
     forced = requested == "triton"
     backend = _triton()
     if backend is None:
@@ -153,7 +196,7 @@ def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_
                 f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})"
             )
         return _fallback("Triton does not import: " + _triton_import_error)
-    reason = _triton_fallback(present, differentiable, direct_z, forced)
+    reason = _triton_fallback([t for t in (x, weight, bias) if t is not None], forced)
     if reason is not None:
         return _fallback(reason)
     if device != "cuda" and not backend.INTERPRET:
@@ -161,25 +204,42 @@ def _choose(tensors: Tuple[Optional[Tensor], ...], differentiable: bool, direct_
             f"torch_matgrad: backend 'triton' runs {device} tensors only under Triton's interpreter: "
             "set TRITON_INTERPRET=1 before importing torch_matgrad (or use CUDA tensors)"
         )
-    return backend
+    return "triton"
 
 
-def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str:
-    """The backend (``"torch"`` or ``"triton"``) that the forward would run for these
-    tensors right now, after the request and every fallback (benchmarks record it)."""
-    return "triton" if _choose((x, weight, bias), differentiable=False) is not formulas else "torch"
-
-
-def _fallback(reason: str):
+def _fallback(reason: str) -> str:
     log.debug("torch_matgrad: using torch ops instead of Triton: %s", reason)
-    return formulas
+    return "torch"
+
+
+def _backward_backend(backend: str, grad_out: Optional[Tensor], grad_z: Optional[Tensor]) -> str:
+    """The implementation of a backward whose forward ran on ``backend``."""
+    if backend == "torch":
+        return "torch"
+    if grad_z is not None:
+        return _fallback("a gradient flows directly into z (double backward)")
+    if grad_out is None:  # nothing flows in: torch ops return the Nones
+        return "torch"
+    if torch.is_grad_enabled():  # create_graph: the backward itself is recorded
+        return _fallback("backward under create_graph must be differentiable")
+    if torch.compiler.is_compiling():  # compiled autograd traces the backward: no log
+        return "torch"
+    reason = _triton_fallback([grad_out], forced=True)
+    return "triton" if reason is None else _fallback(f"output gradient: {reason}")
+
+
+def _implementation(backend: str):
+    return formulas if backend == "torch" else _triton()
 
 
 def forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(out, z)`` of ``out = act(x W^T + b)`` for 2-D ``x``; ``z`` only if needed."""
-    return _choose((x, weight, bias), differentiable=False).forward(x, weight, bias, activation)
+    """``(out, z)`` of ``out = act(x W^T + b)`` for 2-D ``x`` on ``backend`` (the answer
+    of :func:`chosen_backend`); ``z`` only if needed."""
+    if _ran is not None:
+        _ran["forward", backend] += 1
+    return _implementation(backend).forward(x, weight, bias, activation)
 
 
 def backward(
@@ -190,9 +250,11 @@ def backward(
     saved: Optional[Tensor],
     activation: Optional[str],
     needs: Tuple[bool, bool, bool],
+    backend: str,
 ):
-    """``(grad_x, grad_W, grad_b)``; see :func:`torch_matgrad.formulas.backward`."""
-    # Under create_graph the backward itself is recorded, so it must be torch ops.
-    differentiable = torch.is_grad_enabled()
-    impl = _choose((grad_out, grad_z, x, weight, saved), differentiable, direct_z=grad_z is not None)
-    return impl.backward(grad_out, grad_z, x, weight, saved, activation, needs)
+    """``(grad_x, grad_W, grad_b)`` of an op whose forward ran on ``backend``; see
+    :func:`torch_matgrad.formulas.backward`."""
+    backend = _backward_backend(backend, grad_out, grad_z)
+    if _ran is not None and (grad_out is not None or grad_z is not None):
+        _ran["backward", backend] += 1
+    return _implementation(backend).backward(grad_out, grad_z, x, weight, saved, activation, needs)

@@ -1,7 +1,8 @@
 """``torch_matgrad.linear``: input checks, autocast, and the autograd Function.
 
-``linear`` (public) validates and casts, flattens leading dims to 2-D rows, and calls
-``LinearFunction``, whose forward and backward go through :mod:`torch_matgrad.dispatch`.
+``linear`` (public) validates and casts, flattens leading dims to 2-D rows, asks
+:mod:`torch_matgrad.dispatch` which implementation runs the op, and calls
+``LinearFunction`` with that answer: the Function keeps it for its backward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class LinearFunction(torch.autograd.Function):
     """``(out, z) = (act(x W^T + b), x W^T + b)`` for 2-D ``x``, explicit backward.
 
+    ``apply(x, weight, bias, activation, backend)``: ``backend`` is the implementation
+    (``"torch"`` or ``"triton"``) of the forward, as :func:`dispatch.chosen_backend`
+    answers; the backward runs the same one (:func:`dispatch.backward`).
+
     ``z`` is returned (a second, differentiable output) only for activations whose
     derivative needs it; otherwise the second output is None. Returning it, rather than
     hiding it in ``ctx``, is what makes double backward right: the backward uses ``z``,
@@ -27,35 +32,37 @@ class LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]):
-        return dispatch.forward(x, weight, bias, activation)
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str):
+        return dispatch.forward(x, weight, bias, activation, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, activation = inputs
+        x, weight, bias, activation, backend = inputs
         out, z = output
         need_x, need_w, _ = ctx.needs_input_grad[:3]
         # Save only what the requested gradients use: grad_x = G_z W needs W,
         # grad_W = G_z^T x needs x, and act' needs z (GELU, SiLU) or the output (ReLU).
         saved = z if activation in formulas.NEEDS_PREACTIVATION else (out if activation == "relu" else None)
         ctx.save_for_backward(x if need_w else None, weight if need_x else None, saved)
-        ctx.activation = activation
+        ctx.activation, ctx.backend = activation, backend
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, grad_z):
         x, weight, saved = ctx.saved_tensors
-        grads = dispatch.backward(grad_out, grad_z, x, weight, saved, ctx.activation, ctx.needs_input_grad[:3])
-        return (*grads, None)
+        grads = dispatch.backward(
+            grad_out, grad_z, x, weight, saved, ctx.activation, ctx.needs_input_grad[:3], ctx.backend
+        )
+        return (*grads, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, activation):
-        x_dim, w_dim, b_dim, _ = in_dims
+    def vmap(info, in_dims, x, weight, bias, activation, backend):
+        x_dim, w_dim, b_dim, _, _ = in_dims
         if w_dim is None and b_dim is None:
             # Shared parameters (e.g. per-sample gradients): fold the vmapped dimension
             # into the rows, so the whole batch is one GEMM on the same backend.
             xb = x.movedim(x_dim, 0)
-            out, z = LinearFunction.apply(xb.reshape(-1, xb.shape[-1]), weight, bias, activation)
+            out, z = LinearFunction.apply(xb.reshape(-1, xb.shape[-1]), weight, bias, activation, backend)
             rows = xb.shape[:2]
             return (out.view(*rows, -1), None if z is None else z.view(*rows, -1)), (0, None if z is None else 0)
         # Per-sample parameters: a batched matmul of the same formulas, in torch ops.
@@ -172,16 +179,17 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
     # The Function works on rows: (..., n) -> (B, n). reshape is a view whenever the
     # strides allow it, so transposed 2-D views reach the backend without a copy.
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    backend = dispatch.chosen_backend(x2, weight, bias)
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or _fw_ad._current_level >= 0:
         # vmap/grad need the Function's rules; torch.compile traces the Function; and
         # under forward-mode AD it must refuse (no jvp) rather than drop the tangents.
-        out, _ = LinearFunction.apply(x2, weight, bias, activation)
+        out, _ = LinearFunction.apply(x2, weight, bias, activation, backend)
     elif not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         # Nothing to differentiate (inference, frozen layers on detached inputs): no
         # autograd node to build, no tensors to save.
-        out, _ = dispatch.forward(x2, weight, bias, activation)
+        out, _ = dispatch.forward(x2, weight, bias, activation, backend)
     else:
-        out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation)))
+        out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
 
