@@ -116,11 +116,17 @@ def train(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--steps", type=int, default=30, help="training steps, one batch each (default 30)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                        help="train both models under torch.autocast in this dtype: none, bf16 or fp16 (default none)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but this torch {torch.__version__} sees no CUDA device")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]

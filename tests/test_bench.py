@@ -37,7 +37,7 @@ def test_quick_plans():
     cpu = bench.plan(_args("--quick"), "cpu")
     assert {(c.m, c.k, c.n) for c in cpu} == set(bench.SHAPE_SETS["cpu"])
     assert {c.dtype for c in cpu} == {"fp32", "bf16"} and {c.mode for c in cpu} == {"full"}
-    assert len(cpu) == len(bench.SHAPE_SETS["cpu"]) * 2 * len(bench.ACTIVATIONS)
+    assert len(cpu) == len(bench.SHAPE_SETS["cpu"]) * 2 * len(bench.DEFAULT_ACTIVATIONS)
     cuda = bench.plan(_args("--quick"), "cuda")
     assert {c.dtype for c in cuda} == {"bf16"}
     assert {(c.activation, c.mode) for c in cuda} == {
@@ -79,7 +79,7 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
     assert rc == 0
     columns, rows = _read_csv(out / "bench.csv")
     assert tuple(columns) == bench.CSV_COLUMNS
-    cases = len(bench.SHAPE_SETS["tiny"]) * 2 * len(bench.ACTIVATIONS) * len(bench.MODES)
+    cases = len(bench.SHAPE_SETS["tiny"]) * 2 * len(bench.DEFAULT_ACTIVATIONS) * len(bench.MODES)
     assert len(rows) == 2 * cases
     for r in rows:
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["commit"] and r["date"]

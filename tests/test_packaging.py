@@ -1,5 +1,6 @@
-"""The package without Triton, and the README's example."""
+"""The package without Triton, and the README's snippets."""
 
+import os
 import re
 import subprocess
 import sys
@@ -30,8 +31,33 @@ print("ok")
     assert out.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("section", ["## Use it", "## The notes, executable"])
-def test_readme_example_runs(section):
+def _readme_blocks():
     readme = (ROOT / "README.md").read_text()
-    block = re.search(re.escape(section) + r".*?```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(block, "README.md", "exec"), {})
+    return re.findall(r"```python\n(.*?)```", readme, re.S)
+
+
+@pytest.mark.parametrize("block", _readme_blocks(), ids=lambda b: b.splitlines()[0][:40])
+def test_readme_python_runs_as_printed(block, tmp_path):
+    # Every Python snippet runs as printed on the machine it says it runs on: in this
+    # process, on a CUDA machine (first line "# on a CUDA machine"), or as the script
+    # its first line names, with the environment and command printed there.
+    first = block.splitlines()[0]
+    if first.startswith("# on a CUDA machine"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("the snippet says it runs on a CUDA machine")
+    script = re.match(r"# (\S+\.py): run as (.*?)  \(", first)
+    if script is None:
+        exec(compile(block, "README.md", "exec"), {})
+        return
+    name, command = script.groups()
+    (tmp_path / name).write_text(block)
+    *assignments, python, file = command.split()
+    assert (python, file) == ("python", name), command
+    env = {**os.environ, **dict(a.split("=", 1) for a in assignments), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, name], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # The snippet's trailing comments show what it prints.
+    for shown in re.findall(r"print\(.*\)\s+# (.*)", block):
+        assert shown in done.stdout

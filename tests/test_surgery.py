@@ -159,6 +159,29 @@ def test_excluded_layers_give_no_warning():
         assert tm.replace_linear(Block(), exclude="attn") == 3
 
 
+def test_the_warning_says_how_to_silence_it():
+    with pytest.warns(UserWarning) as record:
+        tm.replace_linear(Block())
+    (message,) = [str(w.message) for w in record]
+    assert "exclude=['attn.out_proj'] (or a pattern such as '*.out_proj')" in message
+    with warnings.catch_warnings():  # following the advice silences it
+        warnings.simplefilter("error")
+        assert tm.replace_linear(Block(), exclude=["attn.out_proj"]) == 3
+        assert tm.replace_linear(Block(), exclude=["*.out_proj"]) == 3
+
+
+def test_the_readme_pattern_covers_nn_transformer_attention():
+    # README: exclude=["lm_head", "*attn"]. nn.Transformer names its attention modules
+    # self_attn (encoder and decoder) and multihead_attn (decoder cross-attention).
+    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n = tm.replace_linear(model, exclude=["lm_head", "*attn"])
+    assert n == 4  # linear1 and linear2 of the encoder layer's and the decoder layer's feed-forward
+    for name in ("encoder.layers.0.self_attn", "decoder.layers.0.self_attn", "decoder.layers.0.multihead_attn"):
+        assert type(model.get_submodule(name).out_proj) is not tm.Linear
+
+
 def test_shared_module_is_swapped_once_and_stays_shared():
     shared = nn.Linear(6, 6)
     model = nn.Sequential(shared, nn.Tanh(), shared)
@@ -327,9 +350,10 @@ def test_frozen_base_weights_ask_no_backend_for_the_weight_gradient(backend, mon
     asked = []
     real_backward = tm.dispatch.backward
 
-    def spy(grad_out, grad_z, x, weight, saved, activation, needs):
+    def spy(grad_out, grad_z, x, weight, saved, activation, needs, ran_on):
+        assert ran_on == backend
         asked.append((None if weight is None else tuple(weight.shape), tuple(needs)))
-        return real_backward(grad_out, grad_z, x, weight, saved, activation, needs)
+        return real_backward(grad_out, grad_z, x, weight, saved, activation, needs, ran_on)
 
     monkeypatch.setattr(tm.dispatch, "backward", spy)
     model = _lora_model()

@@ -1,10 +1,13 @@
-"""``python -m torch_matgrad <command>``; ``--help`` lists the commands."""
+"""python -m torch_matgrad <command>: check the op, its Jacobians, or benchmark it.
+Each command's --help lists its options."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .cli import plain
 
 # command -> module; each module defines ``configure(parser)`` and ``run(args) -> int``.
 COMMANDS = {
@@ -16,12 +19,15 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_matgrad", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     modules = {}
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         modules[name] = module
-        module.configure(sub.add_parser(name, help=module.__doc__.strip().splitlines()[0]))
+        doc = plain(module.__doc__.strip())
+        module.configure(sub.add_parser(
+            name, help=doc.splitlines()[0], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        ))
     args = parser.parse_args(argv)
     return modules[args.command].run(args)
 

@@ -4,7 +4,7 @@ Providers (all run in one process, on the same device, in the same run):
 
 ``torch_matgrad``
     The public :func:`torch_matgrad.linear` with the default dispatch (``"auto"``);
-    the ``backend`` column records what the dispatcher chose for the forward.
+    the ``backend`` column records what the dispatcher chose (forward and backward run it).
 ``eager``
     ``F.linear`` followed by the ``torch.nn.functional`` activation: what
     ``nn.Linear`` + activation runs (cuBLAS on CUDA, oneDNN/MKL on CPU). The baseline.
@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .cli import ACTIVATION_NAMES, activation
 from .formulas import activate
 from .function import linear
 
@@ -92,7 +93,9 @@ SHAPE_SETS: Dict[str, List[Tuple[int, int, int]]] = {
 _ALL_SETS = ("transformer", "square", "decode", "odd")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ACTIVATIONS = ("none", "gelu_tanh", "silu")
+#: The activations of a run that names none (every one of ``cli.ACTIVATION_NAMES`` may be
+#: named): the bare GEMM and the two that transformers use.
+DEFAULT_ACTIVATIONS = ("none", "gelu_tanh", "silu")
 MODES = ("forward", "backward", "full")
 PROVIDERS = (
     "torch_matgrad", "eager", "compile", "matgrad_torch", "matgrad_triton", "matgrad_gz_prologue", "matgrad_gz_pass",
@@ -138,25 +141,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
                         "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
-                        "full steps, every activation")
+                        "full steps with the default activations")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="default: cuda when available")
-    parser.add_argument("--dtype", type=listed(tuple(DTYPES)), help="comma list (default bf16,fp16,fp32)")
-    parser.add_argument("--activation", type=listed(ACTIVATIONS), help="comma list (default all)")
-    parser.add_argument("--mode", type=listed(MODES), help="comma list (default all)")
+                        help="auto, cpu or cuda (default auto: cuda when available)")
+    parser.add_argument("--dtype", type=listed(tuple(DTYPES)),
+                        help=f"comma list of {', '.join(DTYPES)} (default all)")
+    parser.add_argument("--activation", type=listed(ACTIVATION_NAMES),
+                        help=f"comma list of {', '.join(ACTIVATION_NAMES)} (default {','.join(DEFAULT_ACTIVATIONS)})")
+    parser.add_argument("--mode", type=listed(MODES), help=f"comma list of {', '.join(MODES)} (default all)")
     parser.add_argument("--shapes", type=listed(tuple(SHAPE_SETS) + ("all",)),
                         help=f"comma list of shape sets: {', '.join(SHAPE_SETS)}, all "
-                        f"(= {', '.join(_ALL_SETS)}; default on CUDA, 'cpu' on CPU)")
+                        f"(= {', '.join(_ALL_SETS)}; default: all on CUDA, cpu on CPU)")
     parser.add_argument("--providers", type=listed(PROVIDERS),
                         help=f"comma list of {', '.join(PROVIDERS)} (default {','.join(DEFAULT_PROVIDERS)} "
                         "on CUDA; torch_matgrad,eager on CPU)")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<device-slug>)")
+    parser.add_argument("--out", type=Path,
+                        help=f"output folder (default: a new {DEFAULT_OUT}/<device>-<UTC time>, ignored by git; "
+                        "the committed results are rewritten only when named here)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's own choice); one thread keeps CPU "
                         "figures steady on a machine that other work shares")
     parser.add_argument("--clock", choices=tuple(_CLOCKS), default="wall",
-                        help="CPU only: 'wall' (default) or 'cpu', this process's CPU time, which other "
+                        help="CPU only: wall (default) or cpu, this process's CPU time, which other "
                         "processes on a shared machine do not inflate; meaningful with --threads 1 "
                         "(with more threads it adds up their time, spinning included)")
     parser.add_argument("--rep-ms", type=float,
@@ -189,7 +196,7 @@ def plan(args, device: str) -> List[Case]:
         pairs = [("none", "forward"), ("none", "backward"), ("gelu_tanh", "full"), ("silu", "full")]
     else:
         modes = args.mode or (["full"] if args.quick else list(MODES))
-        pairs = list(itertools.product(args.activation or ACTIVATIONS, modes))
+        pairs = list(itertools.product(args.activation or DEFAULT_ACTIVATIONS, modes))
     cases = []
     for name in sets:
         for (m, k, n), dtype in itertools.product(SHAPE_SETS[name], args.dtype or dtypes):
@@ -459,6 +466,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+#: Where a run without ``--out`` writes (``.gitignore`` lists it): a run never rewrites
+#: the committed results in ``benchmarks/results/`` unless ``--out`` names them.
+DEFAULT_OUT = Path("benchmarks", "out")
+
+
+def default_out(device: str, env: Dict[str, str]) -> Path:
+    """A new folder under ``DEFAULT_OUT`` named by the device and the run's UTC time."""
+    name = "cpu" if device == "cpu" else _slug(env["device_name"])
+    stamp = env["date"].replace(":", "").replace("-", "")
+    out, n = DEFAULT_OUT / f"{name}-{stamp}", 1
+    while out.exists():
+        n += 1
+        out = DEFAULT_OUT / f"{name}-{stamp}-{n}"
+    return out
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -468,7 +491,7 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
     A provider that raises on this case gets a row with its error and no timing; the
     others are still timed (one failing kernel or graph must not cost the whole run).
     """
-    act = None if case.activation == "none" else case.activation
+    act = activation(case.activation)
     sets = _input_sets(case, device)
     # The baseline is always computed for the check, even when it is not timed.
     want = _results(_eager, act, case.mode, sets[0])
@@ -669,7 +692,7 @@ def run(args) -> int:
         timer = functools.partial(_time_cpu, rep_ms=args.rep_ms or 1000.0, clock=_CLOCKS[args.clock])
         clock = f"{args.clock} time"
     env = {**environment(device), "clock": clock}
-    out = args.out or Path("benchmarks", "results", "cpu" if device == "cpu" else _slug(env["device_name"]))
+    out = args.out or default_out(device, env)
     out.mkdir(parents=True, exist_ok=True)
     cases = plan(args, device)
     started = time.perf_counter()
@@ -702,5 +725,5 @@ def run(args) -> int:
     bad = failures(rows)
     for line in bad:
         print(line, file=sys.stderr)
-    print(f"bench: {len(cases)} cases in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    print(f"bench: {len(cases)} cases in {time.perf_counter() - started:.0f} s; results in {out}/", file=sys.stderr)
     return 1 if bad else 0

@@ -2,27 +2,31 @@
 
 For each backend, activation and bias/no-bias it runs ``torch.autograd.gradcheck``
 and ``gradgradcheck`` in float64 on ragged random shapes, and compares the float32
-output and gradients with a float64 ``torch.nn.functional`` reference.
+output and gradients with a float64 ``torch.nn.functional`` reference. Each op's
+backward runs the backend its forward ran (the row's); the last column shows what
+ran each half, counted by :func:`torch_matgrad.dispatch.recording`. Triton's
+interpreter rows come from a child process that switches it on.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from typing import List, Sequence
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .cli import Table, activation_name, rows_on_every_backend
 from .formulas import ACTIVATIONS, activate
 from .function import linear
 
-_COLUMNS = ("backend", "device", "activation", "bias", "gradcheck", "gradgradcheck", "max rel err fp32")
+_COLUMNS = ("backend", "device", "activation", "bias", "gradcheck", "gradgradcheck", "max rel err fp32", "ran fwd/bwd")
+_WIDEST = (6, 4, 9, 3, 4, 4, 7, 13)
+
+# A float32 result 1e-4 away from float64 (relative, over the whole tensor) means a
+# wrong formula, not rounding: fp32 GEMMs of these sizes land near 1e-7.
+FP32_TOLERANCE = 1e-4
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,75 +54,43 @@ def _max_rel_err(backend: str, device: str, activation, bias: bool, generator) -
     return max(((g.double().cpu() - w).norm() / w.norm().clamp_min(1e-30)).item() for g, w in zip(got, want))
 
 
-def check_backend(backend: str, device: str, seed: int = 0) -> List[tuple]:
-    """Rows of the table for one backend on one device."""
+def _ran(counts) -> str:
+    """``forward/backward`` implementations in ``counts`` (from dispatch.recording)."""
+    return "/".join("+".join(sorted({impl for h, impl in counts if h == half})) or "-" for half in ("forward", "backward"))
+
+
+def check_backend(backend: str, device: str, seed: int = 0) -> Iterator[tuple]:
+    """Rows of the table for one backend on one device, one per activation and bias."""
     generator = torch.Generator().manual_seed(seed)
-    rows = []
     for activation in ACTIVATIONS:
         for bias in (True, False):
             inputs = _inputs(device, torch.float64, bias, generator)
 
             def fn(*ts):
-                with dispatch.use_backend(backend):
+                with dispatch.use_backend(backend):  # the forward only: the op keeps it
                     return linear(*ts, activation=activation)
 
-            ok1 = torch.autograd.gradcheck(fn, inputs, raise_exception=False)
+            with dispatch.recording() as ran:
+                ok1 = torch.autograd.gradcheck(fn, inputs, raise_exception=False)
+                err = _max_rel_err(backend, device, activation, bias, generator)
+            # gradgradcheck differentiates the backward: it runs under create_graph,
+            # which is torch ops on every backend (dispatch's documented fallback).
             ok2 = torch.autograd.gradgradcheck(fn, inputs, raise_exception=False)
-            err = _max_rel_err(backend, device, activation, bias, generator)
-            rows.append((backend, device, str(activation), "yes" if bias else "no", ok1, ok2, err))
-    return rows
+            yield (backend, device, activation_name(activation), "yes" if bias else "no", ok1, ok2, err, _ran(ran))
 
 
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def available_backends() -> Sequence[tuple]:
-    """``(backend, device)`` pairs this process can run. ``("triton", "cpu")`` is
-    Triton's interpreter, listed only when ``TRITON_INTERPRET=1`` is set (it must be on
-    before the kernels are imported)."""
-    pairs = [("torch", "cpu")]
-    if _has_triton() and os.environ.get("TRITON_INTERPRET") == "1":
-        pairs.append(("triton", "cpu"))
-    if torch.cuda.is_available():
-        pairs += [("torch", "cuda")] + ([("triton", "cuda")] if _has_triton() else [])
-    return pairs
-
-
-def _interpreter_rows(seed: int) -> List[tuple]:
-    """The Triton interpreter's rows, from a child process that switches it on."""
-    code = (
-        "import json, sys; from torch_matgrad.check import check_backend; "
-        "print(json.dumps(check_backend('triton', 'cpu', int(sys.argv[1]))))"
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", code, str(seed)],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, check=True,
-    )
-    return [tuple(row) for row in json.loads(child.stdout.strip().splitlines()[-1])]
-
-
-def format_table(rows: Sequence[tuple]) -> str:
-    cells = [_COLUMNS] + [
-        (*r[:4], "pass" if r[4] else "FAIL", "pass" if r[5] else "FAIL", f"{r[6]:.1e}") for r in rows
-    ]
-    widths = [max(len(str(c[i])) for c in cells) for i in range(len(_COLUMNS))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-# A float32 result 1e-4 away from float64 (relative, over the whole tensor) means a
-# wrong formula, not rounding: fp32 GEMMs of these sizes land near 1e-7.
-FP32_TOLERANCE = 1e-4
+def passed(row: tuple) -> bool:
+    backend, _, _, _, ok1, ok2, err, ran = row
+    return ok1 and ok2 and err < FP32_TOLERANCE and ran == f"{backend}/{backend}"
 
 
 def run(args) -> int:
-    pairs = available_backends()
-    rows = [row for backend, device in pairs for row in check_backend(backend, device, args.seed)]
-    if _has_triton() and ("triton", "cpu") not in pairs:
-        rows += _interpreter_rows(args.seed)
-    print(format_table(rows))
-    failed = [r for r in rows if not (r[4] and r[5] and r[6] < FP32_TOLERANCE)]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    table = Table(_COLUMNS, _WIDEST)
+    total = failed = 0
+    for row in rows_on_every_backend(check_backend, args.seed):
+        ok1, ok2, err = row[4:7]
+        table.row((*row[:4], "pass" if ok1 else "FAIL", "pass" if ok2 else "FAIL", f"{err:.1e}", row[7]))
+        total += 1
+        failed += not passed(row)
+    print(f"\n{total - failed} passed, {failed} failed (a row fails unless both halves ran its backend)")
     return 1 if failed else 0

@@ -11,14 +11,14 @@ Jacobians against the op's backward and against autograd of ``torch.nn.functiona
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, formulas, jacobian
-from .check import available_backends
+from .cli import ACTIVATION_NAMES, Table, activation, activation_name, rows_on_every_backend
 from .function import linear
 
 # float64 products of a few dozen O(1) terms round at ~1e-15; an error of 1e-10 is a wrong
@@ -26,6 +26,7 @@ from .function import linear
 TOLERANCE = 1e-10
 
 _COLUMNS = ("backend", "device", "activation", "notes vs backward", "notes vs autograd", "status")
+_WIDEST = (6, 4, 9, 7, 7, 8)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--activation",
         default="gelu",
-        choices=[str(a) for a in formulas.ACTIVATIONS],
-        help="activation for the nn.Linear-convention maps (default gelu)",
+        choices=ACTIVATION_NAMES,
+        help=f"activation for the nn.Linear-convention maps: {', '.join(ACTIVATION_NAMES)} (default gelu)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
@@ -138,50 +139,48 @@ def three_way(backend: str, device: str, activation, m: int, n: int, b: int, gen
     )
     notes = jacobian.linear_vjp(grad, x, weight, bias, activation)
     inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    with dispatch.use_backend(backend):
-        backward = torch.autograd.grad(linear(*inputs, activation=activation), inputs, grad)
+    with dispatch.use_backend(backend):  # the op's backward runs the backend of its forward
+        out = linear(*inputs, activation=activation)
+    backward = torch.autograd.grad(out, inputs, grad)
     autograd = torch.autograd.grad(formulas.activate(F.linear(*inputs), activation), inputs, grad)
     return tuple(
         max((a - o).abs().max().item() for a, o in zip(notes, other) if a.numel()) for other in (backward, autograd)
     )
 
 
-def format_table(rows: Sequence[tuple]) -> str:
-    cells = [_COLUMNS] + [
-        (*r[:3], f"{r[3]:.1e}", f"{r[4]:.1e}", "ok" if max(r[3], r[4]) <= TOLERANCE else "MISMATCH") for r in rows
-    ]
-    widths = [max(len(str(c[i])) for c in cells) for i in range(len(_COLUMNS))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+def three_way_rows(backend: str, device: str, m: int, n: int, b: int, seed: int) -> Iterator[tuple]:
+    """``(backend, device, activation, notes vs backward, notes vs autograd)`` per activation."""
+    generator = torch.Generator().manual_seed(seed)
+    for act in formulas.ACTIVATIONS:
+        yield (backend, device, activation_name(act), *three_way(backend, device, act, m, n, b, generator))
 
 
 def run(args) -> int:
     if min(args.m, args.n, args.b) < 1:
         raise SystemExit(f"torch_matgrad jacobian: --m, --n and --b must be positive, got {args.m}, {args.n}, {args.b}")
-    activation = None if args.activation == "None" else args.activation
+    act = activation(args.activation)
     generator = torch.Generator().manual_seed(args.seed)
     print(f"W: {args.m} x {args.n}, X: {args.n} x {args.b} (float64, seed {args.seed}); ~ is the row-major vec")
-    if activation is not None:
-        print(f"D = diag({activation}'(z~)), Dr its block for row r of x, drk = {activation}'(z_rk)")
+    if act is not None:
+        print(f"D = diag({act}'(z~)), Dr its block for row r of x, drk = {act}'(z_rk)")
     print("P permutes W~ into (W^T)~; blocks of 0 are zero\n")
     unknown = 0
     if max(args.m, args.n, args.b) > MAX_MAP_SIZE:
         print(f"(block maps are printed for --m, --n, --b up to {MAX_MAP_SIZE})\n")
     else:
-        for title, dense, block, names, scalars in _maps(args.m, args.n, args.b, activation, generator):
+        for title, dense, block, names, scalars in _maps(args.m, args.n, args.b, act, generator):
             grid = block_map(dense, block, names, scalars)
             unknown += sum(s == "?" for row in grid for s in row)
             print(f"{title}\n  {dense.shape[0]} x {dense.shape[1]}, blocks of {block[0]} x {block[1]}")
             print(_format_grid(grid) + "\n")
-    rows = [
-        (backend, device, str(act), *three_way(backend, device, act, args.m, args.n, args.b, generator))
-        for backend, device in available_backends()
-        for act in formulas.ACTIVATIONS
-    ]
     print("vec(G)^T J (the notes) vs the op's backward vs autograd, float64, max abs error:")
-    print(format_table(rows))
-    failed = [r for r in rows if max(r[3], r[4]) > TOLERANCE]
-    summary = f"\n{len(rows) - len(failed)} agree, {len(failed)} mismatch"
+    table = Table(_COLUMNS, _WIDEST)
+    total = failed = 0
+    for row in rows_on_every_backend(three_way_rows, args.m, args.n, args.b, args.seed):
+        ok = max(row[3], row[4]) <= TOLERANCE
+        table.row((*row[:3], f"{row[3]:.1e}", f"{row[4]:.1e}", "ok" if ok else "MISMATCH"))
+        total += 1
+        failed += not ok
+    summary = f"\n{total - failed} agree, {failed} mismatch"
     print(summary + (f"; {unknown} unrecognised blocks" if unknown else ""))
     return 1 if failed or unknown else 0

@@ -126,7 +126,11 @@ def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patte
             reason = _why_not(parent, module)
             if reason is not None:
                 if id(module) not in refused:
-                    warnings.warn(f"torch_matgrad.replace_linear: left {name!r} as it is: {reason}", stacklevel=2)
+                    warnings.warn(
+                        f"torch_matgrad.replace_linear: left {name!r} as it is: {reason}. To skip it without "
+                        f"this warning, pass exclude=[{name!r}] (or a pattern such as '*.{attr}')",
+                        stacklevel=2,
+                    )
                     refused.add(id(module))
                 continue
             swapped[id(module)] = Linear.from_linear(module)
