@@ -104,6 +104,62 @@ def _activation_grad(g, s, ACT: tl.constexpr):
         return g
 
 
+# Pieces of the kernels shared with the descriptor kernel (``tma_gemm.py``): the same
+# tile order, prologue, product and epilogue arithmetic, whatever loads the tiles.
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of tile ``tile_id`` in grouped order: ``GROUP_M`` block rows at
+    a time, so that consecutive tiles share B columns in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _prologue(a, s, PRO_ACT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``(A' tile for the dot, A' tile in the accumulator's precision)`` with
+    ``A' = A * act'(S)`` when ``PRO_ACT`` names an activation, ``A' = A`` otherwise."""
+    if PRO_ACT != 0:
+        a_acc = _activation_grad(a.to(ACC_DTYPE), s.to(ACC_DTYPE), PRO_ACT)
+        # G_z is rounded to the operand dtype for the dot, as the torch path does.
+        return a_acc.to(a.dtype), a_acc
+    else:
+        return a, a.to(ACC_DTYPE)
+
+
+@triton.jit
+def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``."""
+    if UPCAST:
+        # Interpreter only: its bf16 tl.dot is wrong (triton-lang/triton#11584),
+        # so the tiles go to fp32 there; compiled kernels keep bf16 operands.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS: tl.constexpr):
+    """``acc + bias[offs_n]`` (columns past ``N`` add nothing)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < N, other=0.0)
+        acc += bias.to(acc.dtype)[None, :]
+    return acc
+
+
+@triton.jit
+def _store_rowsum(rowsum_ptr, rowsum, offs_m, M, stride_rowsum):
+    tl.store(rowsum_ptr + offs_m.to(tl.int64) * stride_rowsum, rowsum.to(rowsum_ptr.dtype.element_ty),
+             mask=offs_m < M)
+
+
+
 @triton.jit
 def fused_gemm_kernel(
     # Pointers: operands, output, the prologue's saved tensor, bias, z output, row sums
@@ -125,15 +181,9 @@ def fused_gemm_kernel(
     # -----------------------------------------------------------
     # Map the program id to the block of C it computes, in groups of GROUP_M block
     # rows so that consecutive programs share B columns in L2.
-    pid = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N) if HAS_C else 1
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(axis=0), num_pid_m, num_pid_n, GROUP_M)
 
     # -----------------------------------------------------------
     # Row offsets of A and column offsets of B, in int64. Rows and columns past the
@@ -159,39 +209,26 @@ def fused_gemm_kernel(
         k_mask = offs_k < K
         ks = offs_k.to(tl.int64)
         a = tl.load(a_rows + ks[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
+        s = None
         if PRO_ACT != 0:
             s = tl.load(s_rows + ks[None, :] * stride_sk, mask=k_mask[None, :], other=0.0)
-            a_acc = _activation_grad(a.to(ACC_DTYPE), s.to(ACC_DTYPE), PRO_ACT)
-            # G_z is rounded to the operand dtype for the dot, as the torch path does.
-            a = a_acc.to(a_ptr.dtype.element_ty)
-        else:
-            a_acc = a.to(ACC_DTYPE)
+        a, a_acc = _prologue(a, s, PRO_ACT, ACC_DTYPE)
         if ROWSUM:
             if pid_n == 0:
                 rowsum += tl.sum(a_acc, axis=1)
         if HAS_C:
             b = tl.load(b_cols + ks[:, None] * stride_bk, mask=k_mask[:, None], other=0.0)
-            if UPCAST:
-                # Interpreter only: its bf16 tl.dot is wrong (triton-lang/triton#11584),
-                # so the tiles go to fp32 there; compiled kernels keep bf16 operands.
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = _dot(a, b, acc, ACC_DTYPE, INPUT_PRECISION, UPCAST)
 
     # -----------------------------------------------------------
     # Epilogue on the accumulator: bias, z, activation; masked stores at the edges.
-    offs_m64 = offs_m.to(tl.int64)
     if ROWSUM:
         if pid_n == 0:
-            tl.store(rowsum_ptr + offs_m64 * stride_rowsum, rowsum.to(rowsum_ptr.dtype.element_ty),
-                     mask=offs_m < M)
+            _store_rowsum(rowsum_ptr, rowsum, offs_m, M, stride_rowsum)
     if HAS_C:
-        offs_n64 = offs_n.to(tl.int64)
         c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        c_offs = offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n64 * stride_bias, mask=offs_n < N, other=0.0)
-            acc += bias.to(ACC_DTYPE)[None, :]
+        c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+        acc = _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS)
         if STORE_Z:
             tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
         out = _activation(acc, EPI_ACT)
