@@ -1,15 +1,21 @@
-"""Every specialisation of the fused GEMM kernel compiles for real GPU targets.
+"""Every specialisation of the fused GEMM kernels compiles for real GPU targets.
 
 The interpreter accepts code that the compiler rejects (non-constexpr globals, ops on
 dtypes without a lowering), so CI also compiles each specialisation the Triton backend
-launches for sm_80 (Ampere) and sm_90 (Hopper). No GPU is needed: ``triton.compile``
+launches for sm_80 (Ampere) and sm_90 (Hopper): the pointer kernel for both, and for
+sm_90 also the descriptor kernel (``tma_gemm.py``), whose PTX must hold TMA bulk tensor
+copies (``cp.async.bulk.tensor``) and ``wgmma``. No GPU is needed: ``triton.compile``
 with a ``GPUTarget`` runs the whole pipeline to a cubin. It must run without
 ``TRITON_INTERPRET`` (the kernel must be a real JITFunction), so each target compiles
-in a subprocess running this file as a script; the two run side by side.
+in a subprocess running this file as a script; they run side by side. A third one
+compiles the descriptor kernel in the tiles of its autotune configurations and prints
+the registers and spilled bytes that ptxas reports for each (the compiled kernel's
+``n_regs``/``n_spills`` exist only once loaded on a GPU).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -30,13 +36,45 @@ _META = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
 _OPTIONS = dict(num_warps=4, num_stages=2)
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
+# The descriptor kernel (sm_90 only): the flag sets above in fp16 and bf16, except the
+# launches without a product (they take the pointer kernel), each in the operand
+# layouts the backend gives it for contiguous tensors (A_T, B_T, S_T: which descriptor
+# holds a transpose); "grad_x / grad_W" is both a plain and a transposed launch. Then
+# all 8 layouts on one flag set that uses every operand. Small tiles with the split
+# epilogue keep each compile near 0.5 s; the configurations' own tiles are compiled
+# by the register report.
+_TMA_LAYOUTS = {
+    "forward": [(False, True, False)],
+    "forward, no bias": [(False, True, False)],
+    "grad_x / grad_W": [(False, False, False), (True, False, True)],
+    "grad_W + grad_b": [(True, False, True)],
+}
+EXPECTED_TMA = 2 * 5 * sum(len(v) for v in _TMA_LAYOUTS.values()) + 8
+_TMA_META = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, EPILOGUE_SPLIT=2)
+_TMA_SMS = 132  # an H100 SXM's; NUM_SMS is a constexpr
+_H100_SHARED = 227 * 1024  # shared memory per block on an H100 (the autotuner prunes by it)
+# The register report: each autotune configuration, on the launches of the default
+# backward (G_z by a pass, so no prologue) and the forward; the prologue launches only
+# in the configurations that the autotuner keeps for them (ops._tma_fits).
+_REPORT_FLAGS = {
+    "forward bias+gelu_tanh+z": dict(has_bias=True, activation="gelu_tanh", store_z=True),
+    "grad_x": dict(),
+    "grad_W + grad_b": dict(rowsum=True),
+    "grad_x, gelu_tanh prologue": dict(grad_activation="gelu_tanh"),
+    "grad_W + grad_b, gelu_tanh prologue": dict(grad_activation="gelu_tanh", rowsum=True),
+}
+_REPORT_LAYOUTS = {
+    "forward bias+gelu_tanh+z": (False, True, False), "grad_x": (False, False, False),
+    "grad_W + grad_b": (True, False, True), "grad_x, gelu_tanh prologue": (False, False, False),
+    "grad_W + grad_b, gelu_tanh prologue": (True, False, True),
+}
 
-def specialisations():
-    """``(label, dtype, flags)`` for every launch the backend makes, without repeats."""
+
+def _launches():
+    """``(what, label, dtype, flags)`` for every launch the backend makes, repeats included."""
     from torch_matgrad.formulas import ACTIVATIONS, NEEDS_PREACTIVATION
     from torch_matgrad.triton_kernels.ops import specialisation
 
-    seen = {}
     for precision in ("highest", "high"):  # fp32: IEEE products, then TF32
         for dtype in _TYPE:
             if precision == "high" and dtype != torch.float32:
@@ -52,9 +90,91 @@ def specialisations():
                 for what, kwargs in launches.items():
                     with float32_matmul_precision(precision):
                         flags = specialisation(dtype, **kwargs)
-                    key = (dtype, tuple(sorted((k, str(v)) for k, v in flags.items())))
-                    seen.setdefault(key, (f"{_TYPE[dtype]} {flags['INPUT_PRECISION']} {what} act={act}", dtype, flags))
+                    yield what, f"{_TYPE[dtype]} {flags['INPUT_PRECISION']} {what} act={act}", dtype, flags
+
+
+def _distinct(variants):
+    """``(label, dtype, flags)`` without repeated ``(dtype, flags)``: the first label stays."""
+    seen = {}
+    for label, dtype, flags in variants:
+        seen.setdefault((dtype, tuple(sorted((k, str(v)) for k, v in flags.items()))), (label, dtype, flags))
     return list(seen.values())
+
+
+def specialisations():
+    """``(label, dtype, flags)`` for every launch the backend makes, without repeats."""
+    return _distinct((label, dtype, flags) for _, label, dtype, flags in _launches())
+
+
+def _with_layout(flags, layout):
+    return {**flags, **dict(zip(("A_T", "B_T", "S_T"), layout)), "NUM_SMS": _TMA_SMS}
+
+
+def tma_specialisations():
+    """``(label, dtype, flags)`` for every launch of the descriptor kernel, layouts included."""
+    from torch_matgrad.formulas import ACTIVATIONS
+    from torch_matgrad.triton_kernels.ops import TMA_DTYPES, specialisation
+
+    variants = [
+        (f"{label} layout={layout}", dtype, _with_layout(flags, layout))
+        for what, label, dtype, flags in _launches()
+        if dtype in TMA_DTYPES and flags["HAS_C"]
+        for layout in _TMA_LAYOUTS[what]
+    ]
+    every = specialisation(
+        torch.bfloat16, grad_activation="gelu", rowsum=True, has_bias=True, activation=ACTIVATIONS[-1], store_z=True
+    )
+    for layout in itertools.product((False, True), repeat=3):
+        variants.append((f"bf16 every operand layout={layout}", torch.bfloat16, _with_layout(every, layout)))
+    return _distinct(variants)
+
+
+def _tma_signature(kernel, dtype, flags, meta):
+    """The descriptor kernel's argument types: descriptors as ``tensordesc<type[block]>``
+    with the block shapes that ``ops._set_block_shapes`` gives them."""
+    from torch_matgrad.triton_kernels.ops import _set_block_shapes
+
+    class Block:  # stands in for a TensorDescriptor: only its block shape is read
+        block_shape = None
+
+    descs = {
+        "a_desc": True, "b_desc": True, "c_desc": True, "s_desc": flags["PRO_ACT"] != 0, "z_desc": flags["STORE_Z"],
+    }
+    nargs = {**flags, **meta, **{name: Block() if present else None for name, present in descs.items()}}
+    _set_block_shapes(nargs)
+    constexprs = {**flags, **meta}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in descs:
+            if nargs[name] is None:
+                constexprs[name] = None
+                signature[name] = "constexpr"
+            else:
+                signature[name] = f"tensordesc<{_TYPE[dtype]}[{', '.join(map(str, nargs[name].block_shape))}]>"
+        elif name in ("bias_ptr", "rowsum_ptr"):
+            present = flags["HAS_BIAS"] if name == "bias_ptr" else flags["ROWSUM"]
+            signature[name] = "*" + _TYPE[dtype] if present else "constexpr"
+            if not present:
+                constexprs[name] = None
+        else:
+            signature[name] = "constexpr" if name in constexprs else "i32"
+    return signature, constexprs
+
+
+def _compile_tma(target, dtype, flags, meta, options):
+    """The descriptor kernel compiled; raises unless its PTX holds TMA copies and wgmma."""
+    import triton
+
+    from torch_matgrad.triton_kernels.tma_gemm import tma_gemm_kernel
+
+    signature, constexprs = _tma_signature(tma_gemm_kernel, dtype, flags, meta)
+    src = triton.compiler.ASTSource(fn=tma_gemm_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=target, options=options)
+    ptx = compiled.asm["ptx"]
+    missing = [op for op in ("cp.async.bulk.tensor", "wgmma") if op not in ptx]
+    assert not missing, f"no {' and no '.join(missing)} in the PTX"
+    assert compiled.asm.get("cubin"), "no cubin"
+    return compiled
 
 
 def _signature(kernel, dtype, flags):
@@ -90,25 +210,104 @@ def compile_all(capability: int) -> int:
         except Exception as e:  # report every failing variant, not just the first
             failures += 1
             print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
+    if capability < 90:
+        return failures
+    variants = tma_specialisations()
+    print(f"compiling {len(variants)} descriptor-kernel specialisations")
+    for label, dtype, flags in variants:
+        try:
+            _compile_tma(target, dtype, flags, _TMA_META, _OPTIONS)
+        except Exception as e:
+            failures += 1
+            print(f"sm_{capability} descriptor kernel, {label}: {type(e).__name__}: {str(e)[-2000:]}")
     return failures
+
+
+def register_report() -> int:
+    """Each descriptor-kernel configuration compiled for sm_90 in bf16 (``python
+    test_triton_compile.py 90 report``, with ``TRITON_DUMP_PTXAS_LOG=1`` and
+    ``TRITON_ALWAYS_COMPILE=1``): one row per
+    launch with the registers and spilled bytes from ptxas's report, and the shared
+    memory. Returns the number of compiles that failed."""
+    import contextlib
+    import io
+    import re
+
+    from triton.backends.compiler import GPUTarget
+
+    from torch_matgrad.triton_kernels import ops
+
+    target = GPUTarget("cuda", 90, 32)
+    failures = 0
+    print("| configuration | launch | registers | spilled bytes (stores) | shared memory (bytes) |")
+    print("| --- | --- | --- | --- | --- |")
+    for cfg, name in zip(ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES):
+        for what, kwargs in _REPORT_FLAGS.items():
+            flags = _with_layout(ops.specialisation(torch.bfloat16, **kwargs), _REPORT_LAYOUTS[what])
+            if not ops.tma_config_fits(cfg, elem=2, limit=_H100_SHARED, prologue=flags["PRO_ACT"] != 0):
+                continue  # the autotuner never runs this configuration for this launch on an H100
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log):
+                    compiled = _compile_tma(
+                        target, torch.bfloat16, flags, cfg.kwargs,
+                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                    )
+            except Exception as e:
+                failures += 1
+                print(f"| {name} | {what} | FAILED: {type(e).__name__}: {str(e)[-500:]} | | |")
+                continue
+            regs = re.search(r"Used (\d+) registers", log.getvalue())
+            spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
+            print(f"| {name} | {what} | {regs.group(1) if regs else '?'} | {spills.group(1) if spills else '?'} "
+                  f"| {compiled.metadata.shared} |")
+    return failures
+
+
+def _compiler(*args, env=()):
+    """This file as a script in a child process, without the interpreter."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **dict(env)}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.mark.slow
 def test_every_specialisation_compiles_for_sm80_and_sm90():
+    # sm_80: the pointer kernel; sm_90: both kernels (the descriptor kernel's PTX
+    # checked for bulk tensor copies and wgmma).
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(cc)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for cc in TARGETS
-    ]
+    procs = [_compiler(str(cc)) for cc in TARGETS]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for cc, p, out in zip(TARGETS, procs, outputs):
         assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
         assert f"compiling {EXPECTED} specialisations" in out, out[-2000:]
+    assert f"compiling {EXPECTED_TMA} descriptor-kernel specialisations" in outputs[TARGETS.index(90)]
+
+
+@pytest.mark.slow
+def test_descriptor_kernel_registers_at_real_tiles():
+    # The tiles the GPU runs (128 x 256 and the rest), compiled for sm_90: every
+    # configuration compiles with TMA copies and wgmma for the forward and both
+    # products of the default backward; the registers and spills of each are printed
+    # (pytest -rP shows them).
+    pytest.importorskip("triton.backends.nvidia")
+    from torch_matgrad.triton_kernels.ops import TMA_CONFIG_NAMES
+
+    # ptxas's log is printed only when it runs: compile past Triton's cache.
+    proc = _compiler("90", "report", env={"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_ALWAYS_COMPILE": "1"})
+    out = proc.communicate(timeout=600)[0]
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    print("\n".join(table))
+    assert proc.returncode == 0, out[-6000:]
+    assert all("?" not in row for row in table), "ptxas reported no registers or spills"
+    for name in TMA_CONFIG_NAMES:
+        launches = [row.split(" | ")[1] for row in table if row.startswith(f"| {name} |")]
+        assert {"forward bias+gelu_tanh+z", "grad_x", "grad_W + grad_b"} <= set(launches), (name, table)
 
 
 if __name__ == "__main__":
+    if sys.argv[2:] == ["report"]:
+        sys.exit(1 if register_report() else 0)
     sys.exit(1 if compile_all(int(sys.argv[1])) else 0)

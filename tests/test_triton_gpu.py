@@ -1,5 +1,6 @@
 """The Triton kernels compiled and run on a CUDA GPU (skipped without one): real sizes,
-int64 offsets, CUDA graphs, determinism, autotuning, the fp32 precision setting.
+int64 offsets, CUDA graphs, determinism, autotuning, the fp32 precision setting, and
+which of the two GEMM kernels this GPU gets.
 
 ``test_triton_kernels.py`` and ``test_triton_path.py`` (NaN/Inf propagation included)
 run on the GPU too when there is one.
@@ -141,29 +142,60 @@ def test_cuda_graph_capture_and_replay():
         assert_rel_close(got, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("k, n", [(700, 900), (704, 896)], ids=["pointer", "descriptor-where-valid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_repeated_calls_are_bit_identical(dtype):
-    x, w, b, g = _inputs(1500, 700, 900, dtype)
+def test_repeated_calls_are_bit_identical(dtype, k, n):
+    # Rows of 704 and 896 bf16 elements can be described: the descriptor kernel's
+    # persistent grid gives each tile to a fixed program, so it repeats bit for bit too.
+    x, w, b, g = _inputs(1500, k, n, dtype)
     first, _ = _both(x, w, b, g, "silu")
     again, _ = _both(x, w, b, g, "silu")
     for a, c in zip(first, again):
         assert torch.equal(a, c)
 
 
-def test_autotune_key_is_coarse(monkeypatch):
+_DESCRIPTOR_GPU = (
+    torch.cuda.is_available() and ops.TMA_AVAILABLE and torch.version.hip is None
+    and torch.cuda.get_device_capability() >= (9, 0)
+)
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+def test_autotune_key_is_coarse(monkeypatch, kernel):
     # Batch sizes in one power-of-two bucket share a tuning result: no re-benchmarking.
     # Two configurations of 64+ rows, so that the autotuner really chooses (with one it
-    # keeps no cache), whatever $TORCH_MATGRAD_TRITON_CONFIGS says.
-    launch = ops.launcher([c for c in ops.CONFIGS if c.kwargs["BLOCK_M"] == 64][:2])
-    monkeypatch.setattr(ops, "_launch", launch)
+    # keeps no cache), whatever $TORCH_MATGRAD_TRITON_CONFIGS says. Each kernel forced
+    # (where valid: these shapes are, for the descriptor kernel).
+    if kernel == "tma":
+        if not _DESCRIPTOR_GPU:
+            pytest.skip("the descriptor kernel needs compute capability 9.0")
+        launch = ops.tma_launcher([c for c in ops.TMA_CONFIGS if c.kwargs["BLOCK_N"] == 128][-2:])
+        monkeypatch.setattr(ops, "_tma_launch", launch)
+    else:
+        launch = ops.launcher([c for c in ops.CONFIGS if c.kwargs["BLOCK_M"] == 64][:2])
+        monkeypatch.setattr(ops, "_launch", launch)
     w = torch.randn(256, 512, device="cuda", dtype=torch.float16)
-    triton_backend.forward(torch.randn(1000, 512, device="cuda", dtype=torch.float16), w, None, None)
-    assert len(launch.cache) == 1
-    for rows in (999, 1010, 1024):
-        triton_backend.forward(torch.randn(rows, 512, device="cuda", dtype=torch.float16), w, None, None)
-    assert len(launch.cache) == 1
-    triton_backend.forward(torch.randn(1025, 512, device="cuda", dtype=torch.float16), w, None, None)
-    assert len(launch.cache) == 2
+    with ops.gemm_kernel(kernel):
+        triton_backend.forward(torch.randn(1000, 512, device="cuda", dtype=torch.float16), w, None, None)
+        assert len(launch.cache) == 1
+        for rows in (999, 1010, 1024):
+            triton_backend.forward(torch.randn(rows, 512, device="cuda", dtype=torch.float16), w, None, None)
+        assert len(launch.cache) == 1
+        triton_backend.forward(torch.randn(1025, 512, device="cuda", dtype=torch.float16), w, None, None)
+        assert len(launch.cache) == 2
+
+
+def test_auto_takes_the_descriptor_kernel_on_hopper():
+    # The one rule, on this GPU: bf16 and fp16 operands that descriptors can describe,
+    # more than SMALL_M rows, compute capability 9.0 or later.
+    x = torch.empty(1024, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.empty(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = "tma" if _DESCRIPTOR_GPU else "pointer"
+    assert ops.gemm_kernel_for(x, w.t()) == expected
+    assert ops.gemm_kernel_for(x.half(), w.t().half()) == expected
+    assert ops.gemm_kernel_for(x[:, :4095], w[:4095].t()) == "pointer"
+    assert ops.gemm_kernel_for(x[: ops.SMALL_M], w.t()) == "pointer"
+    assert ops.gemm_kernel_for(x.float(), w.t().float()) == "pointer"
 
 
 def test_auto_uses_triton_on_cuda_except_float64_and_decoding():

@@ -1,24 +1,36 @@
-"""Launch wrapper of :func:`fused_gemm_kernel`: check, allocate, launch.
+"""Launch wrapper of :func:`fused_gemm_kernel` and :func:`tma_gemm_kernel`: check,
+allocate, choose the kernel, launch.
 
 No autograd here: :mod:`torch_matgrad.triton_backend` builds the op's forward and
 backward from :func:`fused_matmul`.
+
+Two kernels compute the same products and fusions: the pointer kernel
+(``fused_gemm.py``, any GPU, any strides) and the descriptor kernel (``tma_gemm.py``:
+TMA tensor descriptors and a persistent grid, Hopper and later, fp16/bf16 operands that
+meet the descriptor rules). :func:`gemm_kernel_for` is the one place that chooses;
+:func:`gemm_kernel` (or ``$TORCH_MATGRAD_GEMM_KERNEL``) overrides the choice where the
+descriptor kernel is valid, for benchmarks and tests.
 
 Autotuning (compiled kernels only): a few configurations for Ampere and Hopper (the
 small-M ones only for M <= ``SMALL_M`` rows, the others only above), pruned to those that
 fit the device's shared memory, optionally narrowed by ``$TORCH_MATGRAD_TRITON_CONFIGS``
 (fewer compilations on a cold cache), keyed on the next power of two of each
 dimension plus the specialisation flags and dtypes, so a new batch size reuses the
-tuning of its power-of-two bucket instead of benchmarking again. Under the interpreter
-a single small configuration runs without ``triton.autotune`` (which needs a GPU
-driver to benchmark).
+tuning of its power-of-two bucket instead of benchmarking again. The descriptor kernel
+has its own configurations (``TMA_CONFIGS``, names ``tma_...``), pruned the same way plus
+its epilogue's staging buffer. Under the interpreter a single small configuration of each
+runs without ``triton.autotune`` (which needs a GPU driver to benchmark).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import inspect
+import itertools
 import os
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -27,6 +39,12 @@ from torch import Tensor
 
 from ..formulas import activate
 from .fused_gemm import ACT_CODES, INTERPRET, fused_gemm_kernel
+from .tma_gemm import tma_gemm_kernel
+
+try:  # host-side tensor descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the large tiles feed Hopper and
 # Ampere tensor cores on big GEMMs; the 64-row ones keep every SM busy when M or N is
@@ -72,9 +90,14 @@ _AUTOTUNE_KEY = [
 
 
 def config_name(config: "triton.Config") -> str:
-    """``BMxBNxBK_sS_wW``: tile, pipeline stages and warps of an autotune configuration."""
+    """``BMxBNxBK_sS_wW``: tile, pipeline stages and warps of an autotune configuration;
+    the descriptor kernel's are ``tma_BMxBNxBK_sS_wW``, with ``_e2`` when the epilogue
+    stores two half-width subtiles."""
     kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}_s{config.num_stages}_w{config.num_warps}"
+    name = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}_s{config.num_stages}_w{config.num_warps}"
+    if "EPILOGUE_SPLIT" not in kw:
+        return name
+    return f"tma_{name}" + (f"_e{kw['EPILOGUE_SPLIT']}" if kw["EPILOGUE_SPLIT"] != 1 else "")
 
 
 CONFIGS = [
@@ -82,6 +105,49 @@ CONFIGS = [
     for bm, bn, bk, s, w in _CONFIGS
 ]
 CONFIG_NAMES = [config_name(c) for c in CONFIGS]
+
+# The descriptor kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps,
+# EPILOGUE_SPLIT). Tiles of at least 64 rows (wgmma's minimum per warpgroup), so it
+# serves M > SMALL_M only (gemm_kernel_for). Compiled for sm_90 with Triton 3.6
+# (bf16; registers / spilled bytes from ptxas): 128 x 256 x 64 in 3 stages stores its
+# whole tile through one 64 KiB staging buffer (forward with bias, GELU-tanh and z:
+# 184 / 0; grad_W with grad_b: 198 / 0); in 4 stages only two half-width subtiles fit
+# beside the pipeline (229 KiB), and the split costs registers (forward 255 / 28), so
+# both are here and the autotuner decides. 64 x 128 and 128 x 64 tiles keep the SMs
+# busy when M or N is small.
+_TMA_CONFIGS = [
+    (128, 256, 64, 3, 8, 1),
+    (128, 256, 64, 4, 8, 2),
+    (128, 128, 64, 4, 8, 1),
+    (128, 128, 64, 4, 4, 1),
+    (128, 64, 64, 4, 4, 1),
+    (64, 128, 64, 4, 4, 1),
+]
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Give the descriptors of a launch the block shapes of its configuration (a
+    ``triton.Config`` pre-hook: the autotuner calls it before each configuration runs).
+    A descriptor of a transposed operand holds the transposed block."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    sub_n = bn // nargs["EPILOGUE_SPLIT"]
+    blocks = (
+        ("a_desc", (bm, bk), nargs["A_T"]), ("b_desc", (bk, bn), nargs["B_T"]), ("s_desc", (bm, bk), nargs["S_T"]),
+        ("c_desc", (bm, sub_n), False), ("z_desc", (bm, sub_n), False),
+    )
+    for name, shape, transposed in blocks:
+        if nargs[name] is not None:
+            nargs[name].block_shape = list(reversed(shape) if transposed else shape)
+
+
+TMA_CONFIGS = [
+    triton.Config(
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, EPILOGUE_SPLIT=e),
+        num_stages=s, num_warps=w, pre_hook=_set_block_shapes,
+    )
+    for bm, bn, bk, s, w, e in _TMA_CONFIGS
+]
+TMA_CONFIG_NAMES = [config_name(c) for c in TMA_CONFIGS]
 
 
 def _shared_memory_limit(device: torch.device) -> int:
@@ -108,20 +174,34 @@ def _fits(configs, named_args, **kwargs):
     return sized or fitting or [_FALLBACK]
 
 
-def selected_configs(spec: Optional[str] = None) -> list:
-    """The autotune configurations named in ``spec`` (default: ``$TORCH_MATGRAD_TRITON_CONFIGS``;
-    unset or ``all``: every one)."""
+def _named_configs(spec: Optional[str], configs: list, names: list) -> list:
     spec = os.environ.get(CONFIGS_ENV_VAR, "") if spec is None else spec
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names or names == ["all"]:
-        return list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIG_NAMES]
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    if not wanted or wanted == ["all"]:
+        return list(configs)
+    unknown = [n for n in wanted if n not in CONFIG_NAMES + TMA_CONFIG_NAMES]
     if unknown:
         raise ValueError(
             f"{CONFIGS_ENV_VAR}={spec!r}: unknown configuration(s) {', '.join(unknown)}; "
-            f"choose from all, {', '.join(CONFIG_NAMES)}"
+            f"choose from all, {', '.join(CONFIG_NAMES + TMA_CONFIG_NAMES)}"
         )
-    return [CONFIGS[CONFIG_NAMES.index(n)] for n in names]
+    return [configs[names.index(n)] for n in wanted if n in names]
+
+
+def selected_configs(spec: Optional[str] = None) -> list:
+    """The pointer kernel's autotune configurations named in ``spec`` (default:
+    ``$TORCH_MATGRAD_TRITON_CONFIGS``; unset or ``all``: every one). A list that names
+    only descriptor-kernel configurations gives ``[]``: the pointer kernel then runs,
+    where it must, in the fallback configuration."""
+    return _named_configs(spec, CONFIGS, CONFIG_NAMES)
+
+
+def selected_tma_configs(spec: Optional[str] = None) -> list:
+    """The descriptor kernel's configurations named in ``spec`` (as
+    :func:`selected_configs`). A list that names none of them gives ``[]``: the
+    descriptor kernel is then not used at all (restricting the configurations to
+    pointer-kernel names keeps the pointer kernel everywhere)."""
+    return _named_configs(spec, TMA_CONFIGS, TMA_CONFIG_NAMES)
 
 
 def _autotune_bench(fn, quantiles):
@@ -132,20 +212,74 @@ def _autotune_bench(fn, quantiles):
     return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+def _autotuned(kernel, configs: list, key: list, prune):
+    extra = {"do_bench": _autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **extra)(kernel)
+
+
 def launcher(configs: list):
     """``fused_gemm_kernel`` autotuned over ``configs`` (compiled kernels only)."""
-    extra = {"do_bench": _autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(
-        configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _fits}, **extra
-    )(fused_gemm_kernel)
+    return _autotuned(fused_gemm_kernel, configs or [_FALLBACK], _AUTOTUNE_KEY, _fits)
 
+
+# The descriptor kernel when none of its configurations fits (e.g. the 99 KiB of a
+# consumer Blackwell card): 64 x 64 x 64 in three stages, 80 KiB with the prologue's tile.
+_TMA_FALLBACK = triton.Config(
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=_GROUP_M, EPILOGUE_SPLIT=1),
+    num_stages=3, num_warps=4, pre_hook=_set_block_shapes,
+)
+
+
+def tma_config_fits(cfg: "triton.Config", *, elem: int, limit: int, prologue: bool) -> bool:
+    """Whether the descriptor kernel may run ``cfg``: its pipelined tiles (A, the
+    prologue's S, B) plus the epilogue's staging buffer (one output subtile) within
+    ``limit`` bytes of shared memory, and, under the ``act'`` prologue, at most 64
+    accumulator and 32 operand elements per thread (beyond that the sm_90 compile
+    spills: 128 x 128 with 4 warps, 128 x 64 with 4 warps and 128 x 256 all did)."""
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    threads = 32 * cfg.num_warps
+    if prologue and (bm * bn > 64 * threads or bm * bk > 32 * threads):
+        return False
+    pipeline = ((2 if prologue else 1) * bm * bk + bk * bn) * elem * cfg.num_stages
+    return pipeline + bm * (bn // cfg.kwargs["EPILOGUE_SPLIT"]) * elem <= limit
+
+
+def _tma_fits(configs, named_args, **kwargs):
+    """The autotuner's pruning for the descriptor kernel (:func:`tma_config_fits` on
+    this device); never none."""
+    args = {**named_args, **kwargs}
+    base = args["a_desc"].base
+    elem, limit = base.element_size(), _shared_memory_limit(base.device)
+    fitting = [c for c in configs if tma_config_fits(c, elem=elem, limit=limit, prologue=args["PRO_ACT"] != 0)]
+    return fitting or [_TMA_FALLBACK]
+
+
+# The autotuner keys on the tensors' dtypes by itself, but descriptors have no dtype:
+# fp16 and bf16 launches of one shape share a tuning.
+_TMA_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["A_T", "B_T", "S_T"]
+
+
+def tma_launcher(configs: list):
+    """``tma_gemm_kernel`` autotuned over ``configs`` (compiled kernels only)."""
+    return _autotuned(tma_gemm_kernel, configs, _TMA_AUTOTUNE_KEY, _tma_fits)
+
+
+# Interpreter: the descriptor kernel in the same small tiles, with the split epilogue,
+# and a persistent grid of 3 programs, so that programs loop over several tiles.
+INTERPRETER_TMA_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, EPILOGUE_SPLIT=2)
+INTERPRETER_NUM_SMS = 3
 
 if INTERPRET:
     _launch = fused_gemm_kernel
     _META = INTERPRETER_META
+    _tma_launch = tma_gemm_kernel
+    _TMA_META = INTERPRETER_TMA_META
 else:
     _launch = launcher(selected_configs())
     _META = {}
+    _tma_configs = selected_tma_configs()
+    _tma_launch = tma_launcher(_tma_configs) if _tma_configs else None
+    _TMA_META = {}
 
 _ACC_DTYPE = {torch.float64: tl.float64}  # fp32 accumulation for the others
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -185,6 +319,117 @@ def _bucket(n: int) -> int:
 def _empty(shape, dtype, device) -> Tensor:
     """Every output's allocation (the tests poison it to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+#: Values of :func:`gemm_kernel` and ``$TORCH_MATGRAD_GEMM_KERNEL``: ``"auto"`` (the rule
+#: of :func:`gemm_kernel_for`), ``"tma"`` (the descriptor kernel wherever it is valid,
+#: also under the interpreter), ``"pointer"`` (the pointer kernel everywhere).
+GEMM_KERNELS = ("auto", "tma", "pointer")
+KERNEL_ENV_VAR = "TORCH_MATGRAD_GEMM_KERNEL"
+#: Operand dtypes of the descriptor kernel: the wgmma types. fp32 (IEEE or TF32) and
+#: fp64 stay on the pointer kernel (no tensor cores for IEEE fp32 and fp64; wgmma reads
+#: 32-bit operands only K-major, which the transposed operands of the backward are not).
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+#: The oldest Triton the descriptor kernel was verified with (the GPU machines' 3.6; CI
+#: runs 3.8 and 3.9). Older versions keep the pointer kernel.
+TMA_MIN_TRITON = (3, 6)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """``(major, minor)`` of a version string such as ``3.10.0+git1234``."""
+    return tuple(int("".join(itertools.takewhile(str.isdigit, part)) or 0) for part in version.split(".")[:2])
+
+
+#: Whether this Triton can run the descriptor kernel at all.
+TMA_AVAILABLE = TensorDescriptor is not None and _version_tuple(triton.__version__) >= TMA_MIN_TRITON
+
+
+def _kernel_mode_from_env() -> str:
+    mode = os.environ.get(KERNEL_ENV_VAR, "").strip() or "auto"
+    if mode not in GEMM_KERNELS:
+        raise ValueError(f"{KERNEL_ENV_VAR}={mode!r}: choose one of {', '.join(GEMM_KERNELS)}")
+    return mode
+
+
+# Context-local: a benchmark's choice in one thread leaves another's alone.
+_kernel_mode = contextvars.ContextVar("torch_matgrad_gemm_kernel", default=_kernel_mode_from_env())
+
+
+@contextlib.contextmanager
+def gemm_kernel(name: str) -> Iterator[None]:
+    """Inside the block, launch the GEMMs with the kernel ``name`` (one of
+    ``GEMM_KERNELS``) wherever it is valid: benchmarks time the two kernels against each
+    other, tests run the descriptor kernel under the interpreter. Wins over
+    ``$TORCH_MATGRAD_GEMM_KERNEL``."""
+    if name not in GEMM_KERNELS:
+        raise ValueError(f"gemm_kernel: unknown kernel {name!r}; choose one of {', '.join(GEMM_KERNELS)}")
+    token = _kernel_mode.set(name)
+    try:
+        yield
+    finally:
+        _kernel_mode.reset(token)
+
+
+def _descriptor_view(t: Tensor) -> Optional[Tuple[Tensor, bool]]:
+    """``(t, False)`` or ``(t.t(), True)``: the one of the two that a tensor descriptor
+    can describe, or None. The rules (TMA's): a 16-byte aligned base address, the last
+    dimension contiguous, the other stride a multiple of 16 bytes (a bf16 row of 4095
+    elements is not), rows that do not overlap, and the hardware's limits (strides below
+    2^40 bytes; dimensions below 2^31 elements, as block coordinates are signed 32-bit)."""
+    elem = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    for view, transposed in ((t, False), (t.t(), True)):
+        (rows, cols), (row_stride, col_stride) = view.shape, view.stride()
+        if (
+            col_stride == 1 and row_stride >= cols and (row_stride * elem) % 16 == 0
+            and row_stride * elem < 2**40 and max(rows, cols) < 2**31
+        ):
+            return view, transposed
+    return None
+
+
+def _tma_hardware(device: torch.device) -> bool:
+    """Whether ``device`` runs the descriptor kernel: an NVIDIA GPU of compute capability
+    9.0 or later (Hopper's TMA; not ROCm, whose capabilities mean something else), or the
+    interpreter on CPU tensors when the kernel is asked for by name."""
+    if device.type == "cuda":
+        return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+    return INTERPRET and device.type == "cpu" and _kernel_mode.get() == "tma"
+
+
+def gemm_kernel_for(a: Tensor, b: Optional[Tensor], saved: Optional[Tensor] = None, outputs=()) -> str:
+    """``"tma"`` or ``"pointer"``: the kernel that computes ``prologue(a) @ b`` into
+    ``outputs`` (C and z; ``b`` None: only row sums). The one place that chooses.
+
+    The descriptor kernel where all of these hold, the pointer kernel everywhere else:
+    the kernel is not overridden to ``"pointer"`` (:func:`gemm_kernel`); Triton supports
+    it (``TMA_AVAILABLE``) and ``$TORCH_MATGRAD_TRITON_CONFIGS`` leaves it a
+    configuration; the device has TMA (:func:`_tma_hardware`); the dtype is fp16 or bf16;
+    there is a product (a launch that only sums has no tensor-core work); every operand
+    and output meets the descriptor rules (:func:`_descriptor_view`); and, under
+    ``"auto"``, more than ``SMALL_M`` rows: decoding shapes keep the pointer kernel's
+    16- and 32-row tiles. ``benchmarks/kernel_choice.py`` times the two on a GPU; where
+    the pointer kernel wins a shape class, the rule is the place to say so.
+    """
+    mode = _kernel_mode.get()
+    if mode == "pointer" or not TMA_AVAILABLE or _tma_launch is None:
+        return "pointer"
+    if a.dtype not in TMA_DTYPES or b is None or b.shape[1] == 0 or not _tma_hardware(a.device):
+        return "pointer"
+    if mode == "auto" and a.shape[0] <= SMALL_M:
+        return "pointer"
+    if any(_descriptor_view(t) is None for t in (a, b, saved, *outputs) if t is not None):
+        return "pointer"
+    return "tma"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Programs of the persistent grid: one per SM."""
+    if device.type != "cuda":
+        return INTERPRETER_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fused_matmul(
@@ -241,28 +486,70 @@ def fused_matmul(
 
     # With n == 0 only the row sums are left to compute; C (m x 0) is already complete.
     has_c = has_c and n > 0
-    b_arg, c_arg = (b, c) if has_c else (None, None)
-    grid = lambda meta: (  # noqa: E731
-        triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(n, meta["BLOCK_N"]) if has_c else 1),
+    flags = specialisation(
+        dtype, grad_activation=grad_activation, rowsum=rowsum, has_c=has_c,
+        has_bias=bias is not None, activation=activation, store_z=z is not None,
     )
+    kernel = gemm_kernel_for(a, b if has_c else None, saved, (c, z) if has_c else ())
     # Triton launches on the current device: make it the tensors' (cuda:1 from cuda:0).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _launch[grid](
-            a, b_arg, c_arg, saved, bias, z, sums,  # absent ones are None: constexpr, never read
-            m, n, k,
-            a.stride(0), a.stride(1),
-            b.stride(0) if has_c else 0, b.stride(1) if has_c else 0,
-            c.stride(0) if has_c else 0, c.stride(1) if has_c else 0,
-            saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
-            bias.stride(0) if bias is not None else 0, sums.stride(0) if rowsum else 0,
-            _bucket(m), _bucket(n), _bucket(k),
-            **specialisation(
-                dtype, grad_activation=grad_activation, rowsum=rowsum, has_c=has_c,
-                has_bias=bias is not None, activation=activation, store_z=z is not None,
-            ),
-            **_META,
-        )
+        if kernel == "tma":
+            _run_tma_kernel(a, b, c, saved, bias, z, sums, flags)
+        else:
+            _run_pointer_kernel(a, b if has_c else None, c if has_c else None, saved, bias, z, sums, flags)
     return c, z, sums
+
+
+def _run_pointer_kernel(a, b, c, saved, bias, z, sums, flags) -> None:
+    """One launch of ``fused_gemm_kernel`` (``b`` and ``c`` None: row sums only)."""
+    m, k = a.shape
+    n = 0 if b is None else b.shape[1]
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(n, meta["BLOCK_N"]) if b is not None else 1),
+    )
+    _launch[grid](
+        a, b, c, saved, bias, z, sums,  # absent ones are None: constexpr, never read
+        m, n, k,
+        a.stride(0), a.stride(1),
+        b.stride(0) if b is not None else 0, b.stride(1) if b is not None else 0,
+        c.stride(0) if c is not None else 0, c.stride(1) if c is not None else 0,
+        saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
+        bias.stride(0) if bias is not None else 0, sums.stride(0) if sums is not None else 0,
+        _bucket(m), _bucket(n), _bucket(k),
+        **flags,
+        **_META,
+    )
+
+
+def _run_tma_kernel(a, b, c, saved, bias, z, sums, flags) -> None:
+    """One launch of ``tma_gemm_kernel`` over operands that :func:`gemm_kernel_for`
+    accepted. Each descriptor's block shape comes from the configuration that runs
+    (``_set_block_shapes``); ``[1, 1]`` until then."""
+    m, k = a.shape
+    n = b.shape[1]
+    (a_view, a_t), (b_view, b_t) = _descriptor_view(a), _descriptor_view(b)
+    s_view, s_t = _descriptor_view(saved) if saved is not None else (None, False)
+
+    def describe(t):
+        return None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
+
+    descs = dict(a_desc=describe(a_view), b_desc=describe(b_view), c_desc=describe(c),
+                 s_desc=describe(s_view), z_desc=describe(z))
+    meta = dict(A_T=a_t, B_T=b_t, S_T=s_t, NUM_SMS=_num_sms(a.device))
+    if _TMA_META:  # one configuration, no autotuner (the interpreter; tests)
+        _set_block_shapes({**descs, **meta, **_TMA_META})
+    grid = lambda meta: (  # noqa: E731
+        min(meta["NUM_SMS"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),
+    )
+    _tma_launch[grid](
+        descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["s_desc"], descs["z_desc"], bias, sums,
+        m, n, k,
+        bias.stride(0) if bias is not None else 0, sums.stride(0) if sums is not None else 0,
+        _bucket(m), _bucket(n), _bucket(k),
+        **flags,
+        **meta,
+        **_TMA_META,
+    )
 
 
 def specialisation(

@@ -1,0 +1,376 @@
+"""The descriptor (TMA) kernel against float64 references, and the rule that chooses it.
+
+Without a GPU the kernels run under Triton's interpreter, which supports tensor
+descriptors; there the descriptor kernel runs only when asked for by name
+(``ops.gemm_kernel("tma")``), in 32 x 32 x 16 tiles with the split epilogue and a
+persistent grid of 3 programs (``ops.INTERPRETER_TMA_META``), so the test shapes span
+several tiles per program with ragged edges. Every output is NaN-filled first
+(``poisoned_outputs``), and every test counts the launches of each kernel: a case
+that should take the descriptor kernel and silently fell back would pass otherwise.
+On a GPU without TMA (before Hopper) only the rule's tests run.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from _util import assert_rel_close
+
+pytestmark = pytest.mark.kernels
+triton = pytest.importorskip("triton")
+
+from test_triton_kernels import DEVICE, _check_all, _to, poisoned_outputs  # noqa: E402, F401 (autouse fixture)
+from torch_matgrad import formulas, triton_backend  # noqa: E402
+from torch_matgrad.triton_kernels import ops  # noqa: E402
+
+TMA_DTYPES = [torch.float16, torch.bfloat16]
+ALL_NEEDS = (True, True, True)
+_TMA_DEVICE = DEVICE == "cpu" or (torch.version.hip is None and torch.cuda.get_device_capability() >= (9, 0))
+runs_tma = pytest.mark.skipif(
+    not (ops.TMA_AVAILABLE and _TMA_DEVICE), reason="no descriptor kernel here (GPU before Hopper, or old Triton)"
+)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The kernels launched, in order: ``"tma"`` or ``"pointer"`` per launch."""
+    seen = []
+    for kind in ("tma", "pointer"):
+        run = getattr(ops, f"_run_{kind}_kernel")
+
+        def counting(*args, _run=run, _kind=kind):
+            seen.append(_kind)
+            return _run(*args)
+
+        monkeypatch.setattr(ops, f"_run_{kind}_kernel", counting)
+    return seen
+
+
+# -------------------------------------------------------------------------------------
+# Every specialisation under the kernel: 104 x 40 x 48 is ragged against the 32-wide
+# tiles in every dimension of every product (forward M, N, K = 104, 48, 40; grad_x 104,
+# 40, 48; grad_W 48, 40, 104), and every dimension is a multiple of 8 (16 bytes in
+# fp16/bf16) so that every operand can be described.
+SHAPE = (104, 40, 48)
+
+
+@runs_tma
+@pytest.mark.parametrize("strategy", ["prologue", "pass"])
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+def test_every_specialisation(launches, dtype, activation, strategy):
+    # Forward (bias, activation, z), grad_x and grad_W + grad_b, with act' in the
+    # prologue or from the elementwise pass: three launches, all of the descriptor kernel.
+    with ops.gemm_kernel("tma"), triton_backend.gz_strategy(strategy):
+        _check_all(*SHAPE, dtype, activation, bias=True)
+    assert launches == ["tma"] * 3
+
+
+@runs_tma
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(
+    "needs", [ALL_NEEDS, (True, False, False), (False, True, False), (False, False, True)], ids=str
+)
+def test_layouts_and_partial_needs(launches, needs, bias, layout):
+    # Transposed views flip which descriptor holds a transpose (A_T, B_T, S_T) in every
+    # product. grad_b alone is a launch without a product: the pointer kernel's.
+    with ops.gemm_kernel("tma"), triton_backend.gz_strategy("prologue"):
+        _check_all(*SHAPE, torch.bfloat16, "gelu", bias, layout, needs)
+    need_x, need_w, need_b = needs
+    backward = ["tma"] * need_x + (["tma"] if need_w else ["pointer"] if need_b else [])
+    assert launches == ["tma"] + backward
+
+
+# -------------------------------------------------------------------------------------
+# Operands a descriptor cannot describe take the pointer kernel, product by product.
+
+
+def _operands(case):
+    """x, W, b, G in bf16 (SHAPE) with one of them laid out as ``case`` says."""
+    m, k, n = SHAPE
+    x, w, g = (torch.randn(*s, dtype=torch.float64) for s in ((m, k), (n, k), (m, n)))
+    x, w, g = (_to(t, torch.bfloat16) for t in (x, w, g))
+    b = _to(torch.randn(n, dtype=torch.float64), torch.bfloat16)
+    if case == "x: base 2 bytes past 16-byte alignment":
+        storage = torch.empty(m * k + 8, dtype=torch.bfloat16, device=DEVICE)
+        x = storage[1 : 1 + m * k].view(m, k).copy_(x)
+    elif case == "x: every other column":
+        x = torch.empty(m, 2 * k, dtype=torch.bfloat16, device=DEVICE)[:, ::2].copy_(x)
+    elif case == "x: rows of 41 elements (82 bytes)":
+        x = torch.empty(m, k + 1, dtype=torch.bfloat16, device=DEVICE)[:, :k].copy_(x)
+    elif case == "G: expanded (strides 0)":
+        g = g[:1, :1].expand(m, n)
+    return x, w, b, g
+
+
+_FALLBACKS = {
+    # case: kernels of forward, grad_x (G W), grad_W + grad_b (G^T x)
+    "x: base 2 bytes past 16-byte alignment": ["pointer", "tma", "pointer"],
+    "x: every other column": ["pointer", "tma", "pointer"],
+    "x: rows of 41 elements (82 bytes)": ["pointer", "tma", "pointer"],
+    "G: expanded (strides 0)": ["tma", "pointer", "pointer"],
+}
+
+
+@runs_tma
+@pytest.mark.parametrize("case", list(_FALLBACKS))
+def test_views_a_descriptor_cannot_describe_fall_back(launches, case):
+    # act' in the prologue: G itself (not a G_z computed from it) is the GEMMs' operand.
+    x, w, b, g = _operands(case)
+    with ops.gemm_kernel("tma"), triton_backend.gz_strategy("prologue"):
+        out, z = triton_backend.forward(x, w, b, "silu")
+        got = [out, *triton_backend.backward(g, None, x, w, z, "silu", ALL_NEEDS)]
+    assert launches == _FALLBACKS[case]
+    x64, w64, b64, g64 = (t.double() for t in (x, w, b, g))
+    ref_out, _ = formulas.forward(x64, w64, b64, "silu")
+    want = [ref_out, *formulas.backward(g64, None, x64, w64, z.double(), "silu", ALL_NEEDS)]
+    for name, u, v in zip(("out", "grad_x", "grad_W", "grad_b"), got, want):
+        assert_rel_close(u, v, torch.bfloat16, name)
+
+
+@runs_tma
+def test_fp32_and_fp64_keep_the_pointer_kernel(launches):
+    for dtype in (torch.float32, torch.float64):
+        with ops.gemm_kernel("tma"):
+            _check_all(*SHAPE, dtype, "relu", bias=True)
+    assert launches == ["pointer"] * 6
+
+
+# -------------------------------------------------------------------------------------
+# Every autotune configuration of both kernels, in its own tiles, on a shape that spans
+# more than one tile in every dimension of every product (ragged; multiples of 8 for
+# the descriptor kernel): forward with bias, GELU and z; the backward with act' in the
+# prologue (grad_x; grad_W with the grad_b row sums). On a GPU also 4096^3 (the steady
+# state of the software pipeline).
+_SWEEP = [("tma", name) for name in ops.TMA_CONFIG_NAMES] + [("pointer", name) for name in ops.CONFIG_NAMES]
+_SIZES = ["ragged"] + (["4096"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("size", _SIZES)
+@pytest.mark.parametrize("kernel, config", _SWEEP, ids=[name for _, name in _SWEEP])
+def test_every_autotune_configuration_of_both_kernels(monkeypatch, launches, kernel, config, size):
+    if kernel == "tma" and not (ops.TMA_AVAILABLE and _TMA_DEVICE):
+        pytest.skip("no descriptor kernel here")
+    configs, names = (ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES) if kernel == "tma" else (ops.CONFIGS, ops.CONFIG_NAMES)
+    cfg = configs[names.index(config)]
+    if ops.INTERPRET:
+        monkeypatch.setattr(ops, "_TMA_META" if kernel == "tma" else "_META", dict(cfg.kwargs))
+    elif kernel == "tma":
+        monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([cfg]))
+    else:
+        monkeypatch.setattr(ops, "_launch", ops.launcher([cfg]))
+    bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
+    wide = max(bm, bn)
+    if size == "4096":
+        m = k = n = 4096
+    elif kernel == "tma":
+        m, k, n = wide + 40, max(2 * bk, wide) + 8, wide + 24
+    else:
+        m, k, n = wide + 37, max(2 * bk, wide) + 5, wide + 11
+    with ops.gemm_kernel(kernel), triton_backend.gz_strategy("prologue"):
+        _check_all(m, k, n, torch.bfloat16, "gelu", bias=True)
+    assert launches == [kernel] * 3
+    if DEVICE == "cuda":  # what the GPU compiled: registers and spills (pytest -rP prints them)
+        fn = ops.tma_gemm_kernel if kernel == "tma" else ops.fused_gemm_kernel
+        for compiled in _compiled(fn, cfg):
+            print(f"{config} {size}: {compiled.metadata.name}: {getattr(compiled, 'n_regs', '?')} registers, "
+                  f"{getattr(compiled, 'n_spills', '?')} spilled, {compiled.metadata.shared} bytes shared")
+
+
+def _compiled(fn, cfg):
+    """The kernels of ``fn`` compiled so far in ``cfg``'s warps and stages."""
+    return [
+        k for caches in fn.device_caches.values() for k in caches[0].values()
+        if (k.metadata.num_warps, k.metadata.num_stages) == (cfg.num_warps, cfg.num_stages)
+    ]
+
+
+@pytest.mark.cuda
+@runs_tma
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+def test_real_sizes_on_the_gpu(launches, dtype, activation, layout):
+    # Ragged against every configuration's tiles, multiples of 8 so that the
+    # descriptor kernel is valid; "auto" takes it by itself on this GPU.
+    _check_all(2056, 1032, 1544, dtype, activation, bias=True, layout=layout)
+    assert launches == ["tma"] * 3
+
+
+@pytest.mark.cuda
+@runs_tma
+def test_auto_falls_back_on_the_gpu(launches):
+    # Rows of 4095 bf16 elements cannot be described; every product reads or writes a
+    # matrix with such rows (x in the forward and grad_W, grad_x itself), so all three
+    # take the pointer kernel. 4095 rows of 4096 are fine.
+    _check_all(1024, 4095, 4096, torch.bfloat16, "gelu_tanh", bias=True)
+    _check_all(4095, 4096, 1024, torch.bfloat16, "gelu_tanh", bias=True)
+    assert launches == ["pointer"] * 3 + ["tma"] * 3
+
+
+# -------------------------------------------------------------------------------------
+# The rule (ops.gemm_kernel_for): no kernel runs in these.
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """CPU tensors treated as on a TMA-capable GPU, under ``"auto"``."""
+    monkeypatch.setattr(ops, "_tma_hardware", lambda device: True)
+    monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
+    monkeypatch.setattr(ops, "_tma_launch", ops._tma_launch or ops.tma_gemm_kernel)
+
+
+def _bf16(*shape):
+    return torch.empty(*shape, dtype=torch.bfloat16)
+
+
+def test_rule_takes_the_descriptor_kernel_only_where_valid(hopper):
+    a, b = _bf16(128, 4096), _bf16(4096, 256)
+    assert ops.gemm_kernel_for(a, b) == "tma"
+    assert ops.gemm_kernel_for(a.half(), b.half()) == "tma"
+    assert ops.gemm_kernel_for(_bf16(4096, 128).t(), _bf16(256, 4096).t()) == "tma"  # both described transposed
+    assert ops.gemm_kernel_for(a.float(), b.float()) == "pointer"
+    assert ops.gemm_kernel_for(a.double(), b.double()) == "pointer"
+    assert ops.gemm_kernel_for(a, None) == "pointer"  # row sums only
+    assert ops.gemm_kernel_for(a, b[:, :0]) == "pointer"
+    # A bf16 row of 4095 elements (8190 bytes) is no multiple of 16 bytes, as an operand
+    # or as an output; nor is an odd base address.
+    assert ops.gemm_kernel_for(_bf16(128, 4095), _bf16(4095, 256)) == "pointer"
+    assert ops.gemm_kernel_for(a, _bf16(4096, 4095)) == "pointer"
+    assert ops.gemm_kernel_for(a, b, outputs=(_bf16(128, 4095),)) == "pointer"
+    assert ops.gemm_kernel_for(a, b, saved=_bf16(128, 4095)[:, :4094]) == "pointer"
+    assert ops.gemm_kernel_for(_bf16(128 * 4096 + 8)[1:].as_strided((128, 4096), (4096, 1)), b) == "pointer"
+    assert ops.gemm_kernel_for(a[:, ::2], b[::2]) == "pointer"
+    assert ops.gemm_kernel_for(a, b, saved=_bf16(1, 1).expand(128, 4096)) == "pointer"
+    # Decoding rows keep the pointer kernel's small tiles under "auto", not when asked.
+    assert ops.gemm_kernel_for(a[: ops.SMALL_M], b) == "pointer"
+    assert ops.gemm_kernel_for(a[: ops.SMALL_M + 8], b) == "tma"
+    with ops.gemm_kernel("tma"):
+        assert ops.gemm_kernel_for(a[:16], b) == "tma"
+    with ops.gemm_kernel("pointer"):
+        assert ops.gemm_kernel_for(a, b) == "pointer"
+
+
+def test_rule_needs_triton_support_and_a_configuration(hopper, monkeypatch):
+    a, b = _bf16(128, 4096), _bf16(4096, 256)
+    monkeypatch.setattr(ops, "TMA_AVAILABLE", False)
+    assert ops.gemm_kernel_for(a, b) == "pointer"
+    monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
+    monkeypatch.setattr(ops, "_tma_launch", None)  # $TORCH_MATGRAD_TRITON_CONFIGS named none of its configurations
+    assert ops.gemm_kernel_for(a, b) == "pointer"
+
+
+@pytest.mark.parametrize(
+    "capability, hip, takes",
+    [((8, 0), None, False), ((8, 9), None, False), ((9, 0), None, True), ((10, 0), None, True), ((9, 4), "6.2", False)],
+    ids=["sm80", "sm89", "sm90", "sm100", "rocm-mi300"],
+)
+def test_hardware_rule(monkeypatch, capability, hip, takes):
+    # Compute capability 9.0 and up on NVIDIA GPUs (ROCm reports MI300 as 9.4).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert ops._tma_hardware(torch.device("cuda", 0)) is takes
+
+
+def test_interpreter_runs_the_descriptor_kernel_only_when_asked():
+    cpu = torch.device("cpu")
+    assert not ops._tma_hardware(cpu)
+    with ops.gemm_kernel("tma"):
+        assert ops._tma_hardware(cpu) is ops.INTERPRET
+
+
+def test_descriptor_views():
+    t = _bf16(64, 4096)
+    view, transposed = ops._descriptor_view(t)
+    assert view is t and not transposed
+    view, transposed = ops._descriptor_view(t.t())
+    assert transposed and view.stride() == (4096, 1)
+    for bad in (_bf16(64, 4095), _bf16(64, 4095).t(), t[:, 1:], t[:, ::2], _bf16(64, 1).expand(64, 16)):
+        assert ops._descriptor_view(bad) is None
+    assert ops._descriptor_view(torch.empty(64, 4, dtype=torch.float32)) is not None  # 16-byte rows
+
+
+def test_kernel_override_names_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match="unknown kernel 'cuda'; choose one of auto, tma, pointer"):
+        with ops.gemm_kernel("cuda"):
+            pass
+    monkeypatch.setenv(ops.KERNEL_ENV_VAR, "tma")
+    assert ops._kernel_mode_from_env() == "tma"
+    monkeypatch.setenv(ops.KERNEL_ENV_VAR, "wgmma")
+    with pytest.raises(ValueError, match=f"{ops.KERNEL_ENV_VAR}='wgmma': choose one of auto, tma, pointer"):
+        ops._kernel_mode_from_env()
+    monkeypatch.delenv(ops.KERNEL_ENV_VAR)
+    assert ops._kernel_mode_from_env() == "auto"
+
+
+def test_triton_versions():
+    assert ops._version_tuple("3.6.0") == (3, 6) >= ops.TMA_MIN_TRITON
+    assert ops._version_tuple("3.10.0+git1234") == (3, 10) >= ops.TMA_MIN_TRITON
+    assert ops._version_tuple("3.5.1") < ops.TMA_MIN_TRITON
+
+
+# -------------------------------------------------------------------------------------
+# Configurations: names, pruning, block shapes.
+
+
+def test_configuration_names():
+    assert ops.TMA_CONFIG_NAMES[:2] == ["tma_128x256x64_s3_w8", "tma_128x256x64_s4_w8_e2"]
+    assert not set(ops.TMA_CONFIG_NAMES) & set(ops.CONFIG_NAMES)
+    assert ops.selected_tma_configs("") == ops.TMA_CONFIGS == ops.selected_tma_configs("all")
+    both = f"{ops.CONFIG_NAMES[0]},{ops.TMA_CONFIG_NAMES[2]}"
+    assert ops.selected_configs(both) == [ops.CONFIGS[0]]
+    assert ops.selected_tma_configs(both) == [ops.TMA_CONFIGS[2]]
+    assert ops.selected_tma_configs(ops.CONFIG_NAMES[0]) == []  # pointer names only: no descriptor kernel
+    assert ops.selected_configs(ops.TMA_CONFIG_NAMES[0]) == []
+    with pytest.raises(ValueError, match="unknown configuration.*tma_128x256x64_s3_w8"):
+        ops.selected_tma_configs("tma_64x64")
+
+
+def _fit_names(limit_kib, prologue):
+    return [
+        name for cfg, name in zip(ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES)
+        if ops.tma_config_fits(cfg, elem=2, limit=limit_kib * 1024, prologue=prologue)
+    ]
+
+
+def test_configurations_fit_shared_memory_and_registers():
+    # H100 (227 KiB per block): every configuration without the prologue (128 x 256 in
+    # 3 stages with a whole-tile store, or in 4 stages with half-tile stores); under the
+    # prologue only the tiles that compile without spills.
+    assert _fit_names(227, prologue=False) == ops.TMA_CONFIG_NAMES
+    assert _fit_names(227, prologue=True) == ["tma_128x128x64_s4_w8", "tma_64x128x64_s4_w4"]
+    # 4 stages of 128 x 256 x 64 bf16 are 192 KiB: with a whole-tile staging buffer
+    # (64 KiB) they would not fit, with a half tile (32 KiB) they do.
+    split = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
+    assert split.num_stages == 4 and split.kwargs["EPILOGUE_SPLIT"] == 2
+    # 99 KiB (consumer Blackwell, compute capability 12): none; the fallback fits.
+    assert _fit_names(99, prologue=False) == []
+    assert ops.tma_config_fits(ops._TMA_FALLBACK, elem=2, limit=99 * 1024, prologue=True)
+
+
+def test_autotuner_pruning_never_leaves_none(monkeypatch):
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 16 * 1024)
+    desc = ops.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16])
+    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}, PRO_ACT=0) == [ops._TMA_FALLBACK]
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
+    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}, PRO_ACT=2) == [
+        ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index(n)] for n in _fit_names(227, prologue=True)
+    ]
+
+
+@pytest.mark.parametrize("a_t, b_t, s_t", list(itertools.product((False, True), repeat=3)))
+def test_block_shapes_follow_the_configuration(a_t, b_t, s_t):
+    # A descriptor of a transposed operand holds the transposed block; C and z hold one
+    # epilogue subtile.
+    descs = {name: ops.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16]) for name in
+             ("a_desc", "b_desc", "c_desc", "s_desc", "z_desc")}
+    cfg = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
+    cfg.pre_hook({**descs, **cfg.kwargs, "A_T": a_t, "B_T": b_t, "S_T": s_t})
+    assert descs["a_desc"].block_shape == ([64, 128] if a_t else [128, 64])
+    assert descs["b_desc"].block_shape == ([256, 64] if b_t else [64, 256])
+    assert descs["s_desc"].block_shape == ([64, 128] if s_t else [128, 64])
+    assert descs["c_desc"].block_shape == descs["z_desc"].block_shape == [128, 128]

@@ -1,0 +1,134 @@
+"""The fused GEMM of :mod:`.fused_gemm` for Hopper and later: the same products and
+fusions, with every tile moved by the Tensor Memory Accelerator (TMA) through tensor
+descriptors, and a persistent grid.
+
+``C = prologue(A) @ B``, then the epilogue ``act(C + bias)``, exactly as
+``fused_gemm_kernel`` (MATH.md items 1, 3, 6, 9-11; the shared ``@triton.jit`` helpers
+of ``fused_gemm.py`` do the arithmetic), with three differences:
+
+* **Descriptors, not pointers.** A, B and the prologue's saved tensor S are read, and C
+  and z written, through host-side tensor descriptors (``TensorDescriptor``): each tile
+  is one bulk copy (``cp.async.bulk.tensor``) into shared memory that Hopper's ``wgmma``
+  reads directly, with no address arithmetic in the threads. A descriptor needs its
+  last dimension contiguous, so an operand whose *rows* are contiguous (``W^T`` in the
+  forward, ``G^T`` and ``S^T`` in ``grad_W``) is described as its transpose, which is
+  contiguous, and the loaded block is transposed in shared memory (``A_T``, ``B_T``,
+  ``S_T``: a view, not a copy). Blocks past the edges read as zeros and stores past
+  them are clipped, so there are no masks.
+* **A persistent grid.** One program per SM (``NUM_SMS``), each looping over the
+  output tiles ``start, start + NUM_SMS, ...`` in the grouped order of ``fused_gemm``
+  (``_tile_coords``), so the launch, the descriptors' prefetch and the program's setup
+  are paid once per SM rather than once per tile.
+* **A subtiled epilogue.** With ``EPILOGUE_SPLIT = 2`` the accumulator is stored as two
+  ``BLOCK_M x BLOCK_N / 2`` halves: bias, activation and the conversions run on half
+  the registers at a time, and the staging buffer of the store is half as large, which
+  is what keeps 128 x 256 tiles within the register file and shared memory.
+
+The ``grad_b`` row sums are reduced, without atomics, by the program that owns each
+tile of the first block column (``pid_n == 0``), as in ``fused_gemm``. A launch that
+only sums (no product: ``HAS_C = False``) is not this kernel's: without a product there
+is no tensor-core work for the descriptors to feed, and ``ops`` sends it to
+``fused_gemm_kernel``. Which kernel runs is decided in one place,
+``ops.gemm_kernel_for``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .fused_gemm import _activation, _add_bias, _dot, _prologue, _store_rowsum, _tile_coords
+
+
+@triton.jit
+def _load_block(desc, off_r, off_c, TRANSPOSED: tl.constexpr):
+    """The block at ``(off_r, off_c)`` of the matrix that ``desc`` describes, or, if
+    ``TRANSPOSED``, of the transpose of the matrix it describes."""
+    if TRANSPOSED:
+        return desc.load([off_c, off_r]).T
+    else:
+        return desc.load([off_r, off_c])
+
+
+@triton.jit
+def _store_subtile(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, stride_bias,
+                   HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
+                   SUB_N: tl.constexpr):
+    """Bias, ``z`` and ``act`` on one ``BLOCK_M x SUB_N`` piece of the accumulator, stored
+    at ``(off_m, off_n)`` (the descriptors clip what lies past the edges)."""
+    acc = _add_bias(acc, bias_ptr, off_n + tl.arange(0, SUB_N), N, stride_bias, HAS_BIAS)
+    if STORE_Z:
+        z_desc.store([off_m, off_n], acc.to(z_desc.dtype))
+    c_desc.store([off_m, off_n], _activation(acc, EPI_ACT).to(c_desc.dtype))
+
+
+@triton.jit
+def tma_gemm_kernel(
+    # Descriptors: A (or A^T), B (or B^T), C, the prologue's S (or S^T), z; absent: None
+    a_desc, b_desc, c_desc, s_desc, z_desc,
+    # Pointers: bias, row sums
+    bias_ptr, rowsum_ptr,
+    # Matrix dimensions: C (M x N) = A (M x K) @ B (K x N)
+    M, N, K,
+    stride_bias, stride_rowsum,
+    # Coarse shape buckets: only the autotuner's key reads them
+    M_BUCKET, N_BUCKET, K_BUCKET,
+    # Specialisation flags (as fused_gemm_kernel's; HAS_C must be true)
+    PRO_ACT: tl.constexpr, ROWSUM: tl.constexpr, HAS_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    # Layouts: whether a_desc, b_desc, s_desc describe the transposed operand
+    A_T: tl.constexpr, B_T: tl.constexpr, S_T: tl.constexpr,
+    # Programs of the persistent grid
+    NUM_SMS: tl.constexpr,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
+):
+    tl.static_assert(HAS_C, "a launch without a product takes fused_gemm_kernel")
+    tl.static_assert(EPILOGUE_SPLIT == 1 or EPILOGUE_SPLIT == 2, "EPILOGUE_SPLIT is 1 or 2")
+    SUB_N: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+
+    # -----------------------------------------------------------
+    # Each program computes the tiles start, start + NUM_SMS, ... in grouped order.
+    for tile_id in range(tl.program_id(axis=0), num_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        # Iterate over K: prologue on the A tile, optional row sum, then the dot.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        if ROWSUM:
+            rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            a = _load_block(a_desc, off_m, off_k, A_T)
+            s = None
+            if PRO_ACT != 0:
+                s = _load_block(s_desc, off_m, off_k, S_T)
+            a, a_acc = _prologue(a, s, PRO_ACT, ACC_DTYPE)
+            if ROWSUM:
+                if pid_n == 0:
+                    rowsum += tl.sum(a_acc, axis=1)
+            b = _load_block(b_desc, off_k, off_n, B_T)
+            acc = _dot(a, b, acc, ACC_DTYPE, INPUT_PRECISION, UPCAST)
+
+        # -------------------------------------------------------
+        # Epilogue: row sums by pointer, then bias, z and act per subtile.
+        if ROWSUM:
+            if pid_n == 0:
+                _store_rowsum(rowsum_ptr, rowsum, off_m + tl.arange(0, BLOCK_M), M, stride_rowsum)
+        if EPILOGUE_SPLIT == 2:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            _store_subtile(acc0, c_desc, z_desc, bias_ptr, off_m, off_n, N, stride_bias,
+                           HAS_BIAS, EPI_ACT, STORE_Z, SUB_N)
+            _store_subtile(acc1, c_desc, z_desc, bias_ptr, off_m, off_n + SUB_N, N, stride_bias,
+                           HAS_BIAS, EPI_ACT, STORE_Z, SUB_N)
+        else:
+            _store_subtile(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, stride_bias,
+                           HAS_BIAS, EPI_ACT, STORE_Z, SUB_N)
