@@ -26,3 +26,21 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     # Fresh random data per test, reproducible per test.
     torch.manual_seed(0x5EED)
+
+
+@pytest.fixture
+def backend_env(monkeypatch):
+    """``backend_env(value)`` sets ``$TORCH_MATGRAD_BACKEND`` (None: unsets it) and makes
+    the dispatcher read it again (it reads it once, on import)."""
+    from torch_matgrad import dispatch
+
+    def set_env(value):
+        if value is None:
+            monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(dispatch.ENV_VAR, value)
+        dispatch.read_env()
+
+    yield set_env
+    monkeypatch.undo()
+    dispatch.read_env()

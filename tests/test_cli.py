@@ -158,24 +158,31 @@ def test_bench_writes_a_fresh_ignored_folder_by_default(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("value", ["bogus", "Cuda"])
-def test_bad_backend_variable_names_itself(monkeypatch, value):
-    monkeypatch.setenv("TORCH_MATGRAD_BACKEND", value)
+def test_bad_backend_variable_names_itself(backend_env, value):
+    backend_env(value)
     with pytest.raises(ValueError, match=rf"\$TORCH_MATGRAD_BACKEND='{value}' names no backend; choose one of "
                                          r"'auto', 'torch', 'triton' \(any case\)"):
         mg.linear(torch.randn(2, 3), torch.randn(4, 3))
 
 
-def test_the_variable_and_use_backend_take_names_alike(monkeypatch):
+def test_the_variable_and_use_backend_take_names_alike(backend_env):
     x, w = torch.randn(2, 3), torch.randn(4, 3)
     for name in ("Torch", " TORCH ", "torch"):
-        monkeypatch.setenv("TORCH_MATGRAD_BACKEND", name)
+        backend_env(name)
         assert mg.dispatch.requested_backend() == "torch"
-        monkeypatch.delenv("TORCH_MATGRAD_BACKEND")
+        backend_env(None)
         with mg.use_backend(name):
             assert mg.dispatch.requested_backend() == "torch"
             mg.linear(x, w)
-    monkeypatch.setenv("TORCH_MATGRAD_BACKEND", "")
+    backend_env("")
     assert mg.dispatch.requested_backend() == "auto"
+
+
+def test_the_variable_is_read_once(backend_env):
+    backend_env("torch")
+    assert mg.dispatch.requested_backend() == "torch"
+    os.environ["TORCH_MATGRAD_BACKEND"] = "bogus"  # too late: read on import (read_env reads again)
+    assert mg.dispatch.requested_backend() == "torch"
     with pytest.raises(ValueError, match=r"use_backend\('Tritn'\) names no backend"):
         with mg.use_backend("Tritn"):
             pass

@@ -297,11 +297,11 @@ def test_unknown_activation(activation):
         mg.Linear(3, 4, activation=activation)
 
 
-def test_unknown_backend(monkeypatch):
+def test_unknown_backend(backend_env):
     with pytest.raises(ValueError, match=r"use_backend\('cuda-magic'\) names no backend"):
         with mg.use_backend("cuda-magic"):
             pass
-    monkeypatch.setenv("TORCH_MATGRAD_BACKEND", "nope")
+    backend_env("nope")
     with pytest.raises(ValueError, match=r"\$TORCH_MATGRAD_BACKEND='nope' names no backend"):
         mg.linear(torch.randn(2, 3), torch.randn(4, 3))
     with mg.use_backend("torch"):  # the context manager wins over the environment

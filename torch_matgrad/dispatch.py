@@ -16,8 +16,8 @@ Backends:
     :func:`_triton_fallback`), ``"torch"`` for everything else.
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
-with the environment variable ``TORCH_MATGRAD_BACKEND``; the context manager wins.
-Both take the names above in any case.
+with the environment variable ``TORCH_MATGRAD_BACKEND`` (read once, when torch_matgrad
+is imported; a bad value makes every op raise); the context manager wins. Both take the names above in any case.
 
 The choice is made once per op, when its forward runs (:func:`chosen_backend`), and
 the op's backward runs the same implementation, wherever and whenever it is called
@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 from typing import Iterator, Optional, Tuple
 
@@ -96,10 +97,27 @@ def use_backend(name: str) -> Iterator[None]:
 def requested_backend() -> str:
     """The backend asked for: ``use_backend`` first, then ``$TORCH_MATGRAD_BACKEND``
     (unset or empty: ``"auto"``)."""
-    if _forced is not None:
-        return _forced
+    return _forced or _env_backend or _bad_env()
+
+
+def read_env() -> None:
+    """Read ``$TORCH_MATGRAD_BACKEND`` again (torch_matgrad reads it once, on import:
+    looking it up costs ~1 us, a sixth of ``F.linear`` on small inputs, per call)."""
+    global _env_backend, _env_error
     raw = os.environ.get(ENV_VAR)
-    return _check_backend(raw, f"${ENV_VAR}={raw!r}") if raw and raw.strip() else "auto"
+    try:
+        _env_backend, _env_error = (_check_backend(raw, f"${ENV_VAR}={raw!r}") if raw and raw.strip() else "auto"), None
+    except ValueError as e:
+        _env_backend, _env_error = None, e
+
+
+def _bad_env():
+    raise ValueError(str(_env_error))
+
+
+_env_backend: Optional[str] = None
+_env_error: Optional[ValueError] = None
+read_env()
 
 
 @contextlib.contextmanager
@@ -170,8 +188,9 @@ def _triton_fallback(tensors, forced: bool) -> Optional[str]:
         # float64 tile of the GELU backward (1.5-5.6 KB stack frames): "auto" keeps
         # float64 on cuBLAS.
         return "float64 runs on Triton only when the triton backend is forced"
-    if not forced and tensors[0].dim() == 2 and tensors[0].shape[0] <= AUTO_TORCH_MAX_ROWS:
-        return f"{tensors[0].shape[0]} rows (<= AUTO_TORCH_MAX_ROWS = {AUTO_TORCH_MAX_ROWS}): cuBLAS"
+    rows = math.prod(tensors[0].shape[:-1])
+    if not forced and rows <= AUTO_TORCH_MAX_ROWS:
+        return f"{rows} rows (<= AUTO_TORCH_MAX_ROWS = {AUTO_TORCH_MAX_ROWS}): cuBLAS"
     return None
 
 
@@ -179,9 +198,8 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     """The implementation (``"torch"`` or ``"triton"``) of an op on these tensors whose
     forward starts now: the request, then every fallback. The op records it, and its
     backward runs the same one (see the module docstring for the exceptions)."""
-    requested = requested_backend()
-    device = x.device.type
-    if requested == "torch" or (requested == "auto" and device != "cuda"):
+    requested = _forced or _env_backend or _bad_env()
+    if requested == "torch" or (requested == "auto" and not x.is_cuda):
         return "torch"
     if torch.compiler.is_compiling():
         # Inductor fuses the GEMM epilogue itself, and tracing an autotuned user kernel
@@ -199,9 +217,9 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     reason = _triton_fallback([t for t in (x, weight, bias) if t is not None], forced)
     if reason is not None:
         return _fallback(reason)
-    if device != "cuda" and not backend.INTERPRET:
+    if not x.is_cuda and not backend.INTERPRET:
         raise RuntimeError(
-            f"torch_matgrad: backend 'triton' runs {device} tensors only under Triton's interpreter: "
+            f"torch_matgrad: backend 'triton' runs {x.device.type} tensors only under Triton's interpreter: "
             "set TRITON_INTERPRET=1 before importing torch_matgrad (or use CUDA tensors)"
         )
     return "triton"
@@ -235,11 +253,17 @@ def _implementation(backend: str):
 def forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(out, z)`` of ``out = act(x W^T + b)`` for 2-D ``x`` on ``backend`` (the answer
-    of :func:`chosen_backend`); ``z`` only if needed."""
+    """``(out, z)`` of ``out = act(x W^T + b)`` on ``backend`` (the answer of
+    :func:`chosen_backend`); ``z`` only if needed. ``x`` may have leading dims."""
     if _ran is not None:
         _ran["forward", backend] += 1
-    return _implementation(backend).forward(x, weight, bias, activation)
+    if backend == "torch":
+        return formulas.forward(x, weight, bias, activation)
+    if x.dim() == 2:
+        return _triton().forward(x, weight, bias, activation)
+    out, z = _triton().forward(x.reshape(-1, x.shape[-1]), weight, bias, activation)
+    shape = (*x.shape[:-1], weight.shape[0])
+    return out.view(shape), None if z is None else z.view(shape)
 
 
 def backward(

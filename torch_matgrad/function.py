@@ -144,6 +144,27 @@ def _autocast_enabled(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
+def _valid(x, weight, bias, activation) -> bool:
+    """Whether :func:`_check` and :func:`_check_dtypes` would both pass, in a third of
+    their time: the common case asks only this, and a False sends the call to the full
+    checks for their error. (dtypes are singletons, so ``is`` compares them; a
+    non-tensor has no ``dtype`` or a foreign one.)"""
+    try:
+        dtype = x.dtype
+        return (
+            dtype in _FLOAT_DTYPES
+            and weight.dtype is dtype
+            and activation in formulas.ACTIVATIONS
+            and weight.dim() == 2
+            and x.dim() > 0
+            and x.shape[-1] == weight.shape[1]
+            and weight.device == x.device
+            and (bias is None or (bias.dtype is dtype and bias.shape == weight.shape[:1] and bias.device == x.device))
+        )
+    except (AttributeError, TypeError):
+        return False
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
     r"""``act(x W^T + b)``: ``torch.nn.functional.linear`` plus a fused activation.
 
@@ -161,33 +182,46 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     to the autocast dtype, the output has that dtype, and parameter gradients come
     back in the parameters' own dtype.
     """
-    _check(x, weight, bias, activation)
-    device_type = x.device.type
-    if _autocast_enabled(device_type):
-        # torch.amp.custom_fwd would break the new-style Function (pytorch#132388):
-        # cast here, then run the Function with autocast off.
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
+    if torch._C._is_any_autocast_enabled():
+        return _linear_autocast(x, weight, bias, activation)
+    if not _valid(x, weight, bias, activation):
+        _check(x, weight, bias, activation)
         _check_dtypes(x, weight, bias)
-        with torch.autocast(device_type, enabled=False):
-            return _apply(x, weight, bias, activation)
-    _check_dtypes(x, weight, bias)
     return _apply(x, weight, bias, activation)
 
 
+def _linear_autocast(x, weight, bias, activation) -> Tensor:
+    _check(x, weight, bias, activation)
+    device_type = x.device.type
+    if not _autocast_enabled(device_type):  # autocast is on for another device
+        _check_dtypes(x, weight, bias)
+        return _apply(x, weight, bias, activation)
+    # torch.amp.custom_fwd would break the new-style Function (pytorch#132388): cast
+    # here, then run the Function with autocast off.
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
+    _check_dtypes(x, weight, bias)
+    with torch.autocast(device_type, enabled=False):
+        return _apply(x, weight, bias, activation)
+
+
 def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    backend = dispatch.chosen_backend(x, weight, bias)
+    # vmap/grad need the Function's rules; torch.compile traces the Function; and under
+    # forward-mode AD it must refuse (no jvp) rather than drop the tangents.
+    transformed = (
+        torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or _fw_ad._current_level >= 0
+    )
+    if not transformed and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+        # Nothing to differentiate (inference, frozen layers on detached inputs): no
+        # autograd node to build, no tensors to save, leading dims left to the backend.
+        return dispatch.forward(x, weight, bias, activation, backend)[0]
     # The Function works on rows: (..., n) -> (B, n). reshape is a view whenever the
     # strides allow it, so transposed 2-D views reach the backend without a copy.
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    backend = dispatch.chosen_backend(x2, weight, bias)
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or _fw_ad._current_level >= 0:
-        # vmap/grad need the Function's rules; torch.compile traces the Function; and
-        # under forward-mode AD it must refuse (no jvp) rather than drop the tangents.
+    if transformed:
         out, _ = LinearFunction.apply(x2, weight, bias, activation, backend)
-    elif not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        # Nothing to differentiate (inference, frozen layers on detached inputs): no
-        # autograd node to build, no tensors to save.
-        out, _ = dispatch.forward(x2, weight, bias, activation, backend)
     else:
         out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out

@@ -1,0 +1,71 @@
+"""The host path: without a gradient to compute the op skips the autograd Function,
+the training path skips per-call signature binding, and the quick validity test agrees
+with the full checks on every input."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_matgrad as mg
+from torch_matgrad import function
+
+from _util import activate_ref
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+@pytest.mark.parametrize("activation", mg.ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 33), (2, 3, 33), (0, 33), (33,)])
+def test_no_gradient_skips_the_function_and_matches_bit_for_bit(mode, activation, shape, monkeypatch):
+    layer = mg.Linear(33 if shape[-1] == 33 else 64, 17, activation=activation)
+    x = torch.randn(*shape)
+    if mode == "nothing_requires_grad":
+        layer.requires_grad_(False)
+    with torch.no_grad():
+        want = activate_ref(F.linear(x, layer.weight, layer.bias), activation)
+    with_grad = layer(x)  # the Function path when the parameters require grad
+    monkeypatch.setattr(function, "_function_apply", None)  # any use now raises TypeError
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    with context():
+        got = layer(x)
+    assert got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, want) and torch.equal(got, with_grad.detach())
+
+
+def test_training_path_binds_no_signature(monkeypatch):
+    calls = []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(a) or real(*a, **k))
+    layer = mg.Linear(8, 4, activation="silu")
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == [] and x.grad is not None and layer.weight.grad is not None
+
+
+def _tensors():
+    """Inputs, weights and biases: good ones and every kind of bad one."""
+    xs = [torch.randn(3, 4), torch.randn(2, 3, 4), torch.randn(4), torch.randn(3, 5), torch.tensor(1.0),
+          torch.randn(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.int64), torch.randn(3, 4, device="meta"),
+          [[1.0] * 4], torch.randn(3, 4, dtype=torch.complex64)]
+    ws = [torch.randn(6, 4), torch.nn.Parameter(torch.randn(6, 4)), torch.randn(6, 4, dtype=torch.float64),
+          torch.randn(4), torch.randn(2, 6, 4), torch.randn(6, 4).numpy(), torch.randn(6, 4, device="meta")]
+    bs = [None, torch.randn(6), torch.randn(1), torch.randn(1, 6), torch.randn(6, dtype=torch.bfloat16), 1.0,
+          torch.randn(6, device="meta")]
+    acts = [None, "gelu", "GELU", 1]
+    return list(itertools.product(xs, ws, bs, acts))
+
+
+def test_quick_validity_agrees_with_the_full_checks():
+    for x, w, b, act in _tensors():
+        try:
+            function._check(x, w, b, act)
+            function._check_dtypes(x, w, b)
+        except (TypeError, ValueError, RuntimeError):
+            ok = False
+        else:
+            ok = True
+        assert function._valid(x, w, b, act) == ok, (x, w, b, act)
