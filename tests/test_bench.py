@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_matgrad import bench
+from torch_matgrad.bench import cli, environment, measure, plans, providers, report
 from torch_matgrad.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _args(*argv):
     parser = argparse.ArgumentParser()
-    bench.configure(parser)
+    cli.configure(parser)
     return parser.parse_args(argv)
 
 
@@ -34,22 +34,22 @@ def _read_csv(path):
 
 
 def test_quick_plans():
-    cpu = bench.plan(_args("--quick"), "cpu")
-    assert {(c.m, c.k, c.n) for c in cpu} == set(bench.SHAPE_SETS["cpu"])
+    cpu = plans.plan(_args("--quick"), "cpu")
+    assert {(c.m, c.k, c.n) for c in cpu} == set(plans.SHAPE_SETS["cpu"])
     assert {c.dtype for c in cpu} == {"fp32", "bf16"} and {c.mode for c in cpu} == {"full"}
-    assert len(cpu) == len(bench.SHAPE_SETS["cpu"]) * 2 * len(bench.DEFAULT_ACTIVATIONS)
-    cuda = bench.plan(_args("--quick"), "cuda")
+    assert len(cpu) == len(plans.SHAPE_SETS["cpu"]) * 2 * len(plans.DEFAULT_ACTIVATIONS)
+    cuda = plans.plan(_args("--quick"), "cuda")
     assert {c.dtype for c in cuda} == {"bf16"}
     assert {(c.activation, c.mode) for c in cuda} == {
         ("none", "forward"), ("none", "backward"), ("gelu_tanh", "full"), ("silu", "full")}
     assert (4096, 4096, 4096) in {(c.m, c.k, c.n) for c in cuda}
     # Explicit options override the quick defaults.
-    only = bench.plan(_args("--quick", "--mode", "forward", "--activation", "silu", "--shapes", "tiny"), "cuda")
+    only = plans.plan(_args("--quick", "--mode", "forward", "--activation", "silu", "--shapes", "tiny"), "cuda")
     assert {(c.activation, c.mode, c.shape_set) for c in only} == {("silu", "forward", "tiny")}
 
 
 def test_full_plan_covers_the_issue_shapes():
-    cases = bench.plan(_args("--shapes", "all", "--dtype", "bf16", "--activation", "none", "--mode", "full"), "cuda")
+    cases = plans.plan(_args("--shapes", "all", "--dtype", "bf16", "--activation", "none", "--mode", "full"), "cuda")
     shapes = {(c.m, c.k, c.n) for c in cases}
     for m in (512, 2048, 8192, 16384):
         for k, n in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)):
@@ -78,8 +78,8 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
     rc, out = tiny_run
     assert rc == 0
     columns, rows = _read_csv(out / "bench.csv")
-    assert tuple(columns) == bench.CSV_COLUMNS
-    cases = len(bench.SHAPE_SETS["tiny"]) * 2 * len(bench.DEFAULT_ACTIVATIONS) * len(bench.MODES)
+    assert tuple(columns) == report.CSV_COLUMNS
+    cases = len(plans.SHAPE_SETS["tiny"]) * 2 * len(plans.DEFAULT_ACTIVATIONS) * len(plans.MODES)
     assert len(rows) == 2 * cases
     for r in rows:
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["commit"] and r["date"]
@@ -89,7 +89,7 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
         flops = {"forward": 2, "backward": 4, "full": 6}[r["mode"]] * int(r["M"]) * int(r["K"]) * int(r["N"])
         assert float(r["tflops"]) == pytest.approx(flops / float(r["median_ms"]) / 1e9, rel=1e-2)
         assert r["peak_mem_mib"] == ""  # CPU: no peak counter (documented)
-        assert float(r["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[bench.DTYPES[r["dtype"]]] and not r["error"]
+        assert float(r["max_rel_diff_vs_eager"]) <= measure.MATCH_TOL[plans.DTYPES[r["dtype"]]] and not r["error"]
     eager = [r for r in rows if r["provider"] == "eager"]
     assert all(r["time_vs_eager"] == "1.000" and r["backend"] == "eager" for r in eager)
     assert {r["backend"] for r in rows if r["provider"] == "torch_matgrad"} == {"auto->torch"}
@@ -102,7 +102,7 @@ def test_cli_writes_csv_markdown_and_plot(tiny_run, capsys):
 
 def test_mismatch_makes_the_command_fail(tmp_path, monkeypatch, capsys):
     # A provider computing the wrong function (bias dropped) must be caught before timing.
-    monkeypatch.setattr(bench, "_matgrad", lambda x, w, b, act: bench._eager(x, w, None, act))
+    monkeypatch.setattr(providers, "matgrad", lambda x, w, b, act: providers.eager(x, w, None, act))
     rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "fp32", "--activation", "silu",
                "--mode", "forward", "--out", str(tmp_path), "--rep-ms", "1", "--no-plot"])
     assert rc == 1
@@ -114,7 +114,7 @@ def test_a_failing_provider_is_reported_and_the_rest_timed(tmp_path, monkeypatch
     def broken(x, w, b, act):
         raise RuntimeError("kernel launch failed\nsecond line")
 
-    monkeypatch.setattr(bench, "_matgrad", broken)
+    monkeypatch.setattr(providers, "matgrad", broken)
     rc = main(["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "bf16", "--activation", "none",
                "--mode", "full", "--out", str(tmp_path), "--rep-ms", "1"])
     assert rc == 1
@@ -130,7 +130,7 @@ def test_a_failing_provider_is_reported_and_the_rest_timed(tmp_path, monkeypatch
 def test_summary_is_a_geometric_mean():
     rows = [{"provider": "torch_matgrad", "mode": "full", "dtype": "bf16", "time_vs_eager": t} for t in ("0.5", "2.0", "1.0")]
     rows.append({"provider": "eager", "mode": "full", "dtype": "bf16", "time_vs_eager": "1.000"})
-    ((provider, mode, dtype, mean, count),) = bench.summary(rows)
+    ((provider, mode, dtype, mean, count),) = report.summary(rows)
     assert (provider, mode, dtype, count) == ("torch_matgrad", "full", "bf16", 3)
     assert mean == pytest.approx(1.0)
 
@@ -144,7 +144,7 @@ def test_cpu_timer_orders_and_interleaves():
             time.sleep(seconds)
         return step
 
-    got = bench._time_cpu({"short": sleeper("short", 0.001), "long": sleeper("long", 0.006)}, rep_ms=50)
+    got = measure.time_cpu({"short": sleeper("short", 0.001), "long": sleeper("long", 0.006)}, rep_ms=50)
     assert got["short"][0] >= 1.0 and got["long"][0] >= 6.0
     assert got["long"][0] > got["short"][0]
     for median, p20, p80 in got.values():
@@ -163,23 +163,23 @@ def test_cpu_clock_ignores_sleep():
         while time.process_time() < end:
             pass
 
-    got = bench._time_cpu({"sleep": sleep, "spin": spin}, rep_ms=20, clock=time.process_time)
+    got = measure.time_cpu({"sleep": sleep, "spin": spin}, rep_ms=20, clock=time.process_time)
     assert got["sleep"][0] < 2.0 and got["spin"][0] > 2.0
 
 
 def test_inputs_rotate_past_the_cache():
-    small = bench._input_sets(bench.Case("t", 8, 16, 8, "fp32", "none", "full"), "cpu")
-    assert len(small) == bench._MAX_SETS
+    small = measure.input_sets(plans.Case("t", 8, 16, 8, "fp32", "none", "full"), "cpu")
+    assert len(small) == measure._MAX_SETS
     assert not torch.equal(small[0][0], small[1][0])  # fresh activations per set
     assert small[0][1] is small[1][1] and isinstance(small[0][1], torch.nn.Parameter)  # one layer's weights
     assert all(t.requires_grad for t in small[0][:3]) and not small[0][3].requires_grad
-    big = bench.Case("t", 4096, 4096, 1024, "fp32", "none", "full")  # x and grad_out: 84 MB, one set is enough
-    assert len(bench._input_sets(big, "cpu")) == 1
+    big = plans.Case("t", 4096, 4096, 1024, "fp32", "none", "full")  # x and grad_out: 84 MB, one set is enough
+    assert len(measure.input_sets(big, "cpu")) == 1
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails as if not installed
-    progress = bench._Progress(2)
+    progress = report.Progress(2)
     progress.step("first")
     progress.step("second")
     progress.close()
@@ -191,11 +191,11 @@ def test_compile_provider_runs_every_mode():
     # torch.compile's backward refuses retain_graph by default (donated buffers); the
     # backward mode must still time it. Default mode on CPU would take minutes to
     # autotune; a tiny shape takes seconds.
-    env = bench.environment("cpu")
-    for mode in bench.MODES:
-        case = bench.Case("tiny", 7, 33, 17, "fp32", "gelu_tanh", mode)
-        with bench._compile_config(mode):
-            rows = bench.run_case(case, "cpu", ["eager", "compile"], functools.partial(bench._time_cpu, rep_ms=1), env)
+    env = environment.environment("cpu")
+    for mode in plans.MODES:
+        case = plans.Case("tiny", 7, 33, 17, "fp32", "gelu_tanh", mode)
+        with providers.compile_config(mode):
+            rows = measure.run_case(case, "cpu", ["eager", "compile"], functools.partial(measure.time_cpu, rep_ms=1), env)
         (compiled,) = [r for r in rows if r["provider"] == "compile"]
         assert not compiled["error"], compiled["error"]
         assert float(compiled["max_rel_diff_vs_eager"]) < 1e-5 and float(compiled["median_ms"]) > 0
@@ -223,10 +223,10 @@ def test_commit_recorded(monkeypatch):
     monkeypatch.delenv("TORCH_MATGRAD_COMMIT", raising=False)
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode == 0:
-        assert bench._commit().startswith(head.stdout.strip())
+        assert environment._commit().startswith(head.stdout.strip())
     # A tree copied without .git (a GPU machine) is told its commit.
     monkeypatch.setenv("TORCH_MATGRAD_COMMIT", "0123abcd")
-    assert bench.environment("cpu")["commit"] == "0123abcd"
+    assert environment.environment("cpu")["commit"] == "0123abcd"
 
 
 @pytest.mark.cuda
@@ -246,12 +246,12 @@ def test_cuda_run_times_with_events_and_reports_peak_memory(tmp_path):
 def test_cuda_compile_provider_in_the_modes_that_replay_graphs():
     # max-autotune brings CUDA graphs; the backward mode replays retained autograd graphs
     # over rotating inputs. Both must run (or this says why not) before a long GPU run.
-    env = {**bench.environment("cuda"), "clock": "cuda events"}
-    timer = functools.partial(bench._time_cuda, rep_ms=5)
+    env = {**environment.environment("cuda"), "clock": "cuda events"}
+    timer = functools.partial(measure.time_cuda, rep_ms=5)
     for mode in ("backward", "full"):
-        case = bench.Case("tiny", 64, 128, 96, "bf16", "gelu_tanh", mode)
-        with bench._compile_config(mode):
-            rows = bench.run_case(case, "cuda", ["eager", "compile"], timer, env)
+        case = plans.Case("tiny", 64, 128, 96, "bf16", "gelu_tanh", mode)
+        with providers.compile_config(mode):
+            rows = measure.run_case(case, "cuda", ["eager", "compile"], timer, env)
         (compiled,) = [r for r in rows if r["provider"] == "compile"]
         assert not compiled["error"], compiled["error"]
-        assert float(compiled["max_rel_diff_vs_eager"]) <= bench.MATCH_TOL[torch.bfloat16]
+        assert float(compiled["max_rel_diff_vs_eager"]) <= measure.MATCH_TOL[torch.bfloat16]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import torch_matgrad as mg
-from torch_matgrad import bench, check, cli, jacobian_cli
+from torch_matgrad import check, cli, jacobian_cli
+from torch_matgrad.bench import environment, plans, providers
 from torch_matgrad.__main__ import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_help_lists_every_choice_without_markup(command, capsys):
 
 def test_bench_choices_appear_in_help():
     text = _parser("bench").format_help()
-    for choices in (bench.DTYPES, cli.ACTIVATION_NAMES, bench.MODES, bench.SHAPE_SETS, bench.PROVIDERS):
+    for choices in (plans.DTYPES, cli.ACTIVATION_NAMES, plans.MODES, plans.SHAPE_SETS, providers.PROVIDERS):
         assert all(c in " ".join(text.split()) for c in choices)
 
 
@@ -144,12 +145,12 @@ def test_bench_writes_a_fresh_ignored_folder_by_default(tmp_path, monkeypatch, c
     argv = ["bench", "--device", "cpu", "--shapes", "tiny", "--dtype", "fp32", "--activation", "relu",
             "--mode", "forward", "--rep-ms", "1", "--no-plot"]
     assert main(argv) == 0 and main(argv) == 0
-    runs = sorted((tmp_path / bench.DEFAULT_OUT).iterdir())
+    runs = sorted((tmp_path / environment.DEFAULT_OUT).iterdir())
     assert len(runs) == 2 and all(r.name.startswith("cpu-") and (r / "bench.csv").exists() for r in runs)
     err = capsys.readouterr().err
     assert all(f"results in {r.relative_to(tmp_path)}/" in err for r in runs)
     assert not (tmp_path / "benchmarks" / "results").exists()
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(bench.DEFAULT_OUT / "cpu-x" / "bench.csv")], cwd=ROOT)
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(environment.DEFAULT_OUT / "cpu-x" / "bench.csv")], cwd=ROOT)
     if ignored.returncode != 128:  # 128: not a git checkout (an sdist)
         assert ignored.returncode == 0, "the default output folder must be ignored by git"
 

@@ -1,0 +1,117 @@
+"""``python -m torch_matgrad bench``: options and the run."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from ..cli import ACTIVATION_NAMES
+from .environment import DEFAULT_OUT, default_out, environment
+from .measure import CLOCKS, failures, run_case, time_cpu, time_cuda
+from .plans import ALL_SETS, DEFAULT_ACTIVATIONS, DTYPES, MODES, SHAPE_SETS, plan
+from .providers import DEFAULT_PROVIDERS, PROVIDERS, compile_config
+from .report import CSV_COLUMNS, Progress, plot, report
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    def listed(choices):
+        def parse(text):
+            items = [s.strip() for s in text.split(",") if s.strip()]
+            bad = [s for s in items if s not in choices]
+            if bad or not items:
+                raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+            return items
+
+        return parse
+
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
+                        "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
+                        "full steps with the default activations")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto, cpu or cuda (default auto: cuda when available)")
+    parser.add_argument("--dtype", type=listed(tuple(DTYPES)),
+                        help=f"comma list of {', '.join(DTYPES)} (default all)")
+    parser.add_argument("--activation", type=listed(ACTIVATION_NAMES),
+                        help=f"comma list of {', '.join(ACTIVATION_NAMES)} (default {','.join(DEFAULT_ACTIVATIONS)})")
+    parser.add_argument("--mode", type=listed(MODES), help=f"comma list of {', '.join(MODES)} (default all)")
+    parser.add_argument("--shapes", type=listed(tuple(SHAPE_SETS) + ("all",)),
+                        help=f"comma list of shape sets: {', '.join(SHAPE_SETS)}, all "
+                        f"(= {', '.join(ALL_SETS)}; default: all on CUDA, cpu on CPU)")
+    parser.add_argument("--providers", type=listed(PROVIDERS),
+                        help=f"comma list of {', '.join(PROVIDERS)} (default {','.join(DEFAULT_PROVIDERS)} "
+                        "on CUDA; torch_matgrad,eager on CPU)")
+    parser.add_argument("--out", type=Path,
+                        help=f"output folder (default: a new {DEFAULT_OUT}/<device>-<UTC time>, ignored by git; "
+                        "the committed results are rewritten only when named here)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's own choice); one thread keeps CPU "
+                        "figures steady on a machine that other work shares")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="CPU only: wall (default) or cpu, this process's CPU time, which other "
+                        "processes on a shared machine do not inflate; meaningful with --threads 1 "
+                        "(with more threads it adds up their time, spinning included)")
+    parser.add_argument("--rep-ms", type=float,
+                        help="timing budget: per provider and case on CUDA (default 100), "
+                        "per case for all providers together on CPU (default 1000)")
+
+
+
+def run(args) -> int:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    providers = args.providers or (list(DEFAULT_PROVIDERS) if device == "cuda" else ["torch_matgrad", "eager"])
+    if device == "cuda":
+        timer, clock = functools.partial(time_cuda, rep_ms=args.rep_ms or 100.0), "cuda events"
+    else:
+        timer = functools.partial(time_cpu, rep_ms=args.rep_ms or 1000.0, clock=CLOCKS[args.clock])
+        clock = f"{args.clock} time"
+    env = {**environment(device), "clock": clock}
+    out = args.out or default_out(device, env)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = plan(args, device)
+    started = time.perf_counter()
+    print(f"bench: {len(cases)} cases x {len(providers)} providers on {env['device_name']}; writing {out}/",
+          file=sys.stderr)
+
+    rows: List[dict] = []
+    progress = Progress(len(cases))
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for case in cases:
+            with compile_config(case.mode):
+                new = run_case(case, device, providers, timer, env)
+            writer.writerows(new)
+            f.flush()
+            rows += new
+            progress.step(f"{case.m}x{case.k}x{case.n} {case.dtype} {case.activation} {case.mode}")
+    progress.close()
+
+    (out / "bench.md").write_text(report(rows, markdown=True))
+    print(report(rows))
+    if not args.no_plot:
+        try:
+            written = plot(rows, out)
+        except ImportError:
+            print("bench: matplotlib is not installed (pip install torch-matgrad[bench]); no plots", file=sys.stderr)
+        else:
+            print("plots: " + ", ".join(map(str, written)))
+    bad = failures(rows)
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"bench: {len(cases)} cases in {time.perf_counter() - started:.0f} s; results in {out}/", file=sys.stderr)
+    return 1 if bad else 0
