@@ -9,23 +9,29 @@
 #   quick/       bf16, the four quick shapes, forward / backward / full x none / gelu_tanh / silu:
 #                torch_matgrad ("auto"), eager (cuBLAS + F activation), and the Triton backward
 #                with act' in the GEMM prologue against one G_z pass before plain GEMMs
+#   kernels/     bf16, the four quick shapes, each product the backend launches: the pointer
+#                GEMM kernel against the descriptor (TMA) kernel, both forced, and which won
+#                where (benchmarks/kernel_choice.py: kernel_choice.csv, kernel_choice.md)
 #   decode/      bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
 # autotuner compiles each of its configurations for every kernel specialisation it
-# meets (~1 s each on one core). So the tests autotune over one small configuration
-# (TORCH_MATGRAD_TRITON_CONFIGS), except the tests that run every configuration, and
-# run on many cores (pytest-xdist); meanwhile one process per configuration runs the
-# benchmarks' cases once, untimed, which fills the shared on-disk cache with exactly
-# the binaries the timed runs then load instead of compiling.
+# meets (~1 s each on one core). So the tests autotune over one small configuration of
+# each GEMM kernel (TORCH_MATGRAD_TRITON_CONFIGS), except the tests that run every
+# configuration, and run on many cores (pytest-xdist); meanwhile one process per
+# configuration (of both kernels) runs the benchmarks' cases once, untimed, which fills
+# the shared on-disk cache with exactly the binaries the timed runs then load instead
+# of compiling. Where the descriptor kernel serves the quick shapes (Hopper), the
+# pointer kernel's processes skip the quick bench (whose "auto" runs never use them).
 #
 # Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
-# the benchmarks run on the CPU on tiny shapes (seconds; their figures say nothing about
-# any GPU). Each stage has a time limit (setup 40, ceilings 20, tests and warm-up side by
-# side 150, quick bench 100, decode bench 90: at most 7.5 min with the 10 s grace each);
-# the benchmarks run even when a test fails. Prints the results tables last. Exit
-# status 1 if any stage failed.
+# the benchmarks run on the CPU on tiny shapes (seconds; the kernel comparison under the
+# interpreter; their figures say nothing about any GPU). Each stage has a time limit
+# (setup 40, ceilings 20, tests and warm-up side by side 150, quick bench 100, kernel
+# comparison 60, decode bench 90: at most 8.7 min with the 10 s grace each); the
+# benchmarks run even when a test fails. Prints the results tables last. Exit status 1
+# if any stage failed.
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR
 #   PYTHON=...                the interpreter (default python3)
@@ -101,18 +107,31 @@ print(f"ceiling cuBLAS bf16 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s (median
 EOF
 }
 
-# warm BENCH_ARGS...: each benchmark's cases once per autotune configuration, in
-# parallel processes that each autotune over that one configuration (no timing worth
-# keeping: --rep-ms 1), so that every binary the timed runs need is in the disk cache.
+# warm QUICK_ARGS DECODE_ARGS: each benchmark's cases once per autotune configuration of
+# either GEMM kernel, in parallel processes that each autotune over that one configuration
+# (no timing worth keeping: --rep-ms 1; the kernel comparison with --warm), so that every
+# binary the timed runs need is in the disk cache. TMA_QUICK=1: the descriptor kernel
+# serves the quick shapes, so the pointer kernel's configurations warm only the decoding
+# bench (its rows of at most 64 tokens; its grad_W, with thousands of rows, is the
+# descriptor kernel's again); TMA_QUICK=0: the descriptor kernel is not used here at all.
 warm() {
-    local cfg pids=()
-    for cfg in $("$PY" -c "from torch_matgrad.triton_kernels.ops import CONFIG_NAMES; print(*CONFIG_NAMES)"); do
+    local cfg pids=() benches
+    for cfg in $("$PY" -c "from torch_matgrad.triton_kernels.ops import CONFIG_NAMES as P, TMA_CONFIG_NAMES as T
+print(*P, *T)"); do
+        case "$cfg:$TMA_QUICK" in
+            tma_*:0) continue ;;
+            tma_*:1) benches=("$1" "$2") ;;
+            *:1) benches=("$2") ;;
+            *) benches=("$1" "$2") ;;
+        esac
         (
-            for args in "$@"; do
+            for args in "${benches[@]}"; do
                 # shellcheck disable=SC2086
                 TORCH_MATGRAD_TRITON_CONFIGS=$cfg "$PY" -m torch_matgrad bench $args --rep-ms 1 --no-plot \
                     --out "$WARM/$cfg" >>"$WARM/$cfg.log" 2>&1 || echo "$cfg: bench $args: exit $?"
             done
+            TORCH_MATGRAD_TRITON_CONFIGS=$cfg "$PY" "$ROOT/benchmarks/kernel_choice.py" --warm \
+                >>"$WARM/$cfg.log" 2>&1 || echo "$cfg: kernel_choice --warm: exit $?"
             echo "$cfg: done"
         ) &
         pids+=($!)
@@ -139,6 +158,13 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     DECODE="--shapes decode --dtype bf16 --activation none,gelu_tanh --mode forward,full \
 --providers eager,matgrad_torch,matgrad_triton --rep-ms 50"
     MARKS="cuda or kernels"
+    KERNELS=""
+    # Whether "auto" gives the quick shapes (bf16, rows of 4096) to the descriptor kernel here.
+    TMA_QUICK=$("$PY" -c "import torch; from torch_matgrad.triton_kernels import ops
+x = torch.empty(4096, 4096, device='cuda', dtype=torch.bfloat16)
+print(int(ops.gemm_kernel_for(x, x, None, (x,)) == 'tma'))" 2>>"$OUT/setup.log" || echo 0)
+    echo "descriptor (TMA) kernel for the quick shapes: $([ "$TMA_QUICK" = 1 ] && echo yes || echo no)" \
+        | tee -a "$OUT/setup.log"
 else
     GPU=0
     echo "No CUDA GPU: DRY RUN (cuda tests skip; CPU benchmark on tiny shapes, no GPU figures)"
@@ -146,17 +172,20 @@ else
     DECODE="--device cpu --shapes tiny --dtype fp32 --activation none --mode forward \
 --providers eager,matgrad_torch --rep-ms 20"
     MARKS="cuda"
+    KERNELS="--device cpu"
 fi
 
 if [ $GPU -eq 1 ]; then
     WARM=$(mktemp -d)
-    export WARM
+    export WARM TMA_QUICK
     stage warm-up 150 warm.log bash -c 'warm "$0" "$1"' "$QUICK" "$DECODE" &
     warm_pid=$!
 fi
-# One small configuration for the correctness tests (the tests that need every
-# configuration, or several, choose their own).
-stage tests 150 pytest.log env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4 "$PY" -m pytest -m "$MARKS" -q -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
+# One small configuration of each kernel for the correctness tests (the tests that need
+# every configuration, or several, choose their own); -rP keeps what passing tests print
+# (the registers and spills of every configuration the GPU compiled).
+stage tests 150 pytest.log env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4,tma_64x128x64_s4_w4 \
+    "$PY" -m pytest -m "$MARKS" -q -rP -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
 rc=$?
 if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     # pytest's "no tests collected": acceptable for a dry run on a tree without cuda tests.
@@ -170,6 +199,8 @@ fi
 # shellcheck disable=SC2086
 stage quick-bench 100 bench.log "$PY" -m torch_matgrad bench $QUICK --out "$OUT/quick"
 # shellcheck disable=SC2086
+stage kernel-choice 60 bench.log "$PY" "$ROOT/benchmarks/kernel_choice.py" $KERNELS --out "$OUT/kernels"
+# shellcheck disable=SC2086
 stage decode-bench 90 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
 
 echo
@@ -182,6 +213,11 @@ for run in quick decode; do
     fi
     echo
 done
+if [ -f "$OUT/kernels/kernel_choice.md" ]; then
+    echo "Pointer kernel against descriptor (TMA) kernel, each product of the backend:"
+    cat "$OUT/kernels/kernel_choice.md"
+    echo
+fi
 grep -h "^ceiling" "$OUT/setup.log"
 [ $GPU -eq 0 ] && echo "DRY RUN without a GPU: the figures above are CPU figures."
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -262,6 +262,14 @@ def test_rule_needs_triton_support_and_a_configuration(hopper, monkeypatch):
     monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
     monkeypatch.setattr(ops, "_tma_launch", None)  # $TORCH_MATGRAD_TRITON_CONFIGS named none of its configurations
     assert ops.gemm_kernel_for(a, b) == "pointer"
+    # One named configuration (no autotuner pruning) that does not fit the prologue's launch.
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
+    big = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
+    monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([big]))
+    assert ops.gemm_kernel_for(a, b) == "tma"
+    assert ops.gemm_kernel_for(a, b, saved=a) == "pointer"
+    monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher(ops.TMA_CONFIGS))  # the autotuner prunes
+    assert ops.gemm_kernel_for(a, b, saved=a) == "tma"
 
 
 @pytest.mark.parametrize(

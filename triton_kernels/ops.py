@@ -407,7 +407,8 @@ def gemm_kernel_for(a: Tensor, b: Optional[Tensor], saved: Optional[Tensor] = No
     it (``TMA_AVAILABLE``) and ``$TORCH_MATGRAD_TRITON_CONFIGS`` leaves it a
     configuration; the device has TMA (:func:`_tma_hardware`); the dtype is fp16 or bf16;
     there is a product (a launch that only sums has no tensor-core work); every operand
-    and output meets the descriptor rules (:func:`_descriptor_view`); and, under
+    and output meets the descriptor rules (:func:`_descriptor_view`); a single named
+    configuration fits the launch (:func:`tma_config_fits`); and, under
     ``"auto"``, more than ``SMALL_M`` rows: decoding shapes keep the pointer kernel's
     16- and 32-row tiles. ``benchmarks/kernel_choice.py`` times the two on a GPU; where
     the pointer kernel wins a shape class, the rule is the place to say so.
@@ -420,6 +421,13 @@ def gemm_kernel_for(a: Tensor, b: Optional[Tensor], saved: Optional[Tensor] = No
     if mode == "auto" and a.shape[0] <= SMALL_M:
         return "pointer"
     if any(_descriptor_view(t) is None for t in (a, b, saved, *outputs) if t is not None):
+        return "pointer"
+    configs = getattr(_tma_launch, "configs", None)  # None: one configuration, no autotuner
+    if configs is not None and len(configs) == 1 and not tma_config_fits(
+        configs[0], elem=a.element_size(), limit=_shared_memory_limit(a.device), prologue=saved is not None
+    ):
+        # The autotuner prunes only among several configurations: a single one named in
+        # $TORCH_MATGRAD_TRITON_CONFIGS that does not fit this launch is not run.
         return "pointer"
     return "tma"
 
