@@ -255,3 +255,32 @@ def test_cuda_compile_provider_in_the_modes_that_replay_graphs():
         (compiled,) = [r for r in rows if r["provider"] == "compile"]
         assert not compiled["error"], compiled["error"]
         assert float(compiled["max_rel_diff_vs_eager"]) <= measure.MATCH_TOL[torch.bfloat16]
+
+
+def test_host_mode_times_whole_layer_calls(tmp_path, monkeypatch, capsys):
+    from torch_matgrad.bench import host
+
+    monkeypatch.setitem(host.SHAPES, "cpu", [(1, 64, 64), (7, 33, 17)])
+    rc = main(["bench", "--host", "--device", "cpu", "--activation", "none,silu", "--mode", "forward,full",
+               "--threads", "1", "--clock", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    columns, rows = _read_csv(tmp_path / "host.csv")
+    assert tuple(columns) == host.COLUMNS
+    assert len(rows) == 2 * 2 * 2 * len(host.PROVIDERS)  # shapes x activations x modes x providers
+    assert {r["mode"] for r in rows} == {"inference", "training"} and {r["provider"] for r in rows} == set(host.PROVIDERS)
+    for r in rows:
+        assert float(r["p20_us"]) <= float(r["median_us"]) <= float(r["p80_us"]) and r["clock"] == "cpu time"
+        if r["provider"] == "nn.Linear":
+            assert r["ratio_vs_nn_linear"] == "1.000"
+    assert "| 7 x 33 x 17 | fp32 | silu | training |" in (tmp_path / "host.md").read_text()
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_host_layers_compute_the_same_function():
+    from torch_matgrad.bench import host
+
+    for act in (None, "gelu_tanh"):
+        ref, ours = host.layers(33, 17, act, "cpu", torch.float64).values()
+        x = torch.randn(5, 33, dtype=torch.float64)
+        assert torch.allclose(ref(x), ours(x), rtol=1e-12, atol=1e-12)
+        assert ours.weight is (ref[0] if act else ref).weight

@@ -207,11 +207,8 @@ def _linear_autocast(x, weight, bias, activation) -> Tensor:
 
 def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
     backend = dispatch.chosen_backend(x, weight, bias)
-    # vmap/grad need the Function's rules; torch.compile traces the Function; and under
-    # forward-mode AD it must refuse (no jvp) rather than drop the tangents.
-    transformed = (
-        torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or _fw_ad._current_level >= 0
-    )
+    # vmap/grad need the Function's rules, and so do forward-mode AD's tangents.
+    transformed = torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0
     if not transformed and not (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         # Nothing to differentiate (inference, frozen layers on detached inputs): no
@@ -220,7 +217,7 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
     # The Function works on rows: (..., n) -> (B, n). reshape is a view whenever the
     # strides allow it, so transposed 2-D views reach the backend without a copy.
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if transformed:
+    if transformed or torch.compiler.is_compiling():  # torch.compile traces the Function
         out, _ = LinearFunction.apply(x2, weight, bias, activation, backend)
     else:
         out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))

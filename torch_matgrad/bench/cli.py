@@ -13,11 +13,14 @@ from typing import List
 import torch
 
 from ..cli import ACTIVATION_NAMES
+from . import host
 from .environment import DEFAULT_OUT, default_out, environment
 from .measure import CLOCKS, failures, run_case, time_cpu, time_cuda
 from .plans import ALL_SETS, DEFAULT_ACTIVATIONS, DTYPES, MODES, SHAPE_SETS, plan
 from .providers import DEFAULT_PROVIDERS, PROVIDERS, compile_config
 from .report import CSV_COLUMNS, Progress, plot, report
+
+_HOST_ROUNDS = 15
 
 def configure(parser: argparse.ArgumentParser) -> None:
     def listed(choices):
@@ -30,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
         return parse
 
+    parser.add_argument("--host", action="store_true",
+                        help="host overhead: whole layer calls (torch_matgrad.Linear against nn.Linear + "
+                        "activation) at tiny and decoding shapes, inference (--mode forward) and training "
+                        "(--mode full), into host.csv and host.md; best with --threads 1 --clock cpu on a CPU")
     parser.add_argument("--quick", action="store_true",
                         help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
                         "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
@@ -82,6 +89,8 @@ def run(args) -> int:
     env = {**environment(device), "clock": clock}
     out = args.out or default_out(device, env)
     out.mkdir(parents=True, exist_ok=True)
+    if args.host:
+        return run_host(args, device, env, out)
     cases = plan(args, device)
     started = time.perf_counter()
     print(f"bench: {len(cases)} cases x {len(providers)} providers on {env['device_name']}; writing {out}/",
@@ -115,3 +124,16 @@ def run(args) -> int:
         print(line, file=sys.stderr)
     print(f"bench: {len(cases)} cases in {time.perf_counter() - started:.0f} s; results in {out}/", file=sys.stderr)
     return 1 if bad else 0
+
+
+def run_host(args, device: str, env: dict, out: Path) -> int:
+    """``--host``: see :mod:`torch_matgrad.bench.host`."""
+    dtype_names = args.dtype or (["bf16"] if device == "cuda" else ["fp32"])
+    modes = [host.FROM_BENCH_MODE[m] for m in (args.mode or ()) if m in host.FROM_BENCH_MODE] or list(host.MODES)
+    clock = CLOCKS[args.clock] if device == "cpu" else CLOCKS["wall"]
+    print(f"bench --host: {len(host.SHAPES[device])} shapes on {env['device_name']}; writing {out}/", file=sys.stderr)
+    rows = host.run(device, env, out, {d: DTYPES[d] for d in dtype_names}, args.activation or ["none", "gelu_tanh"],
+                    modes, clock, _HOST_ROUNDS)
+    print(host.report(rows))
+    print(f"bench --host: results in {out}/", file=sys.stderr)
+    return 0
