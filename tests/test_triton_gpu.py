@@ -2,8 +2,8 @@
 int64 offsets, CUDA graphs, determinism, autotuning, the fp32 precision setting, and
 which of the two GEMM kernels this GPU gets.
 
-``test_triton_kernels.py`` and ``test_triton_path.py`` (NaN/Inf propagation included)
-run on the GPU too when there is one.
+``test_triton_kernels.py``, ``test_triton_tma.py`` and ``test_triton_path.py`` (NaN/Inf
+propagation included) run on the GPU too when there is one.
 """
 
 from __future__ import annotations
