@@ -284,3 +284,17 @@ def test_host_layers_compute_the_same_function():
         x = torch.randn(5, 33, dtype=torch.float64)
         assert torch.allclose(ref(x), ours(x), rtol=1e-12, atol=1e-12)
         assert ours.weight is (ref[0] if act else ref).weight
+
+
+def test_generate_comparison_runs_and_checks_the_tokens(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "benchmarks" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    out = tmp_path / "generate.csv"
+    assert generate.main(["--new-tokens", "4", "--rounds", "2", "--out", str(out)]) == 0
+    assert "same tokens" in capsys.readouterr().out
+    _, rows = _read_csv(out)
+    assert len(rows) == 1 and float(rows[0]["ratio"]) > 0

@@ -1,6 +1,6 @@
 """The host path: without a gradient to compute the op skips the autograd Function,
-the training path skips per-call signature binding, and the quick validity test agrees
-with the full checks on every input."""
+the training path skips per-call signature binding, and the quick validity test plus
+F.linear's own refusals give every bad input the full checks' error."""
 
 from __future__ import annotations
 
@@ -52,20 +52,35 @@ def _tensors():
           torch.randn(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.int64), torch.randn(3, 4, device="meta"),
           [[1.0] * 4], torch.randn(3, 4, dtype=torch.complex64)]
     ws = [torch.randn(6, 4), torch.nn.Parameter(torch.randn(6, 4)), torch.randn(6, 4, dtype=torch.float64),
+          torch.ones(6, 4, dtype=torch.bool), torch.randn(6, 4)[:, ::2], torch.randn(4, 6).t(),
           torch.randn(4), torch.randn(2, 6, 4), torch.randn(6, 4).numpy(), torch.randn(6, 4, device="meta")]
     bs = [None, torch.randn(6), torch.randn(1), torch.randn(1, 6), torch.randn(6, dtype=torch.bfloat16), 1.0,
-          torch.randn(6, device="meta")]
+          torch.randn(6, device="meta"), torch.ones(6, dtype=torch.int64), torch.randn(7)]
     acts = [None, "gelu", "GELU", 1]
     return list(itertools.product(xs, ws, bs, acts))
 
 
-def test_quick_validity_agrees_with_the_full_checks():
+def _full_check_error(x, w, b, act):
+    try:
+        function._check(x, w, b, act)
+        function._check_dtypes(x, w, b)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return e
+    return None
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_every_bad_input_gets_the_full_checks_error(grad):
+    # The quick test leaves shapes, devices and mixed dtypes to F.linear; the op must
+    # still raise exactly the full checks' error for each, and run every good input.
     for x, w, b, act in _tensors():
-        try:
-            function._check(x, w, b, act)
-            function._check_dtypes(x, w, b)
-        except (TypeError, ValueError, RuntimeError):
-            ok = False
-        else:
-            ok = True
-        assert function._valid(x, w, b, act) == ok, (x, w, b, act)
+        if grad and isinstance(w, torch.Tensor) and w.is_floating_point():
+            w = w.detach().requires_grad_()
+        want = _full_check_error(x, w, b, act)
+        if want is None:
+            out = mg.linear(x, w, b, act)
+            assert out.shape[-1] == w.shape[0]
+            continue
+        with pytest.raises(type(want)) as got:
+            mg.linear(x, w, b, act)
+        assert str(got.value) == str(want), (x, w, b, act)

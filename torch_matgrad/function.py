@@ -145,21 +145,21 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def _valid(x, weight, bias, activation) -> bool:
-    """Whether :func:`_check` and :func:`_check_dtypes` would both pass, in a third of
-    their time: the common case asks only this, and a False sends the call to the full
-    checks for their error. (dtypes are singletons, so ``is`` compares them; a
-    non-tensor has no ``dtype`` or a foreign one.)"""
+    """The properties of a valid call that ``F.linear`` would not refuse by itself (an
+    integer dtype, a 1-D weight, a bias that broadcasts, an unknown activation, meta
+    tensors mixed with real ones), in a
+    fraction of the full checks' time. Everything else that is wrong (shapes, devices,
+    mixed dtypes) ``F.linear`` refuses before computing anything, and :func:`linear`
+    then words the error with the full checks; a non-tensor has no ``dtype`` or a
+    foreign one."""
     try:
-        dtype = x.dtype
         return (
-            dtype in _FLOAT_DTYPES
-            and weight.dtype is dtype
+            x.dtype in _FLOAT_DTYPES
             and activation in formulas.ACTIVATIONS
             and weight.dim() == 2
             and x.dim() > 0
-            and x.shape[-1] == weight.shape[1]
-            and weight.device == x.device
-            and (bias is None or (bias.dtype is dtype and bias.shape == weight.shape[:1] and bias.device == x.device))
+            and x.is_meta == weight.is_meta
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.is_meta == x.is_meta))
         )
     except (AttributeError, TypeError):
         return False
@@ -187,7 +187,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     if not _valid(x, weight, bias, activation):
         _check(x, weight, bias, activation)
         _check_dtypes(x, weight, bias)
-    return _apply(x, weight, bias, activation)
+    try:
+        return _apply(x, weight, bias, activation)
+    except RuntimeError:
+        # F.linear refused the inputs (or something else failed): say what is wrong
+        # with them, in this module's words, or else let the original error through.
+        _check(x, weight, bias, activation)
+        _check_dtypes(x, weight, bias)
+        raise
 
 
 def _linear_autocast(x, weight, bias, activation) -> Tensor:
@@ -207,6 +214,9 @@ def _linear_autocast(x, weight, bias, activation) -> Tensor:
 
 def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
     backend = dispatch.chosen_backend(x, weight, bias)
+    if backend != "torch":  # no kernel launches on inputs that F.linear would refuse
+        _check(x, weight, bias, activation)
+        _check_dtypes(x, weight, bias)
     # vmap/grad need the Function's rules, and so do forward-mode AD's tangents.
     transformed = torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0
     if not transformed and not (torch.is_grad_enabled() and (
