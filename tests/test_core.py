@@ -46,7 +46,9 @@ def test_gradcheck_and_gradgradcheck(activation, bias, x_shape, n):
     def fn(*ts):
         return mg.linear(*ts, activation=activation)
 
-    assert gradcheck(fn, inputs)
+    # check_forward_ad: the jvp (MATH.md's forward-mode line) against finite differences
+    # too; batched: the same under vmap, as jacfwd runs it.
+    assert gradcheck(fn, inputs, check_forward_ad=True, check_batched_forward_grad=True)
     assert gradgradcheck(fn, inputs)
 
 
@@ -59,7 +61,7 @@ def test_gradcheck_non_contiguous(activation, x_kind, w_kind):
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert not x.is_contiguous() and not w.is_contiguous()
     fn = lambda *ts: mg.linear(*ts, activation=activation)  # noqa: E731
-    assert gradcheck(fn, (x, w, b))
+    assert gradcheck(fn, (x, w, b), check_forward_ad=True)
     assert gradgradcheck(fn, (x, w, b))
 
 

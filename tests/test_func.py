@@ -1,5 +1,6 @@
 """torch.func through the op: grad, vmap (shared and per-sample weights), jacrev and
-per-sample gradients ``vmap(grad(...))``, on every backend.
+per-sample gradients ``vmap(grad(...))``, and forward mode (jvp, jacfwd, hessian,
+``torch.autograd.forward_ad``), on every backend.
 
 jacrev is compared with ``torch.autograd.functional.jacobian`` of the pure
 ``torch.nn.functional`` reference; the comparison with the notes' explicit Kronecker
@@ -119,22 +120,123 @@ def test_second_order_through_grad_of_grad(backend):
     assert_rel_close(got, want, torch.float64, what="Hessian-vector product")
 
 
-def test_forward_mode_gives_a_clear_error():
-    # The Function has no jvp (the notes give reverse mode only): jacfwd must refuse
-    # loudly rather than return something wrong.
-    w = torch.randn(4, 6)
-    with pytest.raises(NotImplementedError, match="jvp"):
-        jacfwd(lambda x: tm.linear(x, w))(torch.randn(3, 6))
+# ------------------------------------------------------------------- forward mode
+# The jvp of MATH.md's forward-mode line, dz = dx W^T + x dW^T + db and
+# d out = act'(z) * dz (items 1, 3), against torch.func of the float64 reference.
+
+# (x shape, out_features): ragged rows, leading dims, a single sample, an empty batch.
+JVP_SHAPES = [((7, 33), 5), ((2, 3, 9), 4), ((9,), 3), ((0, 6), 2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("x_shape,n", JVP_SHAPES, ids=str)
+@pytest.mark.parametrize("moving", ["xwb", "x", "w", "b", "wb"])
+def test_jvp_matches_f_linear(backend, device, activation, x_shape, n, moving):
+    x = torch.randn(x_shape, dtype=torch.float64, device=device)
+    w, b = _params(device, n_out=n, n_in=x_shape[-1])
+    tangents = [torch.randn_like(t) for t in (x, w, b)]
+
+    def jvp(fn, dtype):
+        # Only the inputs named in ``moving`` get a tangent; the others are constants.
+        primals = dict(zip("xwb", (t.to(dtype) for t in (x, w, b))))
+
+        def f(*moved):
+            args = dict(primals, **dict(zip(moving, moved)))
+            return fn(args["x"], args["w"], args["b"], activation)
+
+        picked = [i for i, k in enumerate("xwb") if k in moving]
+        return torch.func.jvp(f, tuple(primals["xwb"[i]] for i in picked), tuple(tangents[i].to(dtype) for i in picked))
+
+    # float64 on both sides (every backend runs it): a float32 output of GELU/SiLU in
+    # their flat negative tail is too ill-conditioned for REL_TOL[float32] on 3 values.
+    got_out, got_t = jvp(tm.linear, torch.float64)
+    want_out, want_t = jvp(reference, torch.float64)
+    assert_rel_close(got_out, want_out, torch.float64, what="primal output")
+    assert_rel_close(got_t, want_t, torch.float64, what=f"tangent along d{moving}")
+
+
+def test_jvp_runs_the_rule_in_formulas(monkeypatch):
+    calls = []
+    real = tm.formulas.jvp
+    monkeypatch.setattr(tm.formulas, "jvp", lambda *a: calls.append(a[3]) or real(*a))
+    w, b = _params("cpu")
+    torch.func.jvp(lambda x: tm.linear(x, w, b, "silu"), (torch.randn(3, 33, dtype=torch.float64),),
+                   (torch.randn(3, 33, dtype=torch.float64),))
+    assert calls == ["silu"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_jacfwd_matches_autograd_jacobian_of_reference(backend, device, activation):
+    w, b = _params(device, n_out=4, n_in=6)
+    x = torch.randn(3, 6, dtype=torch.float64, device=device)
+    got = jacfwd(tm.linear, argnums=(0, 1, 2))(*_f32(x, w, b), activation)
+    want = jacobian(lambda x, w, b: reference(x, w, b, activation), (x, w, b))
+    for name, g, r in zip("xwb", got, want):
+        assert_rel_close(g, r, DTYPE, what=f"d out / d {name}")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("wrt", [0, 1, 2], ids=["x", "w", "b"])
+def test_hessian_matches_reference(backend, activation, wrt):
+    """hessian = jacfwd(jacrev(f)): forward mode over the explicit backward."""
+    w, b = _params("cpu", n_out=4, n_in=5)
+    x = torch.randn(3, 5, dtype=torch.float64)
+
+    def loss(fn):
+        return lambda *a: fn(*a, activation).sin().sum()  # a curved loss: nonzero second derivatives
+
+    got = torch.func.hessian(loss(tm.linear), argnums=wrt)(x, w, b)
+    want = torch.func.hessian(loss(reference), argnums=wrt)(x, w, b)
+    assert_rel_close(got, want, torch.float64, what="Hessian")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_jacfwd_with_per_sample_weights(activation):
+    w, b = _params("cpu", lead=(3,))
+    x = torch.randn(3, 4, 33, dtype=torch.float64)
+    per_sample = vmap(jacfwd(lambda x, w, b: tm.linear(x, w, b, activation), argnums=1))
+    want = [jacobian(lambda w: reference(x[i], w, b[i], activation), w[i]) for i in range(3)]
+    got = per_sample(*_f32(x, w, b))
+    for i in range(3):
+        assert_rel_close(got[i], want[i], DTYPE, what=f"sample {i}")
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
-def test_dual_tensors_give_the_same_clear_error(grad_mode):
+@pytest.mark.parametrize("activation", ACTS)
+def test_dual_tensors_match_f_linear(grad_mode, activation):
     # torch.autograd.forward_ad outside functorch, with or without grad mode: the
-    # inference fast path (no Function) must not run and drop or fake the tangents.
+    # inference fast path (no Function) must not run and drop the tangents.
     import torch.autograd.forward_ad as fwAD
 
-    w = torch.randn(4, 6)
-    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
-        x = fwAD.make_dual(torch.randn(3, 6), torch.randn(3, 6))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            tm.linear(x, w)
+    w, b = _params("cpu", n_out=4, n_in=6)
+    x, dx = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    dw = torch.randn_like(w)
+    results = []
+    for fn in (tm.linear, reference):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+            out = fn(fwAD.make_dual(x, dx), fwAD.make_dual(w, dw), b, activation)
+            results.append(fwAD.unpack_dual(out))
+    (got, got_t), (want, want_t) = results
+    assert got_t is not None, "the tangent was dropped"
+    assert_rel_close(got, want, torch.float64, what="primal")
+    assert_rel_close(got_t, want_t, torch.float64, what="tangent")
+
+
+def test_forward_mode_keeps_nothing_alive_without_it(monkeypatch):
+    """The jvp's tensors (x, W, act'(z)'s input) are saved only under forward-mode AD:
+    a backward-only graph with a frozen weight still does not keep x."""
+    import torch.autograd.forward_ad as fwAD
+
+    saved = []
+    real = torch.autograd.function.FunctionCtx.save_for_forward
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_forward",
+                        lambda ctx, *ts: saved.append(len(ts)) or real(ctx, *ts))
+    x, w = torch.randn(3, 6), torch.randn(4, 6, requires_grad=True)
+    tm.linear(x, w, None, "gelu").sum().backward()
+    assert saved == []
+    with fwAD.dual_level():
+        out = tm.linear(fwAD.make_dual(x, torch.randn_like(x)), w, None, "gelu")
+        assert fwAD.unpack_dual(out).tangent is not None
+    assert saved == [3]

@@ -18,6 +18,12 @@ input                   ``W^T G``            ``G_z W``               11
 bias                    ``G 1``              ``G_z.sum(0)``          10
 ======================  ===================  ======================  ========
 
+Forward mode (:func:`jvp`) is the product rule (item 1) on ``z = x W^T + b`` with each
+factor's derivative pushed through a linear map (item 3), then the chain rule through
+the elementwise activation:
+
+    dz = dx W^T + x dW^T + db,        d out = act'(z) * dz.
+
 Every function is built from differentiable torch ops, so double backward through
 them is the same products again (the backward is bilinear, MATH.md "From the notes
 to nn.Linear").
@@ -114,6 +120,44 @@ def grad_bias(grad_z: Tensor) -> Tensor:
     """``dL/db = G_z^T 1`` (item 10 with ``x = 1``: the bias is a weight column whose
     input is constantly one)."""
     return grad_z.sum(-2)
+
+
+def jvp(
+    x: Tensor,
+    weight: Tensor,
+    saved: Optional[Tensor],
+    activation: Optional[str],
+    x_t: Optional[Tensor],
+    weight_t: Optional[Tensor],
+    bias_t: Optional[Tensor],
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Forward mode: the tangents ``(d out, dz)`` of ``(out, z)`` along the input
+    tangents ``(dx, dW, db)`` (any may be None: no tangent).
+
+    ``z = x W^T + b`` is a sum of products, so by the product rule (item 1), each
+    factor's derivative entering through a linear map (item 3: ``d(A u) = A du``),
+
+        ``dz = dx W^T + x dW^T + db``;
+
+    and ``out = act(z)`` is elementwise, its Jacobian ``diag(act'(z))`` (items 1, 3), so
+
+        ``d out = act'(z) * dz``,
+
+    the same elementwise product as :func:`grad_preactivation` (a diagonal Jacobian is
+    its own transpose), computed by it. ``saved`` is what the backward keeps: ``z`` for
+    GELU/SiLU, the output for ReLU. ``dz`` is returned only for the activations whose
+    op returns ``z`` (``NEEDS_PREACTIVATION``).
+    """
+    dz = None
+    if x_t is not None:
+        dz, bias_t = preactivation(x_t, weight, bias_t), None  # dx W^T + db
+    if weight_t is not None:
+        term = preactivation(x, weight_t, bias_t)  # x dW^T (+ db)
+        dz = term if dz is None else dz + term
+    elif dz is None:  # only the bias moves: db on every row
+        dz = bias_t.expand(*x.shape[:-1], bias_t.shape[-1]).contiguous()
+    out_t = grad_preactivation(dz, saved, activation)
+    return out_t, (dz if activation in NEEDS_PREACTIVATION else None)
 
 
 def forward(

@@ -29,6 +29,9 @@ class LinearFunction(torch.autograd.Function):
     derivative needs it; otherwise the second output is None. Returning it, rather than
     hiding it in ``ctx``, is what makes double backward right: the backward uses ``z``,
     and a gradient reaching ``z`` flows back through this Function to ``x``, ``W``, ``b``.
+
+    Forward mode (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``) runs
+    :func:`formulas.jvp` in torch ops whichever backend ran the forward.
     """
 
     @staticmethod
@@ -44,6 +47,11 @@ class LinearFunction(torch.autograd.Function):
         # grad_W = G_z^T x needs x, and act' needs z (GELU, SiLU) or the output (ReLU).
         saved = z if activation in formulas.NEEDS_PREACTIVATION else (out if activation == "relu" else None)
         ctx.save_for_backward(x if need_w else None, weight if need_x else None, saved)
+        if _fw_ad._current_level >= 0:
+            # Forward-mode AD is on (a dual level is open; torch.func.jvp opens one too):
+            # the jvp needs x and W for dz = dx W^T + x dW^T + db, and act'(z). Saved
+            # only then, so that a backward-only graph keeps nothing more alive.
+            ctx.save_for_forward(x, weight, saved)
         ctx.activation, ctx.backend = activation, backend
         ctx.set_materialize_grads(False)
 
@@ -54,6 +62,11 @@ class LinearFunction(torch.autograd.Function):
             grad_out, grad_z, x, weight, saved, ctx.activation, ctx.needs_input_grad[:3], ctx.backend
         )
         return (*grads, None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _activation_t, _backend_t):
+        x, weight, saved = ctx.saved_tensors  # in jvp: what save_for_forward kept
+        return formulas.jvp(x, weight, saved, ctx.activation, x_t, weight_t, bias_t)
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, activation, backend):
