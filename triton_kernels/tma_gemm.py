@@ -19,10 +19,14 @@ of ``fused_gemm.py`` do the arithmetic), with three differences:
   output tiles ``start, start + NUM_SMS, ...`` in the grouped order of ``fused_gemm``
   (``_tile_coords``), so the launch, the descriptors' prefetch and the program's setup
   are paid once per SM rather than once per tile.
-* **A subtiled epilogue.** With ``EPILOGUE_SPLIT = 2`` the accumulator is stored as two
-  ``BLOCK_M x BLOCK_N / 2`` halves: bias, activation and the conversions run on half
-  the registers at a time, and the staging buffer of the store is half as large, which
-  is what keeps 128 x 256 tiles within the register file and shared memory.
+* **Stores through descriptors, whole or in subtiles.** The epilogue (bias, ``z``,
+  activation) stages each output tile in shared memory and stores it with one bulk
+  copy. With ``EPILOGUE_SPLIT = 2`` it does so in two ``BLOCK_M x BLOCK_N / 2`` halves,
+  which halves the staging buffer: at 128 x 256 that is what makes room for a fourth
+  pipeline stage. Compiled for sm_90, the whole-tile store keeps 128 x 256 x 64 within
+  the register file (184 registers, no spills, for the forward with bias, GELU-tanh and
+  ``z``), while splitting the accumulator costs registers (255, a few bytes spilled), so
+  both are autotune configurations (``ops.TMA_CONFIGS``).
 
 The ``grad_b`` row sums are reduced, without atomics, by the program that owns each
 tile of the first block column (``pid_n == 0``), as in ``fused_gemm``. A launch that
