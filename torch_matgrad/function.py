@@ -30,8 +30,9 @@ class LinearFunction(torch.autograd.Function):
     hiding it in ``ctx``, is what makes double backward right: the backward uses ``z``,
     and a gradient reaching ``z`` flows back through this Function to ``x``, ``W``, ``b``.
 
-    Forward mode (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``) runs
-    :func:`formulas.jvp` in torch ops whichever backend ran the forward.
+    Forward mode is :class:`ForwardModeLinearFunction`, this Function plus a ``jvp``:
+    Dynamo refuses to trace a Function that defines one (torch 2.13: "Unsupported custom
+    jvp"), which would break every ``torch.compile`` of a model using the layer.
     """
 
     @staticmethod
@@ -47,11 +48,6 @@ class LinearFunction(torch.autograd.Function):
         # grad_W = G_z^T x needs x, and act' needs z (GELU, SiLU) or the output (ReLU).
         saved = z if activation in formulas.NEEDS_PREACTIVATION else (out if activation == "relu" else None)
         ctx.save_for_backward(x if need_w else None, weight if need_x else None, saved)
-        if _fw_ad._current_level >= 0:
-            # Forward-mode AD is on (a dual level is open; torch.func.jvp opens one too):
-            # the jvp needs x and W for dz = dx W^T + x dW^T + db, and act'(z). Saved
-            # only then, so that a backward-only graph keeps nothing more alive.
-            ctx.save_for_forward(x, weight, saved)
         ctx.activation, ctx.backend = activation, backend
         ctx.set_materialize_grads(False)
 
@@ -64,28 +60,56 @@ class LinearFunction(torch.autograd.Function):
         return (*grads, None, None)
 
     @staticmethod
+    def vmap(info, in_dims, x, weight, bias, activation, backend):
+        return _vmap_rule(LinearFunction, info, in_dims, x, weight, bias, activation, backend)
+
+
+class ForwardModeLinearFunction(LinearFunction):
+    """:class:`LinearFunction` with forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+    ``hessian``, ``torch.autograd.forward_ad``): :func:`linear` applies it while a dual
+    level is open (``torch.func.jvp`` opens one too). Its ``jvp`` is
+    :func:`formulas.jvp` in torch ops, whichever backend ran the forward; the tensors it
+    needs are saved only here, so a backward-only graph keeps nothing more alive."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        LinearFunction.setup_context(ctx, inputs, output)
+        x, weight, _, activation, _ = inputs
+        out, z = output
+        # dz = dx W^T + x dW^T + db needs x and W; act'(z) needs z or, for ReLU, out.
+        ctx.save_for_forward(x, weight, z if activation in formulas.NEEDS_PREACTIVATION else
+                             (out if activation == "relu" else None))
+
+    @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, _activation_t, _backend_t):
         x, weight, saved = ctx.saved_tensors  # in jvp: what save_for_forward kept
         return formulas.jvp(x, weight, saved, ctx.activation, x_t, weight_t, bias_t)
 
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, activation, backend):
-        x_dim, w_dim, b_dim, _, _ = in_dims
-        if w_dim is None and b_dim is None:
-            # Shared parameters (e.g. per-sample gradients): fold the vmapped dimension
-            # into the rows, so the whole batch is one GEMM on the same backend.
-            xb = x.movedim(x_dim, 0)
-            out, z = LinearFunction.apply(xb.reshape(-1, xb.shape[-1]), weight, bias, activation, backend)
-            rows = xb.shape[:2]
-            return (out.view(*rows, -1), None if z is None else z.view(*rows, -1)), (0, None if z is None else 0)
-        # Per-sample parameters: a batched matmul of the same formulas, in torch ops.
-        def batched(t, dim):
-            if t is None:
-                return None
-            return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+        # jacfwd is vmap over jvp: the batched call must keep the jvp.
+        return _vmap_rule(ForwardModeLinearFunction, info, in_dims, x, weight, bias, activation, backend)
 
-        out, z = formulas.forward(batched(x, x_dim), batched(weight, w_dim), batched(bias, b_dim), activation)
-        return (out, z), (0, None if z is None else 0)
+
+def _vmap_rule(function, info, in_dims, x, weight, bias, activation, backend):
+    """The ``vmap`` rule of both Functions; ``function`` applies the batched op."""
+    x_dim, w_dim, b_dim, _, _ = in_dims
+    if w_dim is None and b_dim is None:
+        # Shared parameters (e.g. per-sample gradients): fold the vmapped dimension
+        # into the rows, so the whole batch is one GEMM on the same backend.
+        xb = x.movedim(x_dim, 0)
+        out, z = function.apply(xb.reshape(-1, xb.shape[-1]), weight, bias, activation, backend)
+        rows = xb.shape[:2]
+        return (out.view(*rows, -1), None if z is None else z.view(*rows, -1)), (0, None if z is None else 0)
+
+    # Per-sample parameters: a batched matmul of the same formulas, in torch ops.
+    def batched(t, dim):
+        if t is None:
+            return None
+        return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+    out, z = formulas.forward(batched(x, x_dim), batched(weight, w_dim), batched(bias, b_dim), activation)
+    return (out, z), (0, None if z is None else 0)
 
 
 def _describe(t: Tensor) -> str:
@@ -241,7 +265,8 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
     # strides allow it, so transposed 2-D views reach the backend without a copy.
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     if transformed or torch.compiler.is_compiling():  # torch.compile traces the Function
-        out, _ = LinearFunction.apply(x2, weight, bias, activation, backend)
+        function = ForwardModeLinearFunction if _fw_ad._current_level >= 0 else LinearFunction
+        out, _ = function.apply(x2, weight, bias, activation, backend)
     else:
         out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
