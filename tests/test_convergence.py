@@ -74,7 +74,7 @@ def _check(device, autocast_dtype):
     original, swapped, n_replaced, n_fused = example.make_pair(device=device)
     # Every nn.Linear outside attention is swapped: 2 blocks x 2 MLP layers + the head.
     assert (n_replaced, n_fused) == (5, 2)
-    assert sum(isinstance(m, tm.Linear) and m.activation == "gelu" for m in swapped.modules()) == 2
+    assert sum(isinstance(m, tm.LinearAct) and m.activation == "gelu" for m in swapped.modules()) == 2
     batches = example.make_batches(STEPS, device=device)
     if device == "cuda":
         ref_grads, grads = _first_step_gradients([original, swapped], batches[0], autocast_dtype)

@@ -322,9 +322,59 @@ def test_linear_is_a_drop_in_nn_linear():
     assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)  # same init
     assert list(layer.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
     assert repr(layer) == "Linear(in_features=7, out_features=3, bias=True, activation=None)"
-    assert "activation='silu'" in repr(mg.Linear(2, 2, bias=False, activation="silu"))
     nobias = mg.Linear(4, 2, bias=False, dtype=torch.float64)
     assert nobias.bias is None and nobias.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("activation", [a for a in ACTS if a is not None])
+def test_a_fused_activation_makes_a_linear_act_which_is_no_nn_linear(activation):
+    """Tools that find nn.Linear layers (LoRA, quantization, tensor parallel) treat them
+    as the linear map x W^T + b: a layer that applies an activation must not be one."""
+    torch.manual_seed(1)
+    ref = torch.nn.Linear(7, 3)
+    for make in (lambda: mg.LinearAct(7, 3, activation=activation), lambda: mg.Linear(7, 3, activation=activation),
+                 lambda: mg.Linear(7, 3, True, None, None, activation)):  # the old spellings too
+        torch.manual_seed(1)
+        layer = make()
+        assert type(layer) is mg.LinearAct and isinstance(layer, torch.nn.Module)
+        assert not isinstance(layer, torch.nn.Linear) and not isinstance(layer, mg.Linear)
+        assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)  # same init
+        assert list(layer.state_dict()) == ["weight", "bias"] and layer.activation == activation
+    assert repr(layer) == f"LinearAct(in_features=7, out_features=3, bias=True, activation={activation!r})"
+    x = torch.randn(2, 5, 7)
+    assert torch.equal(layer(x), activate_ref(ref(x), activation))
+    nobias = mg.LinearAct(4, 2, bias=False, dtype=torch.float64, activation=activation)
+    assert nobias.bias is None and nobias.weight.dtype == torch.float64 and list(nobias.state_dict()) == ["weight"]
+    assert type(mg.Linear(7, 3, activation=None)) is mg.Linear
+
+
+def test_linear_act_needs_an_activation_and_linear_subclasses_take_none():
+    with pytest.raises(ValueError, match=r"LinearAct needs an activation.*use torch_matgrad.Linear"):
+        mg.LinearAct(3, 4)
+    with pytest.raises(ValueError, match="unknown activation"):
+        mg.LinearAct(3, 4, activation="tanh")
+
+    class MyLinear(mg.Linear):
+        pass
+
+    assert type(MyLinear(3, 4)) is MyLinear
+    with pytest.raises(TypeError, match=r"MyLinear: .* is an nn.Linear and fuses no activation; subclass .*LinearAct"):
+        MyLinear(3, 4, activation="relu")
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_layers_survive_deepcopy_and_pickle(activation):
+    import copy
+    import io
+
+    layer = mg.Linear(5, 3, activation=activation)
+    x = torch.randn(4, 5)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        assert type(other) is type(layer) and other.activation == activation
+        assert torch.equal(other(x), layer(x))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -340,14 +390,18 @@ def test_state_dict_round_trip_both_ways(bias):
     assert torch.equal(layer(x), F.relu(src(x)))
 
 
-def test_from_linear_shares_parameters():
+@pytest.mark.parametrize("from_linear", [mg.Linear.from_linear, mg.LinearAct.from_linear])
+def test_from_linear_shares_parameters(from_linear):
     src = torch.nn.Linear(6, 5, dtype=torch.float64).eval()
-    layer = mg.Linear.from_linear(src, activation="gelu_tanh")
+    layer = from_linear(src, activation="gelu_tanh")
+    assert type(layer) is mg.LinearAct
     assert layer.weight is src.weight and layer.bias is src.bias
     assert not layer.training and layer.weight.dtype == torch.float64
     assert layer.activation == "gelu_tanh"
-    nobias = mg.Linear.from_linear(torch.nn.Linear(2, 3, bias=False))
+    nobias = from_linear(torch.nn.Linear(2, 3, bias=False), activation="relu")
     assert nobias.bias is None and list(nobias.state_dict()) == ["weight"]
     with pytest.raises(TypeError, match="expects an nn.Linear, got Conv1d"):
-        mg.Linear.from_linear(torch.nn.Conv1d(2, 3, 1))
+        from_linear(torch.nn.Conv1d(2, 3, 1), activation="relu")
+    plain = mg.Linear.from_linear(src)
+    assert type(plain) is mg.Linear and plain.weight is src.weight and not plain.training
 

@@ -102,7 +102,7 @@ def _fsdp2(rank):
 
     _, model = _models()
     for layer in model:
-        if isinstance(layer, tm.Linear):
+        if isinstance(layer, (tm.Linear, tm.LinearAct)):
             fully_shard(layer)
     fully_shard(model)
     assert type(model[0].weight).__name__ == "DTensor"  # really sharded
@@ -115,8 +115,20 @@ def _tensor_parallel(rank):
 
     _, model = _models()
     mesh = init_device_mesh("cpu", (WORLD,))
-    # Rowwise layers 2 and 6 carry an activation: their local products are partial sums,
+    # The styles shard nn.Linear (and nn.Embedding) only: a fused layer, which is not an
+    # nn.Linear, is refused rather than sharded as if it were a linear map.
+    for style in (ColwiseParallel(), RowwiseParallel()):
+        try:
+            parallelize_module(copy.deepcopy(model), mesh, {"0": style})
+        except NotImplementedError as e:
+            assert "nn.Linear" in str(e), e
+        else:
+            raise AssertionError(f"{type(style).__name__} sharded a LinearAct")
+    # restore_linear puts the activations back in their slots (1/3/5/7); swapped again,
+    # the Linears are torch_matgrad's and the activations run after the reduction. The
+    # rowwise layers 2 and 6 are followed by one: their local products are partial sums,
     # and the activation must see the reduced sum, not each rank's part.
+    assert tm.restore_linear(model) == 4 and tm.replace_linear(model) == 4
     plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel(), "6": RowwiseParallel()}
     parallelize_module(model, mesh, plan)
     assert type(model[0].weight).__name__ == "DTensor"

@@ -1,5 +1,6 @@
-"""replace_linear / fuse_activations on real module trees, and the model-level edges:
-meta-device weights, tied weights, frozen (LoRA-style) and toggled ``requires_grad``."""
+"""replace_linear / fuse_activations / restore_linear on real module trees, and the
+model-level edges: meta-device weights, tied weights, frozen (LoRA-style) and toggled
+``requires_grad``."""
 
 import copy
 import warnings
@@ -236,7 +237,8 @@ def test_fuse_activations_same_numerics(act, name, pre_swapped):
         tm.replace_linear(model)
     keys, weight = list(model.state_dict()), model[0].weight
     assert tm.fuse_activations(model) == 1
-    assert type(model[0]) is tm.Linear and model[0].activation == name
+    assert type(model[0]) is tm.LinearAct and model[0].activation == name
+    assert not isinstance(model[0], nn.Linear)  # LoRA & co. must not take it for a linear map
     assert type(model[1]) is nn.Identity and len(model) == 3
     assert list(model.state_dict()) == keys
     assert model[0].weight is weight
@@ -267,9 +269,9 @@ def test_fuse_activations_shares_parameters_and_skips_unsafe_pairs():
     assert tm.fuse_activations(model) == 2
     assert model[0].weight is first_weight
     assert [type(m).__name__ for m in model[:10]] == [
-        "Linear", "Identity", "Linear", "ReLU", "Linear", "SiLU", "Linear", "MyReLU", "Linear", "Tanh"
+        "LinearAct", "Identity", "Linear", "ReLU", "Linear", "SiLU", "Linear", "MyReLU", "Linear", "Tanh"
     ]
-    assert type(model[0]) is tm.Linear and type(model[2]) is nn.Linear and model[10][0].activation == "gelu"
+    assert type(model[2]) is nn.Linear and model[10][0].activation == "gelu"
     _assert_same_function(model, ref, torch.randn(6, 4))
 
 
@@ -387,3 +389,97 @@ def test_requires_grad_toggled_between_steps_matches_nn_linear():
         assert (model[0].weight.grad is None) == frozen, f"step {step}"
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert_rel_close(p, q, torch.float32, what=f"step {step} {name}")
+
+
+# ------------------------------------------------------------------- restore_linear
+
+
+def _swapped_and_fused(act=None):
+    ref = _mlp(act)
+    model = copy.deepcopy(ref)
+    assert tm.replace_linear(model) == 2 and tm.fuse_activations(model) == 1
+    return ref, model
+
+
+@pytest.mark.parametrize("act, name", ACT_MODULES, ids=[f"{n}-{a!r}" for a, n in ACT_MODULES])
+def test_restore_linear_undoes_replace_and_fuse(act, name):
+    ref, model = _swapped_and_fused(copy.deepcopy(act))
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    model[2].eval()
+    assert tm.restore_linear(model) == 2
+    assert [type(m) for m in model] == [nn.Linear, type(act), nn.Linear]
+    assert list(model.state_dict()) == keys == list(ref.state_dict())
+    assert all(p is params[k] for k, p in model.named_parameters())  # shared, not copied
+    assert model[0].training and not model[2].training
+    x = torch.randn(3, 4, 7)
+    _assert_same_function(model.train(), ref, x)
+    assert tm.restore_linear(model) == 0  # nothing of ours is left
+
+
+def test_restore_linear_activation_kinds_round_trip():
+    for act, name in ACT_MODULES:
+        _, model = _swapped_and_fused(copy.deepcopy(act))
+        tm.restore_linear(model)
+        assert tm.fuse_activations(model) == 1 and model[0].activation == name
+
+
+def test_restore_linear_outside_a_fused_sequential_wraps_in_a_sequential():
+    """A LinearAct built directly has no free slot for the activation: it becomes
+    Sequential(nn.Linear, activation), keys gaining '.0'; a shared one stays shared."""
+    model = nn.Module()
+    model.fc = tm.Linear(6, 8, activation="silu")
+    model.seq = nn.Sequential(model.fc, nn.Identity(), nn.Linear(8, 2))  # shared: no slot reuse
+    model.last = tm.LinearAct(8, 3, bias=False, activation="gelu_tanh")
+    ref = copy.deepcopy(model)
+    weight = model.fc.weight
+    assert tm.restore_linear(model) == 2
+    assert type(model.fc) is nn.Sequential and model.seq[0] is model.fc and type(model.seq[1]) is nn.Identity
+    assert [type(m) for m in model.fc] == [nn.Linear, nn.SiLU] and model.fc[0].weight is weight
+    assert type(model.last[1]) is nn.GELU and model.last[1].approximate == "tanh" and model.last[0].bias is None
+    assert sorted(model.state_dict()) == ["fc.0.bias", "fc.0.weight", "last.0.weight", "seq.0.0.bias",
+                                          "seq.0.0.weight", "seq.2.bias", "seq.2.weight"]
+    x = torch.randn(5, 6)
+    for m in (model, ref):
+        m.forward = lambda x, m=m: (m.seq(x), m.last(m.fc(x)))
+    for got, want in zip(model(x), ref(x)):
+        assert_rel_close(got, want, torch.float32, what="restored output")
+
+
+def test_restore_linear_patterns_and_refusals():
+    class MyLinear(tm.Linear):
+        pass
+
+    model = nn.Sequential(tm.Linear(4, 4), MyLinear(4, 4), tm.Linear(4, 4), nn.Sequential(tm.Linear(4, 4)))
+    model[2].register_forward_pre_hook(lambda *args: None)
+    with pytest.warns(UserWarning) as record:
+        assert tm.restore_linear(model, exclude="3") == 1
+    messages = " ".join(str(w.message) for w in record)
+    assert "restore_linear: left '1'" in messages and "subclass of torch_matgrad.Linear" in messages
+    assert "left '2'" in messages and "hooks" in messages
+    assert [type(m) for m in model[:3]] == [nn.Linear, MyLinear, tm.Linear] and type(model[3][0]) is tm.Linear
+    assert tm.restore_linear(model, include="3.*") == 1 and type(model[3][0]) is nn.Linear
+
+
+def test_quantize_dynamic_after_restore_linear():
+    """quantize_dynamic({nn.Linear}) swaps exact nn.Linear types: torch_matgrad layers
+    stay float, silently. restore_linear first makes the result the stock model's."""
+    import warnings
+
+    quantize_dynamic = torch.ao.quantization.quantize_dynamic
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    ref = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+    model = copy.deepcopy(ref)
+    tm.replace_linear(model)
+    tm.fuse_activations(model)
+    x = torch.randn(5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's notice
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensor creation's notice
+        left_float = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        assert not any(isinstance(m, quantized) for m in left_float.modules())  # the trap
+        assert tm.restore_linear(model) == 3
+        got = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        want = quantize_dynamic(copy.deepcopy(ref), {nn.Linear}, dtype=torch.qint8)
+    assert [type(m).__name__ for m in got] == [type(m).__name__ for m in want]
+    assert sum(isinstance(m, quantized) for m in got) == 3
+    assert torch.equal(got(x), want(x))

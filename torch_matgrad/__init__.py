@@ -8,14 +8,15 @@ from . import dispatch, formulas, jacobian
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
-from .modules import Linear
-from .surgery import fuse_activations, replace_linear
+from .modules import Linear, LinearAct
+from .surgery import fuse_activations, replace_linear, restore_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
     "Linear",
+    "LinearAct",
     "LinearFunction",
     "dispatch",
     "formulas",
@@ -23,5 +24,6 @@ __all__ = [
     "jacobian",
     "linear",
     "replace_linear",
+    "restore_linear",
     "use_backend",
 ]

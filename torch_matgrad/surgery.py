@@ -1,8 +1,10 @@
-"""Model surgery: put :class:`torch_matgrad.Linear` into an existing model.
+"""Model surgery: put :class:`torch_matgrad.Linear` into an existing model, and take it out.
 
-:func:`replace_linear` swaps ``nn.Linear`` layers for ``torch_matgrad.Linear``;
+:func:`replace_linear` swaps ``nn.Linear`` layers for ``torch_matgrad.Linear`` (and
+``transformers``' ``Conv1D``, GPT-2's projections, for :class:`torch_matgrad.hf.Conv1D`);
 :func:`fuse_activations` folds ``Linear -> ReLU/GELU/SiLU`` pairs inside ``nn.Sequential``
-into one fused layer. Both share the original Parameter objects (no copies): optimizer
+into one :class:`torch_matgrad.LinearAct`; :func:`restore_linear` undoes both, for tools
+that need stock modules. All share the original Parameter objects (no copies): optimizer
 state, parameter hooks, weight tying, device, dtype and ``requires_grad`` stay as they
 were, and the ``state_dict`` keys do not change.
 
@@ -17,7 +19,10 @@ could change what the model computes:
 - a layer with module hooks (forward, pre-forward, backward or state-dict hooks, which
   is how ``weight_norm`` and ``torch.nn.utils.prune`` work): module hooks belong to the
   module object and cannot move to a new one. ``fully_shard`` and
-  ``parallelize_module`` add such hooks (FSDP2 also a subclass): swap before wrapping.
+  ``parallelize_module`` add such hooks (FSDP2 also a subclass): swap before wrapping;
+- a layer whose ``forward`` was patched on the instance, as ``accelerate``'s hooks
+  (``_hf_hook``: device maps, CPU/disk offload) do: the patch, which moves the weights
+  in place for each call, belongs to the old object.
 
 ``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` are swapped (training calls
 their ``forward``), but its inference fast path (eval mode without grad, see its
@@ -28,12 +33,14 @@ run there.
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
-from .modules import Linear
+from .modules import Linear, LinearAct
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -66,35 +73,73 @@ def _matches(name: str, patterns: list) -> bool:
     return any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in patterns)
 
 
+def _patched(module: nn.Module) -> bool:
+    """A ``forward`` set on the instance (accelerate's hooks: ``_hf_hook``)."""
+    return "_hf_hook" in module.__dict__ or "forward" in module.__dict__
+
+
 def _hooked(module: nn.Module) -> bool:
-    return any(getattr(module, table, None) for table in _HOOK_TABLES)
+    return any(getattr(module, table, None) for table in _HOOK_TABLES) or _patched(module)
 
 
-def _linear_slots(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
-    """``(parent, attribute, qualified name, module)`` for every registration of an
-    ``nn.Linear`` (a module registered under two names appears twice)."""
+def _conv1d_pair():
+    """``(transformers' Conv1D, torch_matgrad.hf.Conv1D)``, or None while transformers is
+    not loaded (no model can hold a Conv1D then: the class lives there)."""
+    if "transformers.pytorch_utils" not in sys.modules:
+        return None
+    from . import hf
+
+    return hf.HFConv1D, hf.Conv1D
+
+
+def _slots(model: nn.Module, types: tuple) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
+    """``(parent, attribute, qualified name, module)`` for every registration of a
+    module of ``types`` (a module registered under two names appears twice)."""
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         for attr, child in parent._modules.items():  # named_children() drops repeats
-            if isinstance(child, nn.Linear):
+            if isinstance(child, types):
                 yield parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child
 
 
-def _why_not(parent: nn.Module, module: nn.Module) -> Optional[str]:
-    """Why swapping ``module`` could change the model's result; None if it is safe."""
+def _why_not(parent: nn.Module, module: nn.Module, exact: tuple = (nn.Linear,)) -> Optional[str]:
+    """Why swapping ``module`` (an instance of one of the classes ``exact``) could change
+    the model's result; None if it is safe."""
     if isinstance(parent, nn.MultiheadAttention):
         return (
             "nn.MultiheadAttention uses this layer's weight directly without calling its forward, "
             "so a torch_matgrad.Linear there would never run"
         )
-    if type(module) is not nn.Linear:
-        return f"it is a {type(module).__qualname__}, a subclass of nn.Linear whose behaviour a swap would drop"
+    if type(module) not in exact:
+        base = next(t for t in exact if isinstance(module, t))
+        return f"it is a {type(module).__qualname__}, a subclass of {_class_name(base)} whose behaviour a swap would drop"
+    if _patched(module):
+        return (
+            "its forward is patched on the instance (accelerate's _hf_hook: device map or offload), "
+            "which cannot move to a new module"
+        )
     if _hooked(module):
         return "it has module hooks (e.g. weight_norm, pruning), which cannot move to a new module"
     return None
 
 
+def _class_name(cls: type) -> str:
+    module = cls.__module__
+    short = {"torch.nn.modules.linear": "nn", "torch_matgrad.modules": "torch_matgrad"}.get(module, module)
+    return f"{short}.{cls.__qualname__}"
+
+
+def _warn_left(function: str, name: str, attr: str, reason: str) -> None:
+    warnings.warn(
+        f"torch_matgrad.{function}: left {name!r} as it is: {reason}. To skip it without "
+        f"this warning, pass exclude=[{name!r}] (or a pattern such as '*.{attr}')",
+        stacklevel=3,
+    )
+
+
 def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patterns = None) -> int:
-    """Swap every ``nn.Linear`` in ``model`` for :class:`torch_matgrad.Linear`, in place.
+    """Swap every ``nn.Linear`` in ``model`` for :class:`torch_matgrad.Linear`, in place
+    (and every ``transformers`` ``Conv1D`` for :class:`torch_matgrad.hf.Conv1D`, which
+    reads the same ``(in, out)`` weight through a transpose).
 
     Args:
         model: modified in place (the root itself is not replaced; wrap a bare
@@ -112,28 +157,26 @@ def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patte
         ``model``. A layer registered under several names is swapped once and stays
         shared. Layers that cannot be swapped safely are left alone with a warning (see
         the module docstring). Layers that are already ``torch_matgrad.Linear`` are
-        skipped silently.
+        skipped silently. :func:`restore_linear` undoes the swap.
     """
     include, exclude = _as_list(include), _as_list(exclude)
-    swapped: Dict[int, Linear] = {}
+    conv1d = _conv1d_pair()
+    stock, ours = ((nn.Linear,), (Linear,)) if conv1d is None else ((nn.Linear, conv1d[0]), (Linear, conv1d[1]))
+    swapped: Dict[int, nn.Module] = {}
     refused = set()
-    for parent, attr, name, module in list(_linear_slots(model)):
-        if isinstance(module, Linear):
+    for parent, attr, name, module in list(_slots(model, stock)):
+        if isinstance(module, ours):
             continue
         if (include and not _matches(name, include)) or _matches(name, exclude):
             continue
         if id(module) not in swapped:
-            reason = _why_not(parent, module)
+            reason = _why_not(parent, module, stock)
             if reason is not None:
                 if id(module) not in refused:
-                    warnings.warn(
-                        f"torch_matgrad.replace_linear: left {name!r} as it is: {reason}. To skip it without "
-                        f"this warning, pass exclude=[{name!r}] (or a pattern such as '*.{attr}')",
-                        stacklevel=2,
-                    )
+                    _warn_left("replace_linear", name, attr, reason)
                     refused.add(id(module))
                 continue
-            swapped[id(module)] = Linear.from_linear(module)
+            swapped[id(module)] = Linear.from_linear(module) if type(module) is nn.Linear else conv1d[1].from_conv1d(module)
         setattr(parent, attr, swapped[id(module)])
     return len(swapped)
 
@@ -152,7 +195,7 @@ def _activation_of(module: nn.Module) -> Optional[str]:
 def fuse_activations(model: nn.Module) -> int:
     """Fold ``Linear`` followed by ``nn.ReLU`` / ``nn.GELU`` (``approximate="none"`` or
     ``"tanh"``) / ``nn.SiLU`` inside any ``nn.Sequential`` of ``model`` into one
-    ``torch_matgrad.Linear(activation=...)``, in place.
+    :class:`torch_matgrad.LinearAct` (not an ``nn.Linear``: see its docstring), in place.
 
     The Linear may be a plain ``nn.Linear`` or a ``torch_matgrad.Linear`` without an
     activation. The fused layer shares the Linear's Parameters and computes the same
@@ -163,8 +206,9 @@ def fuse_activations(model: nn.Module) -> int:
 
     A pair is left alone, silently, if the Linear is registered elsewhere in the model
     too (another caller expects its output without the activation), if it has module
-    hooks (a forward hook there sees the pre-activation), if either module is a
-    subclass (its own behaviour would be lost), or if the activation has hooks.
+    hooks or a patched forward (a forward hook there sees the pre-activation), if
+    either module is a subclass (its own behaviour would be lost), or if the activation
+    has hooks. :func:`restore_linear` undoes the fusion.
 
     Returns:
         The number of pairs fused.
@@ -187,7 +231,101 @@ def fuse_activations(model: nn.Module) -> int:
                 or _hooked(act)
             ):
                 continue
-            seq._modules[first] = Linear.from_linear(lin, activation=activation)
+            seq._modules[first] = LinearAct.from_linear(lin, activation)
             seq._modules[second] = nn.Identity().train(act.training)
             fused += 1
     return fused
+
+
+def restore_linear(model: nn.Module, *, include: Patterns = None, exclude: Patterns = None) -> int:
+    """Undo :func:`replace_linear` and :func:`fuse_activations`, in place: every
+    torch_matgrad layer of ``model`` becomes the stock module again, sharing its
+    Parameter objects (no copies).
+
+    The step before ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear})``,
+    PEFT on fused layers, tensor-parallel styles, or any tool that looks for
+    ``nn.Linear``: a :class:`torch_matgrad.LinearAct` is not one, so such tools leave
+    it alone or refuse it.
+
+    - :class:`torch_matgrad.Linear` becomes ``nn.Linear``;
+    - :class:`torch_matgrad.hf.Conv1D` becomes ``transformers``' ``Conv1D``;
+    - :class:`torch_matgrad.LinearAct` becomes ``nn.Linear`` followed by the
+      activation module (``nn.ReLU``, ``nn.GELU`` with ``approximate="none"`` or
+      ``"tanh"``, ``nn.SiLU``). Where :func:`fuse_activations` left an ``nn.Identity``
+      right after it in an ``nn.Sequential``, the activation goes into that slot: the
+      model and its ``state_dict`` keys are what they were before fusing. Anywhere else
+      the layer becomes ``nn.Sequential(nn.Linear, activation)``, whose keys gain a
+      ``.0`` (``fc.weight`` becomes ``fc.0.weight``; the values are the same tensors).
+
+    ``include``/``exclude`` select layers as in :func:`replace_linear`. A layer with
+    module hooks or a patched forward, or of a subclass of these classes, is left
+    alone with a warning naming it, as in :func:`replace_linear`; ``training`` is kept.
+
+    Returns:
+        The number of distinct layers restored.
+    """
+    include, exclude = _as_list(include), _as_list(exclude)
+    conv1d = _conv1d_pair()
+    ours = (Linear, LinearAct) if conv1d is None else (Linear, LinearAct, conv1d[1])
+    registrations: Dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        registrations[id(module)] = registrations.get(id(module), 0) + 1
+    restored: Dict[int, nn.Module] = {}
+    refused = set()
+    for parent, attr, name, module in list(_slots(model, ours)):
+        if (include and not _matches(name, include)) or _matches(name, exclude):
+            continue
+        if id(module) not in restored:
+            reason = _why_not(parent, module, ours)
+            if reason is not None:
+                if id(module) not in refused:
+                    _warn_left("restore_linear", name, attr, reason)
+                    refused.add(id(module))
+                continue
+            if type(module) is not LinearAct:
+                restored[id(module)] = _stock(module, conv1d)
+            else:
+                linear, activation = _stock(module, conv1d), _activation_module(module.activation)
+                slot = _identity_after(parent, attr)
+                if slot is not None and registrations[id(module)] == 1:
+                    parent._modules[slot] = activation.train(parent._modules[slot].training)
+                    restored[id(module)] = linear
+                else:
+                    restored[id(module)] = nn.Sequential(linear, activation.train(module.training))
+        setattr(parent, attr, restored[id(module)])
+    return len(restored)
+
+
+def _stock(module: nn.Module, conv1d) -> nn.Module:
+    """``nn.Linear`` (for a ``Linear`` or the linear part of a ``LinearAct``) or
+    ``transformers``' ``Conv1D``, holding ``module``'s Parameters, in its mode."""
+    if isinstance(module, (Linear, LinearAct)):
+        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    else:
+        with torch.device("meta"):  # the stock initialisation runs on nothing
+            new = conv1d[0](module.nf, module.nx)
+    new.weight, new.bias = module.weight, module.bias
+    return new.train(module.training)
+
+
+def _activation_module(activation: str) -> nn.Module:
+    """The ``torch.nn`` module computing the fused activation ``activation``
+    (the inverse of :func:`_activation_of`)."""
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "silu":
+        return nn.SiLU()
+    return nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _identity_after(parent: nn.Module, attr: str) -> Optional[str]:
+    """The key of the plain, unhooked ``nn.Identity`` right after ``attr`` in the
+    ``nn.Sequential`` ``parent`` (the slot :func:`fuse_activations` leaves), or None."""
+    if not isinstance(parent, nn.Sequential):
+        return None
+    names = list(parent._modules)
+    i = names.index(attr)
+    if i + 1 == len(names):
+        return None
+    after = parent._modules[names[i + 1]]
+    return names[i + 1] if type(after) is nn.Identity and not _hooked(after) else None
