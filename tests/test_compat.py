@@ -1,6 +1,7 @@
-"""The tools a PyTorch user reaches for, on models using the layers: PEFT's LoRA, and
-Hugging Face models (GPT-2's Conv1D, accelerate's offload hooks). Tiny models, built from
-configs: nothing is downloaded.
+"""The tools a PyTorch user reaches for, on models using the layers: TorchScript (script,
+trace, save and load), the legacy ONNX export run by onnxruntime, torch.fx symbolic
+tracing, torch.export (strict), PEFT's LoRA, and Hugging Face models (GPT-2's Conv1D,
+accelerate's offload hooks). Tiny models, built from configs: nothing is downloaded.
 """
 
 import copy
@@ -62,6 +63,119 @@ def _round_trip(scripted):
     torch.jit.save(scripted, buf)
     buf.seek(0)
     return torch.jit.load(buf)
+
+
+# ------------------------------------------------------------------ TorchScript
+
+
+def test_torch_jit_script_save_and_load(quiet):
+    model = _model()
+    loaded = _round_trip(torch.jit.script(model))
+    for rows in ((5,), (2, 3), (0,)):
+        x = torch.randn(*rows, 12)
+        assert_rel_close(loaded(x), _reference64(model, x), torch.float32, what=f"scripted, rows {rows}")
+    # The compiled code is F.linear and the activation: no Python call left to fail at save.
+    assert str(loaded.inlined_graph).count("aten::linear") == 5
+
+
+def test_torch_jit_trace_save_and_load_trains_like_eager(quiet):
+    model = _model()
+    x = torch.randn(3, 4, 12)
+    traced = torch.jit.trace(model, x)
+    assert "LinearFunction" not in str(traced.inlined_graph)  # aten ops only
+    loaded = _round_trip(traced)
+    x2 = torch.randn(3, 4, 12, requires_grad=True)  # another input of the traced shape
+    out = loaded(x2)
+    assert out.requires_grad
+    assert_rel_close(out, _reference64(model, x2.detach()), torch.float32, what="traced output")
+    # Gradients through the loaded trace (its own parameter copies) equal eager's.
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x2)
+    x3 = x2.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(model(x3).square().sum(), x3)
+    assert_rel_close(grad_x, want, torch.float32, what="grad through the trace")
+
+
+def test_jit_trace_prints_no_tracer_warning():
+    """The input checks compare parameter shapes, which a trace records as constants and
+    warns about; torch_matgrad silences that for its own module on import. (A fresh
+    process: pytest drops warning filters that an import during collection installs.)"""
+    code = (
+        "import warnings, torch, torch_matgrad as tm\n"
+        "m = torch.nn.Sequential(tm.Linear(4, 6), tm.LinearAct(6, 3, activation='gelu'))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    torch.jit.trace(m, torch.randn(2, 4))\n"
+        "print([str(w.message)[:80] for w in caught if issubclass(w.category, torch.jit.TracerWarning)])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_functional_linear_under_jit_trace(quiet):
+    w, b = torch.randn(6, 5), torch.randn(6)
+    traced = torch.jit.trace(lambda x: tm.linear(x, w, b, "gelu"), torch.randn(2, 5, requires_grad=True))
+    x = torch.randn(7, 5)
+    assert_rel_close(traced(x), reference(x.double(), w.double(), b.double(), "gelu"), torch.float32)
+
+
+# ------------------------------------------------------------------ legacy ONNX
+
+
+def test_legacy_onnx_export_runs_in_onnxruntime(quiet):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _model().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(3, 12),), buf, dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    for rows in (3, 17):
+        x = torch.randn(rows, 12)
+        (y,) = session.run(None, {"x": x.numpy()})
+        assert_rel_close(torch.from_numpy(y), _reference64(model, x), torch.float32, what=f"onnxruntime, {rows} rows")
+
+
+# ------------------------------------------------------------------------ torch.fx
+
+
+class _Functional(nn.Module):
+    """Calls the op as ``torch_matgrad.linear(...)``, the way user code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return tm.linear(x, self.weight, self.bias, activation="silu") * 2
+
+
+def test_fx_symbolic_trace_records_one_node_per_op():
+    model = nn.Sequential(_model(), nn.Tanh(), _Functional())
+    graph_module = torch.fx.symbolic_trace(model)
+    calls = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is tm.function.linear]
+    assert len(calls) == 6  # five layers and the functional call, each one node
+    assert [n.args[3] if len(n.args) > 3 else n.kwargs.get("activation") for n in calls] == ACTS + ["silu"]
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    got, want = graph_module(x), model(x)
+    assert torch.equal(got, want)
+    (g1,) = torch.autograd.grad(got.sum(), x)
+    (g2,) = torch.autograd.grad(want.sum(), x)
+    assert torch.equal(g1, g2)
+
+
+# ------------------------------------------------------------------ torch.export
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_torch_export_outputs_require_grad_like_nn_linear(strict):
+    model = _model()
+    ref = nn.Sequential(nn.Linear(12, 16), nn.GELU())
+    x = torch.randn(3, 12)
+    exported = torch.export.export(model, (x,), strict=strict).module()
+    stock = torch.export.export(ref, (x,), strict=strict).module()
+    out = exported(x)
+    assert out.requires_grad == stock(x).requires_grad == True  # noqa: E712
+    assert_rel_close(out, _reference64(model, x), torch.float32, what="exported output")
 
 
 # --------------------------------------------------------------------- PEFT LoRA

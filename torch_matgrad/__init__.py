@@ -4,12 +4,18 @@ The backward is written out from matrix-calculus identities (``docs/MATH.md``) i
 :mod:`torch_matgrad.formulas`; :mod:`torch_matgrad.dispatch` picks the implementation.
 """
 
+import torch as _torch
+
 from . import dispatch, formulas, jacobian
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
 from .modules import Linear, LinearAct
 from .surgery import fuse_activations, replace_linear, restore_linear
+
+# torch.fx.symbolic_trace records ``torch_matgrad.linear(...)`` as one node (see
+# torch_matgrad.function); free outside symbolic tracing.
+_torch.fx.wrap("linear")
 
 __version__ = "0.1.0"
 

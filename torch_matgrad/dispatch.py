@@ -30,7 +30,7 @@ gradients the kernels cannot read (tensor subclasses, the batched tensors of
 Even when forced, ``"triton"`` hands these forwards to ``"torch"`` (the list is
 :func:`_triton_fallback`): tensor subclasses and functorch-wrapped tensors (DTensor,
 the tensors of ``torch.func`` transforms), meta tensors, mixed dtypes, and code that
-``torch.compile`` is tracing. Set the logger ``torch_matgrad`` to DEBUG to see each
+``torch.compile`` or ``torch.jit.trace`` is tracing. Set the logger ``torch_matgrad`` to DEBUG to see each
 fallback and why; :func:`recording` counts which implementation ran each half.
 """
 
@@ -201,10 +201,11 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     requested = _forced or _env_backend or _bad_env()
     if requested == "torch" or (requested == "auto" and not x.is_cuda):
         return "torch"
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
         # Inductor fuses the GEMM epilogue itself, and tracing an autotuned user kernel
         # (or importing it mid-trace) is not supported on every torch >= 2.4. No log
-        # here: logging while tracing breaks the graph.
+        # here: logging while tracing breaks the graph. torch.jit.trace (and the legacy
+        # ONNX export) records aten ops only: a kernel launch would vanish from the trace.
         return "torch"
     forced = requested == "triton"
     backend = _triton()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -261,16 +262,40 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
         # Nothing to differentiate (inference, frozen layers on detached inputs): no
         # autograd node to build, no tensors to save, leading dims left to the backend.
         return dispatch.forward(x, weight, bias, activation, backend)[0]
+    compiling = transformed or torch.compiler.is_compiling()
+    if _is_exporting() if compiling else torch._C._is_tracing():
+        # torch.export and torch.jit.trace (the legacy ONNX export too) record torch ops
+        # (dispatch answers "torch" there): a trace cannot save or export a Python
+        # Function, and strict export would run it without grad, so that its outputs
+        # would not require grad where nn.Linear's do. Autograd differentiates them.
+        return dispatch.forward(x, weight, bias, activation, backend)[0]
     # The Function works on rows: (..., n) -> (B, n). reshape is a view whenever the
     # strides allow it, so transposed 2-D views reach the backend without a copy.
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if transformed or torch.compiler.is_compiling():  # torch.compile traces the Function
+    if compiling:  # torch.compile traces the Function
         function = ForwardModeLinearFunction if _fw_ad._current_level >= 0 else LinearFunction
         out, _ = function.apply(x2, weight, bias, activation, backend)
     else:
         out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
+
+# Under torch.jit.trace the sizes :func:`_valid` compares are traced values, and each
+# comparison warns that the trace treats it as a constant. It is one: a validity check
+# of parameter shapes, whose outcome never changes what the trace computes. Ignored for
+# this module only (as torch ignores its own, TracerWarning.ignore_lib_warnings), rather
+# than asking "tracing?" on every call.
+warnings.filterwarnings(
+    "ignore", message="Converting a tensor to a Python boolean", category=torch.jit.TracerWarning,
+    module=__name__.replace(".", r"\."),
+)
+
+# torch.fx.symbolic_trace records calls of this module's ``linear`` as one node
+# (instead of tracing into its checks, which need real tensors); __init__ and modules
+# register their own names for it. Costs nothing outside symbolic tracing.
+torch.fx.wrap("linear")
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 # ``torch.autograd.Function.apply`` of a Function with ``setup_context`` binds its
 # arguments through ``inspect.signature`` on every call: ~100 us on a 2-core Xeon, six

@@ -10,6 +10,11 @@ kept apart, as flash-attention keeps ``FusedDense`` (an ``nn.Linear``) apart fro
 fused MLP: such tools leave a :class:`LinearAct` alone or refuse it, and
 :func:`torch_matgrad.restore_linear` turns it back into ``nn.Linear`` + the activation
 module for them.
+
+Both run :func:`torch_matgrad.linear`. Compiled by ``torch.jit.script``, they run
+``F.linear`` and the ``torch.nn.functional`` activation (TorchScript cannot compile the
+autograd Function); ``torch.jit.trace`` and ``torch.fx.symbolic_trace`` record the op as
+explained in :mod:`torch_matgrad.function`.
 """
 
 from typing import Optional
@@ -20,6 +25,11 @@ from torch import Tensor, nn
 from . import formulas
 from .formulas import check_activation
 from .function import linear
+
+# torch.fx.symbolic_trace: the layers' calls of ``linear`` become one graph node (see
+# torch_matgrad.function). Costs nothing outside symbolic tracing.
+torch.fx.wrap("linear")
+
 
 class Linear(nn.Linear):
     r"""Applies ``y = x W^T + b`` with the op of :func:`torch_matgrad.linear`.
@@ -93,6 +103,8 @@ class Linear(nn.Linear):
         return _share(new, linear_module)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return formulas.preactivation(input, self.weight, self.bias)
         return linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -184,6 +196,8 @@ class LinearAct(nn.Module):
         return _share(new, linear_module)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return formulas.activate(formulas.preactivation(input, self.weight, self.bias), self.activation)
         return linear(input, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
