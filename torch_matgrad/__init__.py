@@ -10,8 +10,9 @@ from . import dispatch, formulas, jacobian
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
+from .mlp import FusedMLP, MLPFunction, mlp
 from .modules import Linear, LinearAct
-from .surgery import fuse_activations, replace_linear, restore_linear
+from .surgery import fuse_activations, fuse_mlps, replace_linear, restore_linear
 
 # torch.fx.symbolic_trace records ``torch_matgrad.linear(...)`` as one node (see
 # torch_matgrad.function); free outside symbolic tracing.
@@ -21,14 +22,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "FusedMLP",
     "Linear",
     "LinearAct",
     "LinearFunction",
+    "MLPFunction",
     "dispatch",
     "formulas",
     "fuse_activations",
+    "fuse_mlps",
     "jacobian",
     "linear",
+    "mlp",
     "replace_linear",
     "restore_linear",
     "use_backend",

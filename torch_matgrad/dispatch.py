@@ -194,10 +194,11 @@ def _triton_fallback(tensors, forced: bool) -> Optional[str]:
     return None
 
 
-def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str:
-    """The implementation (``"torch"`` or ``"triton"``) of an op on these tensors whose
-    forward starts now: the request, then every fallback. The op records it, and its
-    backward runs the same one (see the module docstring for the exceptions)."""
+def chosen_backend(x: Tensor, *params: Optional[Tensor]) -> str:
+    """The implementation (``"torch"`` or ``"triton"``) of an op on the input ``x`` and
+    its parameters (weights and biases, None for absent ones) whose forward starts now:
+    the request, then every fallback. The op records it, and its backward runs the same
+    one (see the module docstring for the exceptions)."""
     requested = _forced or _env_backend or _bad_env()
     if requested == "torch" or (requested == "auto" and not x.is_cuda):
         return "torch"
@@ -215,7 +216,7 @@ def chosen_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
                 f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})"
             )
         return _fallback("Triton does not import: " + _triton_import_error)
-    reason = _triton_fallback([t for t in (x, weight, bias) if t is not None], forced)
+    reason = _triton_fallback([t for t in (x, *params) if t is not None], forced)
     if reason is not None:
         return _fallback(reason)
     if not x.is_cuda and not backend.INTERPRET:
@@ -283,3 +284,22 @@ def backward(
     if _ran is not None and (grad_out is not None or grad_z is not None):
         _ran["backward", backend] += 1
     return _implementation(backend).backward(grad_out, grad_z, x, weight, saved, activation, needs)
+
+
+def mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend: str):
+    """``(out, u, g)`` of an MLP block on ``backend``; see :func:`formulas.mlp_forward`."""
+    if _ran is not None:
+        _ran["forward", backend] += 1
+    return _implementation(backend).mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation)
+
+
+def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs, backend: str):
+    """The MLP block's gradients on the backend its forward ran (the same exceptions as
+    :func:`backward`); see :func:`formulas.mlp_backward`."""
+    direct = grad_u if grad_u is not None else grad_g
+    backend = _backward_backend(backend, grad_out, direct)
+    if _ran is not None and (grad_out is not None or direct is not None):
+        _ran["backward", backend] += 1
+    return _implementation(backend).mlp_backward(
+        grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs
+    )

@@ -194,3 +194,97 @@ def backward(
         grad_weight(g, x) if need_w else None,
         grad_bias(g) if need_b else None,
     )
+
+
+# --------------------------------------------------------------------------- MLP blocks
+#
+# A transformer MLP is two linear maps around an activation: plain
+# ``out = act(x Wu^T + bu) Wd^T + bd`` (GPT-2, Phi, ViT) or gated
+# ``out = (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd`` (Llama, Mistral, Qwen, Gemma).
+# Everything its backward needs can be rebuilt from ``x`` and the pre-activations
+# ``u = x Wu^T + bu`` (and ``g = x Wg^T + bg``): the hidden activation ``h`` is
+# recomputed where it is consumed instead of being saved.
+
+
+def mlp_hidden(u: Tensor, g: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    """``h = act(u)`` (plain) or ``h = act(g) * u`` (gated)."""
+    return activate(u, activation) if g is None else activate(g, activation) * u
+
+
+def mlp_forward(
+    x: Tensor,
+    up_w: Tensor,
+    up_b: Optional[Tensor],
+    gate_w: Optional[Tensor],
+    gate_b: Optional[Tensor],
+    down_w: Tensor,
+    down_b: Optional[Tensor],
+    activation: Optional[str],
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(out, u, g)``: the block's output and its pre-activations (``g`` None when
+    plain), each linear map item 6 in rows (:func:`preactivation`)."""
+    u = preactivation(x, up_w, up_b)
+    g = None if gate_w is None else preactivation(x, gate_w, gate_b)
+    return preactivation(mlp_hidden(u, g, activation), down_w, down_b), u, g
+
+
+def mlp_grad_preactivations(
+    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str]
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(G_u, G_g)`` from ``grad_h = dL/dh`` (items 1 and 3): plain
+    ``G_u = grad_h * act'(u)``; gated, the product rule (item 1) on ``act(g) * u``,
+    ``G_u = grad_h * act(g)`` and ``G_g = grad_h * u * act'(g)``."""
+    if g is None:
+        return grad_preactivation(grad_h, u, activation), None
+    return grad_h * activate(g, activation), grad_preactivation(grad_h * u, g, activation)
+
+
+def mlp_backward(
+    grad_out: Optional[Tensor],
+    grad_u: Optional[Tensor],
+    grad_g: Optional[Tensor],
+    x: Optional[Tensor],
+    up_w: Optional[Tensor],
+    gate_w: Optional[Tensor],
+    down_w: Optional[Tensor],
+    u: Tensor,
+    g: Optional[Tensor],
+    activation: Optional[str],
+    needs: Tuple[bool, ...],
+) -> Tuple[Optional[Tensor], ...]:
+    """The gradients of ``(x, up_w, up_b, gate_w, gate_b, down_w, down_b)`` flagged in
+    ``needs``, from the output gradient and the direct gradients of ``u`` and ``g``
+    (the op exposes them so that double backward reaches them; any may be None).
+
+    ``h`` is recomputed from ``u`` (and ``g``). Then, for the second map, items 9-11 as
+    for one layer: ``grad_Wd = G^T h``, ``grad_bd = G^T 1``, ``grad_h = G Wd``; the
+    activation's chain rule (:func:`mlp_grad_preactivations`); and the first maps are
+    items 9-11 again, ``grad_x`` summing what flows through both ``Wu`` and ``Wg``.
+    """
+    need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
+    grad_down_w = grad_down_b = g_u = g_g = None
+    if grad_out is not None:
+        if need_down_w:
+            grad_down_w = grad_weight(grad_out, mlp_hidden(u, g, activation))
+        if need_down_b:
+            grad_down_b = grad_bias(grad_out)
+        if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
+            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation)
+    if grad_u is not None:
+        g_u = grad_u if g_u is None else g_u + grad_u
+    if grad_g is not None:
+        g_g = grad_g if g_g is None else g_g + grad_g
+    grad_x = None
+    if need_x:
+        for gz, w in ((g_u, up_w), (g_g, gate_w)):
+            if gz is not None:
+                grad_x = grad_input(gz, w) if grad_x is None else grad_x + grad_input(gz, w)
+    return (
+        grad_x,
+        grad_weight(g_u, x) if need_up_w and g_u is not None else None,
+        grad_bias(g_u) if need_up_b and g_u is not None else None,
+        grad_weight(g_g, x) if need_gate_w and g_g is not None else None,
+        grad_bias(g_g) if need_gate_b and g_g is not None else None,
+        grad_down_w,
+        grad_down_b,
+    )

@@ -117,38 +117,39 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-def _check(x, weight, bias, activation) -> None:
-    """Every error a user can cause, raised before anything is computed."""
-    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
+def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=("input", "weight", "bias")) -> None:
+    """Every error a user can cause, raised before anything is computed. ``op`` and
+    ``names`` word the errors of ops built from several linear maps (the MLP block)."""
+    x_name, w_name, b_name = names
+    for name, t in ((x_name, x), (w_name, weight), (b_name, bias)):
+        if t is None and name == b_name:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"torch_matgrad.linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(
-                f"torch_matgrad.linear: {name} has dtype {t.dtype}; supported dtypes are "
+                f"{op}: {name} has dtype {t.dtype}; supported dtypes are "
                 f"float16, bfloat16, float32 and float64 ({name}: {_describe(t)})"
             )
     formulas.check_activation(activation)
     if weight.dim() != 2:
-        raise ValueError(f"torch_matgrad.linear: weight must be 2-D (out_features, in_features), got {_describe(weight)}")
+        raise ValueError(f"{op}: {w_name} must be 2-D (out_features, in_features), got {_describe(weight)}")
     if x.dim() == 0:
-        raise ValueError(f"torch_matgrad.linear: input must have at least 1 dimension, got {_describe(x)}")
+        raise ValueError(f"{op}: {x_name} must have at least 1 dimension, got {_describe(x)}")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"torch_matgrad.linear: input has {x.shape[-1]} features (last dim of shape {tuple(x.shape)}) "
-            f"but weight of shape {tuple(weight.shape)} expects in_features={weight.shape[1]}"
+            f"{op}: {x_name} has {x.shape[-1]} features (last dim of shape {tuple(x.shape)}) "
+            f"but {w_name} of shape {tuple(weight.shape)} expects in_features={weight.shape[1]}"
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(
-            f"torch_matgrad.linear: bias must have shape ({weight.shape[0]},) to match weight of shape "
+            f"{op}: {b_name} must have shape ({weight.shape[0]},) to match {w_name} of shape "
             f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
         )
-    tensors = [("input", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    tensors = [(x_name, x), (w_name, weight)] + ([(b_name, bias)] if bias is not None else [])
     if len({t.device for _, t in tensors}) > 1:
         raise RuntimeError(
-            "torch_matgrad.linear: expected all tensors on one device, got "
-            + ", ".join(f"{n} on {t.device}" for n, t in tensors)
+            f"{op}: expected all tensors on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in tensors)
         )
 
 

@@ -128,12 +128,34 @@ def _class_name(cls: type) -> str:
     return f"{short}.{cls.__qualname__}"
 
 
-def _warn_left(function: str, name: str, attr: str, reason: str) -> None:
+def _warn_left(function: str, name: str, attr: str, reason: str, stacklevel: int = 3) -> None:
+    """The warning for a layer left alone; ``stacklevel`` 3 names the line that called
+    the public function which calls this."""
     warnings.warn(
         f"torch_matgrad.{function}: left {name!r} as it is: {reason}. To skip it without "
         f"this warning, pass exclude=[{name!r}] (or a pattern such as '*.{attr}')",
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
+
+
+def _candidates(model: nn.Module, types: tuple, function: str, include: list, exclude: list, skip: tuple = ()):
+    """``(parent, attribute, qualified name, module)`` for every registration of a module
+    of ``types`` that the patterns select and that is not of ``skip``, once it is known
+    safe to swap (:func:`_why_not`, one warning per module otherwise). A module already
+    accepted under another name is accepted again, so that it stays shared."""
+    accepted, refused = set(), set()
+    for parent, attr, name, module in list(_slots(model, types)):
+        if isinstance(module, skip) or (include and not _matches(name, include)) or _matches(name, exclude):
+            continue
+        if id(module) not in accepted:
+            reason = _why_not(parent, module, types)
+            if reason is not None:
+                if id(module) not in refused:
+                    _warn_left(function, name, attr, reason, stacklevel=4)  # past this generator
+                    refused.add(id(module))
+                continue
+            accepted.add(id(module))
+        yield parent, attr, name, module
 
 
 def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patterns = None) -> int:
@@ -163,19 +185,8 @@ def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patte
     conv1d = _conv1d_pair()
     stock, ours = ((nn.Linear,), (Linear,)) if conv1d is None else ((nn.Linear, conv1d[0]), (Linear, conv1d[1]))
     swapped: Dict[int, nn.Module] = {}
-    refused = set()
-    for parent, attr, name, module in list(_slots(model, stock)):
-        if isinstance(module, ours):
-            continue
-        if (include and not _matches(name, include)) or _matches(name, exclude):
-            continue
+    for parent, attr, _, module in _candidates(model, stock, "replace_linear", include, exclude, skip=ours):
         if id(module) not in swapped:
-            reason = _why_not(parent, module, stock)
-            if reason is not None:
-                if id(module) not in refused:
-                    _warn_left("replace_linear", name, attr, reason)
-                    refused.add(id(module))
-                continue
             swapped[id(module)] = Linear.from_linear(module) if type(module) is nn.Linear else conv1d[1].from_conv1d(module)
         setattr(parent, attr, swapped[id(module)])
     return len(swapped)
@@ -271,17 +282,8 @@ def restore_linear(model: nn.Module, *, include: Patterns = None, exclude: Patte
     for _, module in model.named_modules(remove_duplicate=False):
         registrations[id(module)] = registrations.get(id(module), 0) + 1
     restored: Dict[int, nn.Module] = {}
-    refused = set()
-    for parent, attr, name, module in list(_slots(model, ours)):
-        if (include and not _matches(name, include)) or _matches(name, exclude):
-            continue
+    for parent, attr, _, module in _candidates(model, ours, "restore_linear", include, exclude):
         if id(module) not in restored:
-            reason = _why_not(parent, module, ours)
-            if reason is not None:
-                if id(module) not in refused:
-                    _warn_left("restore_linear", name, attr, reason)
-                    refused.add(id(module))
-                continue
             if type(module) is not LinearAct:
                 restored[id(module)] = _stock(module, conv1d)
             else:
@@ -329,3 +331,157 @@ def _identity_after(parent: nn.Module, attr: str) -> Optional[str]:
         return None
     after = parent._modules[names[i + 1]]
     return names[i + 1] if type(after) is nn.Identity and not _hooked(after) else None
+
+
+# --------------------------------------------------------------------------- MLP blocks
+
+# transformers' MLP classes whose forward this module reproduces exactly, each checked
+# by tests/test_mlp.py against the original: (module path, class, gated, names of the
+# projections by role, name of the activation module, name of a trailing dropout).
+_HF_MLPS = (
+    ("transformers.models.llama.modeling_llama", "LlamaMLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
+    ("transformers.models.mistral.modeling_mistral", "MistralMLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2MLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
+    ("transformers.models.gemma.modeling_gemma", "GemmaMLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
+    ("transformers.models.phi.modeling_phi", "PhiMLP", {"up": "fc1", "down": "fc2"}, "activation_fn", None),
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2MLP", {"up": "c_fc", "down": "c_proj"}, "act", "dropout"),
+)
+
+
+def _hf_mlp_spec(module: nn.Module):
+    """The ``_HF_MLPS`` entry of ``module``'s exact class (subclasses may compute
+    something else), or None. Only classes already imported can be present."""
+    cls = type(module)
+    for path, name, roles, act, dropout in _HF_MLPS:
+        if cls.__name__ == name and cls.__module__ == path and path in sys.modules:
+            return roles, act, dropout
+    return None
+
+
+def _mlp_activation(module: nn.Module) -> Tuple[bool, Optional[str]]:
+    """``(known, activation)`` for an activation module: torch's own (see
+    :func:`_activation_of`) or transformers' ``ACT2FN`` classes whose function is
+    exactly one of the op's (``gelu_new`` is the tanh GELU, in other rounding)."""
+    act = _activation_of(module)
+    if act is not None:
+        return True, act
+    if type(module) is nn.Identity:
+        return True, None
+    cls = type(module)
+    if cls.__module__ != "transformers.activations":
+        return False, None
+    inner = getattr(module, "act", None)
+    if cls.__name__ == "SiLUActivation":
+        return True, "silu"
+    if cls.__name__ == "NewGELUActivation":
+        return True, "gelu_tanh"
+    if cls.__name__ == "GELUActivation" and inner is torch.nn.functional.gelu:
+        return True, "gelu"
+    if cls.__name__ == "GELUTanh" and getattr(inner, "keywords", None) == {"approximate": "tanh"}:
+        return True, "gelu_tanh"
+    return False, None
+
+
+def _projection(module: nn.Module) -> bool:
+    """A layer the block may read ``weight``/``bias`` from: nn.Linear and the layers
+    :func:`replace_linear` puts in its place, transformers' ``Conv1D`` and its swap."""
+    exact = (nn.Linear, Linear)
+    pair = _conv1d_pair()
+    return type(module) in (exact + pair if pair else exact)
+
+
+def _mlp_plan(module: nn.Module):
+    """How to fuse ``module``: the keyword arguments of ``FusedMLP.from_layers``, a
+    reason (str) why a recognised block cannot be fused exactly, or None when it is not
+    a block this function knows."""
+    spec = _hf_mlp_spec(module)
+    if spec is not None:
+        roles, act_name, dropout_name = spec
+        layers = {role: module._modules[attr] for role, attr in roles.items()}
+        act_module = module._modules[act_name]
+        dropout = module._modules.get(dropout_name) if dropout_name else None
+        keep = {act_name: act_module}
+    elif type(module) is nn.Sequential:
+        items = list(module._modules.items())
+        core = [(n, m) for n, m in items if type(m) is not nn.Dropout]
+        if len(core) != 3 or not all(type(m) in (nn.Linear, Linear, LinearAct) for _, m in (core[0], core[2])):
+            return None
+        (up_name, up), (act_name, act_module), (down_name, down) = core
+        if type(down) is LinearAct:
+            return None
+        if type(up) is LinearAct:  # fuse_activations ran first: the activation is inside
+            if type(act_module) is not nn.Identity:
+                return None
+            act_module = _activation_module(up.activation)
+        elif type(act_module).__module__ not in ("torch.nn.modules.activation", "transformers.activations"):
+            return None  # Linear, <not an activation>, Linear: not an MLP block
+        if any(type(m) is nn.Dropout and m.p > 0 for _, m in items):
+            return "it has dropout with p > 0, which the fused op does not apply between its layers"
+        layers = {"up": up, "down": down}
+        roles = {"up": up_name, "down": down_name}
+        keep = {n: m for n, m in items if n not in (up_name, down_name)}
+        dropout = None
+    else:
+        return None
+    known, activation = _mlp_activation(act_module)
+    if not known:
+        return f"its activation {type(act_module).__qualname__} has no exact equivalent among the op's"
+    for role, layer in layers.items():
+        if type(layer) is LinearAct:
+            continue
+        if not _projection(layer):
+            return f"its {roles[role]} is a {type(layer).__qualname__}, not a projection the op reads"
+        if _hooked(layer):
+            return f"its {roles[role]} has module hooks or a patched forward, which the fused op would skip"
+    if _hooked(module) or _hooked(act_module):
+        return "it has module hooks or a patched forward, which the fused op would skip"
+    if dropout is not None and not (type(dropout) is nn.Dropout):
+        return f"its {dropout_name} is a {type(dropout).__qualname__}"
+    return dict(up=layers["up"], down=layers["down"], gate=layers.get("gate"), activation=activation,
+                names=roles, keep=keep, dropout=dropout)
+
+
+def fuse_mlps(model: nn.Module, *, include: Patterns = None, exclude: Patterns = None) -> int:
+    """Replace every MLP block of ``model`` that this function recognises with one
+    :class:`torch_matgrad.FusedMLP`, in place; return how many it replaced.
+
+    Recognised, by their exact classes (whose forward the fused op reproduces, tested):
+
+    - ``nn.Sequential(Linear, activation, Linear)``, optionally with ``nn.Dropout(p=0)``
+      between, where the activation is ``nn.ReLU``, ``nn.GELU``, ``nn.SiLU`` or
+      transformers' equivalents, and the first pair may already be a fused
+      :class:`torch_matgrad.LinearAct` (``fuse_activations`` ran first);
+    - transformers' ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``GemmaMLP`` (gated),
+      ``PhiMLP`` and ``GPT2MLP`` (``Conv1D`` weights read through a transpose), with the
+      configured activation mapped exactly (``silu``, ``gelu``, ``gelu_pytorch_tanh``,
+      ``gelu_new``).
+
+    It works whether or not :func:`replace_linear` ran first. The new block keeps the
+    old one's projection layers under their names, so the Parameter objects and the
+    ``state_dict`` keys do not change; ``include`` and ``exclude`` are the patterns of
+    :func:`replace_linear`, matched against the block's name. A recognised block that
+    the op cannot reproduce exactly (another activation, hooks, a subclass, dropout
+    with p > 0 between the layers) is left alone with a warning naming it. The root
+    module itself is not replaced.
+    """
+    from .mlp import FusedMLP
+
+    include, exclude = _as_list(include), _as_list(exclude)
+    fused: Dict[int, nn.Module] = {}
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for attr, child in list(parent._modules.items()):
+            if child is None or isinstance(child, FusedMLP):
+                continue
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if (include and not _matches(name, include)) or _matches(name, exclude):
+                continue
+            if id(child) not in fused:
+                plan = _mlp_plan(child)
+                if plan is None:
+                    continue
+                if isinstance(plan, str):
+                    _warn_left("fuse_mlps", name, attr, plan)
+                    continue
+                fused[id(child)] = FusedMLP.from_layers(**plan)
+            setattr(parent, attr, fused[id(child)])
+    return len(fused)

@@ -35,11 +35,13 @@ from typing import Iterator, Optional, Tuple
 
 from torch import Tensor
 
-from .formulas import NEEDS_PREACTIVATION, grad_preactivation
+from .formulas import NEEDS_PREACTIVATION, grad_preactivation, mlp_grad_preactivations, mlp_hidden
 from .triton_kernels.fused_gemm import INTERPRET
 from .triton_kernels.ops import SUPPORTED_DTYPES, fused_matmul
 
-__all__ = ["GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy"]
+__all__ = [
+    "GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy", "mlp_backward", "mlp_forward",
+]
 
 #: Ways to form ``G_z = G * act'(z)`` in the backward; see the module docstring.
 GZ_STRATEGIES = ("auto", "prologue", "pass")
@@ -102,3 +104,40 @@ def backward(
         prologue_t = dict(prologue, saved=saved.t()) if activation is not None else {}
         grad_w, _, grad_b = fused_matmul(grad_out.t(), x if need_w else None, rowsum=need_b, **prologue_t)
     return grad_x, grad_w, grad_b
+
+
+def mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation):
+    """``(out, u, g)`` of an MLP block (:func:`torch_matgrad.formulas.mlp_forward`) for
+    2-D ``x``: the plain block's first launch applies the activation in its epilogue and
+    stores ``u`` beside ``h``; ``h`` lives only until the second launch has read it."""
+    if gate_w is None:
+        h, u, _ = fused_matmul(x, up_w.t(), bias=up_b, activation=activation, store_z=activation is not None)
+        u = h if u is None else u
+        g = None
+    else:
+        u = fused_matmul(x, up_w.t(), bias=up_b)[0]
+        g = fused_matmul(x, gate_w.t(), bias=gate_b)[0]
+        h = mlp_hidden(u, g, activation)
+    return fused_matmul(h, down_w.t(), bias=down_b)[0], u, g
+
+
+def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs):
+    """The MLP block's gradients (:func:`torch_matgrad.formulas.mlp_backward`) as
+    launches of the linear layer's products; ``h`` is rebuilt from ``u`` (and ``g``)."""
+    if grad_u is not None or grad_g is not None:
+        raise ValueError("triton_backend.mlp_backward: direct gradients of u and g go through torch ops")
+    need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
+    if grad_out is None:
+        return (None,) * 7
+    grad_down_w = grad_down_b = None
+    if need_down_w or need_down_b:
+        h = mlp_hidden(u, g, activation) if need_down_w else None
+        grad_down_w, _, grad_down_b = fused_matmul(grad_out.t(), h, rowsum=need_down_b)
+    grad_x = grad_up_w = grad_up_b = grad_gate_w = grad_gate_b = None
+    if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
+        g_u, g_g = mlp_grad_preactivations(fused_matmul(grad_out, down_w)[0], u, g, activation)
+        grad_x, grad_up_w, grad_up_b = backward(g_u, None, x, up_w, None, None, (need_x, need_up_w, need_up_b))
+        if g_g is not None:
+            gx, grad_gate_w, grad_gate_b = backward(g_g, None, x, gate_w, None, None, (need_x, need_gate_w, need_gate_b))
+            grad_x = gx if grad_x is None else grad_x + gx
+    return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b

@@ -1,0 +1,286 @@
+"""The MLP block as one op: ``torch_matgrad.mlp`` and :class:`FusedMLP`.
+
+A transformer's MLP is two linear maps around an activation, plain
+``down(act(up(x)))`` (GPT-2, Phi, ViT) or gated ``down(act(gate(x)) * up(x))`` (Llama,
+Mistral, Qwen, Gemma), and it holds most of a training step's activation memory.
+Per token, eager PyTorch saves ``x``, ``z = up(x)`` (for ``act'``) and ``h = act(z)``
+(for ``down``'s weight gradient): ``d + 2H`` values (``H`` the hidden width); gated,
+``x``, ``g``, ``act(g)``, ``u`` and ``h``: ``d + 4H``. This op saves ``x`` and the
+pre-activations (``d + H``; gated ``d + 2H``) and rebuilds ``h`` in the backward where
+it is consumed (:func:`torch_matgrad.formulas.mlp_backward`: one elementwise pass).
+
+Like :func:`torch_matgrad.linear`: explicit backward (MATH.md items 1, 3, 9-11),
+double backward through torch ops (the pre-activations are outputs of the Function,
+so a gradient reaching them flows back), autocast by hand, ``torch.func`` and
+``torch.compile``; the backend recorded at the forward runs the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.autograd.forward_ad as _fw_ad
+from torch import Tensor, nn
+
+from . import dispatch, formulas
+from .function import _FLOAT_DTYPES, _autocast, _autocast_enabled, _check, _describe
+
+_OP = "torch_matgrad.mlp"
+
+
+class MLPFunction(torch.autograd.Function):
+    """``(out, u, g)`` of the MLP block for 2-D ``x`` (``g`` None when plain).
+
+    ``apply(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend)``;
+    ``backend`` is :func:`dispatch.chosen_backend`'s answer, kept for the backward.
+    ``u`` and ``g`` are returned, not hidden in ``ctx``, for double backward (as
+    :class:`torch_matgrad.LinearFunction` returns ``z``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend):
+        return dispatch.mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, up_w, _, gate_w, _, down_w, _, activation, backend = inputs
+        _, u, g = output
+        needs = ctx.needs_input_grad[:7]
+        need_x, need_up_w, need_up_b, need_gate_w, need_gate_b = needs[:5]
+        first = need_x or need_up_w or need_up_b or need_gate_w or need_gate_b
+        # Saved: x (first-layer weight gradients), the pre-activations (h and act'),
+        # and the weights only where a product needs them. Never h.
+        ctx.save_for_backward(
+            x if need_up_w or need_gate_w else None,
+            up_w if need_x else None,
+            gate_w if need_x else None,
+            down_w if first else None,
+            u,
+            g,
+        )
+        ctx.activation, ctx.backend, ctx.needs = activation, backend, needs
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_u, grad_g):
+        x, up_w, gate_w, down_w, u, g = ctx.saved_tensors
+        grads = dispatch.mlp_backward(
+            grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, ctx.activation, ctx.needs, ctx.backend
+        )
+        return (*grads, None, None)
+
+
+def _check_mlp(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> None:
+    """Every error a user can cause, named by argument, before anything is computed."""
+    _check(x, up_w, up_b, activation, op=_OP, names=("input", "up_weight", "up_bias"))
+    if gate_w is not None:
+        _check(x, gate_w, gate_b, activation, op=_OP, names=("input", "gate_weight", "gate_bias"))
+        if gate_w.shape != up_w.shape:
+            raise ValueError(
+                f"{_OP}: gate_weight must have up_weight's shape {tuple(up_w.shape)}, got {tuple(gate_w.shape)}"
+            )
+    elif gate_b is not None:
+        raise ValueError(f"{_OP}: gate_bias given without gate_weight")
+    hidden = up_w.shape[0]
+    for name, t in (("down_weight", down_w), ("down_bias", down_b)):
+        if t is None and name == "down_bias":
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{_OP}: {name} must be a floating torch.Tensor, got "
+                            + (_describe(t) if isinstance(t, Tensor) else type(t).__name__))
+        if t.device != x.device:
+            raise RuntimeError(f"{_OP}: expected all tensors on one device, got input on {x.device}, {name} on {t.device}")
+    if down_w.dim() != 2 or down_w.shape[1] != hidden:
+        raise ValueError(
+            f"{_OP}: down_weight must be 2-D (out_features, {hidden}) to follow up_weight of shape "
+            f"{tuple(up_w.shape)}, got {_describe(down_w)}"
+        )
+    if down_b is not None and tuple(down_b.shape) != (down_w.shape[0],):
+        raise ValueError(f"{_OP}: down_bias must have shape ({down_w.shape[0]},), got {tuple(down_b.shape)}")
+
+
+def mlp(
+    x: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    up_bias: Optional[Tensor] = None,
+    down_bias: Optional[Tensor] = None,
+    activation: Optional[str] = "gelu",
+    gate_weight: Optional[Tensor] = None,
+    gate_bias: Optional[Tensor] = None,
+) -> Tensor:
+    r"""The MLP block ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))`` when
+    ``gate_weight`` is given, saving only ``x`` and the pre-activations for backward.
+
+    Args:
+        x: ``(*, d)``.
+        up_weight: ``(H, d)``; ``up_bias``: ``(H,)`` or None.
+        down_weight: ``(d_out, H)``; ``down_bias``: ``(d_out,)`` or None.
+        activation: one of ``None``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``.
+        gate_weight: ``(H, d)`` for the gated block (``act`` applies to the gate);
+            ``gate_bias``: ``(H,)`` or None.
+
+    Returns:
+        ``(*, d_out)``, equal to the eager block within the dtype's rounding.
+    """
+    tensors = (x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias)
+    _check_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, activation)
+    device_type = x.device.type
+    if torch._C._is_any_autocast_enabled() and _autocast_enabled(device_type):
+        # As torch_matgrad.linear: cast here, run with autocast off (pytorch#132388).
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = tuple(_autocast(t, dtype) for t in tensors)
+        _check_one_dtype(tensors)
+        with torch.autocast(device_type, enabled=False):
+            return _apply(*tensors, activation)
+    _check_one_dtype(tensors)
+    return _apply(*tensors, activation)
+
+
+def _check_one_dtype(tensors) -> None:
+    names = ("input", "up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias")
+    present = [(n, t) for n, t in zip(names, tensors) if t is not None]
+    if len({t.dtype for _, t in present}) > 1:
+        raise TypeError(
+            f"{_OP}: expected one dtype for all tensors, got " + ", ".join(f"{n} {t.dtype}" for n, t in present)
+            + " (cast them, or run under torch.autocast)"
+        )
+
+
+def _apply(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    params = (up_w, up_b, gate_w, gate_b, down_w, down_b)
+    backend = dispatch.chosen_backend(x2, *params)
+    transformed = torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0
+    if not transformed and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    ):
+        out = dispatch.mlp_forward(x2, *params, activation, backend)[0]
+    else:
+        out = MLPFunction.apply(x2, *params, activation, backend)[0]
+    return out.view(*x.shape[:-1], down_w.shape[0]) if x.dim() != 2 else out
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    """A projection's weight as ``(out, in)``: transformers' ``Conv1D`` (GPT-2) stores
+    ``(in, out)`` and is read through a transpose (a view, no copy)."""
+    return layer.weight if isinstance(layer, nn.Linear) or not hasattr(layer, "nf") else layer.weight.t()
+
+
+class FusedMLP(nn.Module):
+    r"""Applies the MLP block ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))``,
+    as one op (:func:`torch_matgrad.mlp`) that saves ``x`` and the pre-activations for
+    backward and never the hidden activation.
+
+    The projections are ordinary layers (``nn.Linear``, :class:`torch_matgrad.Linear`,
+    or transformers' ``Conv1D``) registered under the names the block had, so the
+    Parameter objects and ``state_dict`` keys are those of the block it replaces
+    (:func:`torch_matgrad.fuse_mlps`); only their ``weight`` and ``bias`` are read.
+
+    Args:
+        in_features: ``d``, the size of each input sample.
+        hidden_features: ``H``, the width of the hidden activation.
+        out_features: ``d_out`` (default ``in_features``).
+        bias: whether the projections learn biases. Default: ``True``.
+        activation: ``None``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        gated: add a gate projection: ``down(act(gate(x)) * up(x))``.
+
+    Shape:
+        - Input: ``(*, d)``; output: ``(*, d_out)``.
+
+    Examples::
+
+        >>> m = torch_matgrad.FusedMLP(64, 256, activation="silu", gated=True)
+        >>> m(torch.randn(8, 64)).shape
+        torch.Size([8, 64])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: Optional[int] = None,
+        bias: bool = True,
+        activation: Optional[str] = "gelu",
+        gated: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        formulas.check_activation(activation)
+        super().__init__()
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        layers = {"up": nn.Linear(in_features, hidden_features, **kw)}
+        if gated:
+            layers["gate"] = nn.Linear(in_features, hidden_features, **kw)
+        layers["down"] = nn.Linear(hidden_features, out_features or in_features, **kw)
+        self._adopt(layers, {role: role for role in layers}, activation, None)
+
+    @classmethod
+    def from_layers(
+        cls,
+        up: nn.Module,
+        down: nn.Module,
+        activation: Optional[str],
+        gate: Optional[nn.Module] = None,
+        names: Optional[dict] = None,
+        keep: Optional[dict] = None,
+        dropout: Optional[nn.Module] = None,
+    ) -> "FusedMLP":
+        """A block over existing layers, sharing their Parameters (no copy).
+
+        ``names`` maps ``"up"``, ``"gate"``, ``"down"`` to the attribute names to
+        register them under (default the roles themselves); ``keep`` adds parameter-free
+        modules of the replaced block (its activation module, say) under their names, for
+        the printed structure; ``dropout`` runs on the output (GPT-2's MLP ends in one)."""
+        formulas.check_activation(activation)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        layers = {"up": up, "down": down} if gate is None else {"up": up, "gate": gate, "down": down}
+        new._adopt(layers, names or {role: role for role in layers}, activation, dropout)
+        for name, module in (keep or {}).items():
+            new.add_module(name, module)
+        new.train(up.training)
+        return new
+
+    def _adopt(self, layers: dict, names: dict, activation: Optional[str], dropout: Optional[nn.Module]) -> None:
+        for role in sorted(layers, key=list(names).index):  # the replaced block's order: same state_dict
+            self.add_module(names[role], layers[role])
+        self._roles = {role: names[role] for role in layers}
+        self.activation = activation
+        self.gated = "gate" in layers
+        self.dropout = dropout
+
+    def _layer(self, role: str) -> nn.Module:
+        return self._modules[self._roles[role]]
+
+    def forward(self, x: Tensor) -> Tensor:
+        up, down = self._layer("up"), self._layer("down")
+        gate = self._layer("gate") if self.gated else None
+        out = mlp(
+            x, _weight(up), _weight(down), up.bias, down.bias, self.activation,
+            None if gate is None else _weight(gate), None if gate is None else gate.bias,
+        )
+        return out if self.dropout is None else self.dropout(out)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, gated={self.gated}"
+
+
+def saved_bytes(fn, *args) -> Tuple[object, int]:
+    """``(fn(*args), bytes)``: the bytes of the distinct non-Parameter tensors that
+    autograd saves for backward while ``fn`` runs (``saved_tensors_hooks``; storage
+    counted once however many views of it are saved)."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn(*args)
+    return result, sum(storages.values())
