@@ -229,14 +229,16 @@ def mlp_forward(
 
 
 def mlp_grad_preactivations(
-    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str]
+    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str], act_g: Optional[Tensor] = None
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(G_u, G_g)`` from ``grad_h = dL/dh`` (items 1 and 3): plain
     ``G_u = grad_h * act'(u)``; gated, the product rule (item 1) on ``act(g) * u``,
-    ``G_u = grad_h * act(g)`` and ``G_g = grad_h * u * act'(g)``."""
+    ``G_u = grad_h * act(g)`` and ``G_g = grad_h * u * act'(g)`` (``act_g``: ``act(g)``
+    if the caller has it)."""
     if g is None:
         return grad_preactivation(grad_h, u, activation), None
-    return grad_h * activate(g, activation), grad_preactivation(grad_h * u, g, activation)
+    act_g = activate(g, activation) if act_g is None else act_g
+    return grad_h * act_g, grad_preactivation(grad_h * u, g, activation)
 
 
 def mlp_backward(
@@ -264,12 +266,13 @@ def mlp_backward(
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
     grad_down_w = grad_down_b = g_u = g_g = None
     if grad_out is not None:
+        act_g = None if g is None else activate(g, activation)  # once, for h and G_u
         if need_down_w:
-            grad_down_w = grad_weight(grad_out, mlp_hidden(u, g, activation))
+            grad_down_w = grad_weight(grad_out, activate(u, activation) if g is None else act_g * u)
         if need_down_b:
             grad_down_b = grad_bias(grad_out)
         if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
-            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation)
+            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation, act_g)
     if grad_u is not None:
         g_u = grad_u if g_u is None else g_u + grad_u
     if grad_g is not None:

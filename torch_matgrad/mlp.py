@@ -269,16 +269,19 @@ class FusedMLP(nn.Module):
         return f"activation={self.activation!r}, gated={self.gated}"
 
 
-def saved_bytes(fn, *args) -> Tuple[object, int]:
-    """``(fn(*args), bytes)``: the bytes of the distinct non-Parameter tensors that
-    autograd saves for backward while ``fn`` runs (``saved_tensors_hooks``; storage
-    counted once however many views of it are saved)."""
+def saved_bytes(fn, *args, params=()) -> Tuple[object, int]:
+    """``(fn(*args), bytes)``: the bytes of the distinct tensors that autograd saves for
+    backward while ``fn`` runs (``saved_tensors_hooks``; a storage counted once however
+    many views of it are saved), Parameters left out: those in ``params`` too, which a
+    compiled graph saves as plain tensors sharing their storage."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
     storages = {}
 
     def pack(t):
         if not isinstance(t, nn.Parameter):
             storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in skip:
+                storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -13,7 +13,7 @@ from typing import List
 import torch
 
 from ..cli import ACTIVATION_NAMES
-from . import host
+from . import blocks, host
 from .environment import DEFAULT_OUT, default_out, environment
 from .measure import CLOCKS, failures, run_case, time_cpu, time_cuda
 from .plans import ALL_SETS, DEFAULT_ACTIVATIONS, DTYPES, MODES, SHAPE_SETS, plan
@@ -37,6 +37,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="host overhead: whole layer calls (torch_matgrad.Linear against nn.Linear + "
                         "activation) at tiny and decoding shapes, inference (--mode forward) and training "
                         "(--mode full), into host.csv and host.md; best with --threads 1 --clock cpu on a CPU")
+    parser.add_argument("--mlp", action="store_true",
+                        help="MLP blocks: torch_matgrad.FusedMLP against the eager block and torch.compile of "
+                        "both, plain GELU and gated SiLU, a training step's time and the bytes saved for backward "
+                        "(CUDA: also peak memory), into mlp.csv and mlp.md; --dtype picks one dtype")
     parser.add_argument("--quick", action="store_true",
                         help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
                         "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
@@ -91,6 +95,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.host:
         return run_host(args, device, env, out)
+    if args.mlp:
+        return run_mlp(args, device, env, out, timer)
     cases = plan(args, device)
     started = time.perf_counter()
     print(f"bench: {len(cases)} cases x {len(providers)} providers on {env['device_name']}; writing {out}/",
@@ -136,4 +142,14 @@ def run_host(args, device: str, env: dict, out: Path) -> int:
                     modes, clock, _HOST_ROUNDS)
     print(host.report(rows))
     print(f"bench --host: results in {out}/", file=sys.stderr)
+    return 0
+
+
+def run_mlp(args, device: str, env: dict, out: Path, timer) -> int:
+    """``--mlp``: see :mod:`torch_matgrad.bench.blocks`."""
+    dtype_name = (args.dtype or ["bf16" if device == "cuda" else "fp32"])[0]
+    print(f"bench --mlp: {len(blocks.SHAPES[device])} shapes on {env['device_name']}; writing {out}/", file=sys.stderr)
+    rows = blocks.run(device, env, out, dtype_name, DTYPES[dtype_name], blocks.PROVIDERS, timer)
+    print(blocks.report(rows))
+    print(f"bench --mlp: results in {out}/", file=sys.stderr)
     return 0

@@ -132,7 +132,7 @@ def time_cpu(
     return {name: _quantiles(s) for name, s in samples.items()}
 
 
-def _peak_mem_mib(step: Callable) -> float:
+def peak_mem_mib(step: Callable) -> float:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -184,7 +184,7 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
                        tflops=f"{flops / (median * 1e-3) / 1e12:.4g}",
                        time_vs_eager=f"{median / base[0]:.3f}" if base else "")
             if device == "cuda" and case.mode == "full":
-                row["peak_mem_mib"] = f"{_peak_mem_mib(steps[p]):.4g}"
+                row["peak_mem_mib"] = f"{peak_mem_mib(steps[p]):.4g}"
         rows.append(row)
     return rows
 

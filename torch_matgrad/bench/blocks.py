@@ -1,0 +1,111 @@
+"""MLP blocks (``bench --mlp``): :class:`torch_matgrad.FusedMLP` against the eager block
+(``nn.Linear`` layers around the activation) and ``torch.compile`` of it.
+
+For each shape (tokens ``M``, width ``d``, hidden width ``H``) and each kind (plain
+GELU as in GPT-2, gated SiLU as in Llama) one training step (forward, backward into the
+input and every parameter) is timed per provider, by the linear bench's timers, and
+the bytes the forward saves for backward are counted (``saved_tensors_hooks``: distinct
+storages, Parameters left out); on CUDA also the peak memory of the step. The
+compiled eager block shows what AOTAutograd's partitioner already recomputes; the
+compiled fused block is recorded beside it. Rows go to ``mlp.csv`` and ``mlp.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from ..mlp import FusedMLP, saved_bytes
+from .measure import peak_mem_mib
+from .report import format_table
+
+#: ``(M, d, H)`` per device: GPT-2-small and Llama-like widths, scaled to what the
+#: device times in seconds.
+SHAPES = {
+    "cpu": [(256, 256, 1024), (512, 512, 1376)],
+    "cuda": [(4096, 1024, 4096), (4096, 4096, 11008)],
+}
+KINDS = {"plain_gelu": (False, "gelu"), "gated_silu": (True, "silu")}
+PROVIDERS = ("eager", "torch_matgrad", "compile", "compile_matgrad")
+COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "M", "d", "H", "dtype", "kind",
+           "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "saved_mib", "saved_vs_eager", "peak_mem_mib")
+_ACT = {"gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class EagerMLP(nn.Module):
+    """The eager block on the Parameters of a :class:`FusedMLP` (its sub-layers)."""
+
+    def __init__(self, fused: FusedMLP):
+        super().__init__()
+        self.fused = fused
+        self.act = _ACT[fused.activation]()
+
+    def forward(self, x):
+        f = self.fused
+        u = f.up(x)
+        return f.down(self.act(u) if not f.gated else self.act(f.gate(x)) * u)
+
+
+def blocks(d: int, hidden: int, kind: str, device: str, dtype: torch.dtype, providers: Sequence[str]):
+    gated, activation = KINDS[kind]
+    fused = FusedMLP(d, hidden, activation=activation, gated=gated, device=device, dtype=dtype)
+    made = {"eager": EagerMLP(fused), "torch_matgrad": fused}
+    if "compile" in providers:
+        made["compile"] = torch.compile(made["eager"])
+    if "compile_matgrad" in providers:
+        made["compile_matgrad"] = torch.compile(fused)
+    return {name: made[name] for name in providers}
+
+
+def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: torch.dtype,
+        providers: Sequence[str], timer: Callable) -> List[dict]:
+    """Time and measure every case; write ``mlp.csv`` and ``mlp.md`` into ``out``."""
+    rows = []
+    with open(out / "mlp.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for m, d, hidden in SHAPES[device]:
+            for kind in KINDS:
+                torch.manual_seed(0)
+                torch._dynamo.reset()
+                models = blocks(d, hidden, kind, device, dtype, providers)
+                params = list(models["torch_matgrad"].parameters() if "torch_matgrad" in models else ())
+                x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
+                grad = torch.randn(m, d, device=device, dtype=dtype)
+
+                def step(model):
+                    def run_step():
+                        torch.autograd.grad(model(x), [x, *params], grad)
+                    return run_step
+
+                steps = {name: step(model) for name, model in models.items()}
+                saved = {name: saved_bytes(model, x, params=params)[1] for name, model in models.items()}
+                timed = timer(steps)
+                base_t, base_s = timed["eager"][0], saved["eager"]
+                for name in models:
+                    median, p20, p80 = timed[name]
+                    row = {**env, "M": m, "d": d, "H": hidden, "dtype": dtype_name, "kind": kind, "provider": name,
+                           "median_ms": f"{median:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
+                           "time_vs_eager": f"{median / base_t:.3f}", "saved_mib": f"{saved[name] / 2**20:.3f}",
+                           "saved_vs_eager": f"{saved[name] / base_s:.3f}",
+                           "peak_mem_mib": f"{peak_mem_mib(steps[name]):.4g}" if device == "cuda" else ""}
+                    writer.writerow(row)
+                    rows.append(row)
+                f.flush()
+    (out / "mlp.md").write_text(report(rows, markdown=True))
+    return rows
+
+
+def report(rows: Sequence[dict], markdown: bool = False) -> str:
+    env = rows[0]
+    head = (f"{env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}; "
+            f"commit {env['commit']}; {env['date']}; timed by {env['clock']}")
+    header = ["M x d x H", "dtype", "kind", "provider", "step ms", "time / eager", "saved MiB", "saved / eager",
+              "peak MiB"]
+    lines = [[f"{r['M']} x {r['d']} x {r['H']}", r["dtype"], r["kind"], r["provider"], r["median_ms"],
+              r["time_vs_eager"], r["saved_mib"], r["saved_vs_eager"], r["peak_mem_mib"] or "-"] for r in rows]
+    return ("**" + head + "**" if markdown else head) + "\n\n" + format_table(header, lines, markdown) + "\n"
