@@ -265,7 +265,8 @@ def test_every_autotune_configuration(monkeypatch, config, size):
     bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
     # As rows (M) the forward sees m, the grad_W product n; reduction: k, then m.
     m, k, n = (max(bm, bn) + 37, 2 * bk + 5, max(bm, bn) + 11) if size == "ragged" else (4096, 4096, 4096)
-    _check_all(m, k, n, torch.bfloat16, "gelu", bias=True)
+    with ops.gemm_kernel("pointer"):  # these are the pointer kernel's configurations (Hopper would take TMA)
+        _check_all(m, k, n, torch.bfloat16, "gelu", bias=True)
 
 
 @pytest.mark.parametrize("strategy", ["prologue", "pass"])
