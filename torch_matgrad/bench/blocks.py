@@ -21,7 +21,7 @@ from torch import nn
 
 from ..mlp import FusedMLP, saved_bytes
 from .measure import peak_mem_mib
-from .report import format_table
+from .report import format_table, heading
 
 #: ``(M, d, H)`` per device: GPT-2-small and Llama-like widths, scaled to what the
 #: device times in seconds.
@@ -101,11 +101,8 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: tor
 
 
 def report(rows: Sequence[dict], markdown: bool = False) -> str:
-    env = rows[0]
-    head = (f"{env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}; "
-            f"commit {env['commit']}; {env['date']}; timed by {env['clock']}")
     header = ["M x d x H", "dtype", "kind", "provider", "step ms", "time / eager", "saved MiB", "saved / eager",
               "peak MiB"]
     lines = [[f"{r['M']} x {r['d']} x {r['H']}", r["dtype"], r["kind"], r["provider"], r["median_ms"],
               r["time_vs_eager"], r["saved_mib"], r["saved_vs_eager"], r["peak_mem_mib"] or "-"] for r in rows]
-    return ("**" + head + "**" if markdown else head) + "\n\n" + format_table(header, lines, markdown) + "\n"
+    return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n"

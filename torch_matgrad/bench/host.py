@@ -25,7 +25,7 @@ from torch import nn
 
 from ..cli import activation
 from ..modules import Linear
-from .report import format_table
+from .report import format_table, heading
 
 #: ``(M, K, N)`` per device: one token through a tiny layer, a small batch, a mid-size
 #: training step (arithmetic dominates: the ratio must be ~1), and decoding rows.
@@ -136,13 +136,10 @@ def run(device: str, env: Dict[str, str], out: Path, dtypes: Dict[str, torch.dty
 
 
 def report(rows: Sequence[dict], markdown: bool = False) -> str:
-    env = rows[0]
-    head = (f"{env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}; "
-            f"commit {env['commit']}; {env['date']}; timed by {env['clock']}")
     header = ["M x K x N", "dtype", "act", "mode", "nn.Linear us", "torch_matgrad us", "ratio"]
     lines = []
     for i in range(0, len(rows), len(PROVIDERS)):
         ref, ours = rows[i:i + len(PROVIDERS)]
         lines.append([f"{ref['M']} x {ref['K']} x {ref['N']}", ref["dtype"], ref["activation"], ref["mode"],
                       ref["median_us"], ours["median_us"], ours["ratio_vs_nn_linear"]])
-    return ("**" + head + "**" if markdown else head) + "\n\n" + format_table(header, lines, markdown) + "\n"
+    return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n"

@@ -89,16 +89,20 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]], markdown
     return "\n".join(text)
 
 
-def report(rows: Sequence[dict], markdown: bool = False) -> str:
-    """The environment, the per-case table and the geometric means, as text or Markdown."""
-    env = rows[0]
+def heading(env: dict, markdown: bool = False) -> str:
+    """The line above every report: device, versions, commit, date and clock."""
     head = (f"{env['device_name']} ({env['device']}); torch {env['torch']}, triton {env['triton']}; "
             f"commit {env['commit']}; {env['date']}; timed by {env['clock']}")
+    return f"**{head}**" if markdown else head
+
+
+def report(rows: Sequence[dict], markdown: bool = False) -> str:
+    """The environment, the per-case table and the geometric means, as text or Markdown."""
     means = [("provider", "mode", "dtype", "geomean time / eager", "cases")] + [
         (p, m, d, f"{g:.3f}", str(c)) for p, m, d, g, c in summary(rows)
     ]
     parts = [
-        ("**" + head + "**") if markdown else head,
+        heading(rows[0], markdown),
         format_table(*pivot(rows), markdown=markdown),
         "Geometric mean over the cases of time relative to eager (below 1: faster):",
         format_table(means[0], means[1:], markdown=markdown),
