@@ -150,7 +150,10 @@ def test_torch_func_grad_and_vmap():
 @pytest.mark.parametrize("gated,activation", [(False, "gelu"), (True, "silu")], ids=["plain-gelu", "gated-silu"])
 def test_compile_fullgraph_and_saved_memory(gated, activation):
     # AOTAutograd's min-cut partitioner (Inductor's; here without code generation) may
-    # recompute the eager block's pointwise ops too: compiled, ours saves no more.
+    # recompute the eager block's pointwise ops too: compiled, ours saves no more. Its
+    # choices depend on whether Inductor is loaded (it asks Inductor what fuses): load it.
+    import torch._inductor  # noqa: F401
+
     torch._dynamo.reset()
     block = mg.FusedMLP(32, 96, activation=activation, gated=gated)
     act = {"gelu": nn.GELU(), "silu": nn.SiLU()}[activation]

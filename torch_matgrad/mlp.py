@@ -155,9 +155,14 @@ def _apply(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Tensor:
     params = (up_w, up_b, gate_w, gate_b, down_w, down_b)
     backend = dispatch.chosen_backend(x2, *params)
     transformed = torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0
-    if not transformed and not (
+    if torch.compiler.is_compiling() or not transformed and not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     ):
+        # No gradient to compute; or torch.compile, whose partitioner decides what the
+        # compiled graph saves: tracing the torch ops (dispatch answers "torch" while
+        # compiling) lets it recompute h as for the eager block. Tracing the Function
+        # instead pinned its choices: with Inductor loaded the compiled block then saved
+        # h where the compiled eager block recomputed it.
         out = dispatch.mlp_forward(x2, *params, activation, backend)[0]
     else:
         out = MLPFunction.apply(x2, *params, activation, backend)[0]
