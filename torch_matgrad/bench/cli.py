@@ -40,7 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp", action="store_true",
                         help="MLP blocks: torch_matgrad.FusedMLP against the eager block and torch.compile of "
                         "both, plain GELU and gated SiLU, a training step's time and the bytes saved for backward "
-                        "(CUDA: also peak memory), into mlp.csv and mlp.md; --dtype picks one dtype")
+                        "(CUDA: also peak memory), into mlp.csv and mlp.md; --dtype picks one dtype, --providers "
+                        "narrows eager,torch_matgrad,compile (compile also compiles the fused block)")
     parser.add_argument("--quick", action="store_true",
                         help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
                         "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
@@ -149,7 +150,13 @@ def run_mlp(args, device: str, env: dict, out: Path, timer) -> int:
     """``--mlp``: see :mod:`torch_matgrad.bench.blocks`."""
     dtype_name = (args.dtype or ["bf16" if device == "cuda" else "fp32"])[0]
     print(f"bench --mlp: {len(blocks.SHAPES[device])} shapes on {env['device_name']}; writing {out}/", file=sys.stderr)
-    rows = blocks.run(device, env, out, dtype_name, DTYPES[dtype_name], blocks.PROVIDERS, timer)
+    # --providers narrows the blocks' providers (eager, torch_matgrad, compile): compiling
+    # takes tens of seconds per case, more than a short GPU run can spend.
+    wanted = set(args.providers or blocks.PROVIDERS)
+    providers = [p for p in blocks.PROVIDERS if p in wanted or (p == "compile_matgrad" and "compile" in wanted)]
+    if "eager" not in providers:
+        providers.insert(0, "eager")  # the baseline of every ratio
+    rows = blocks.run(device, env, out, dtype_name, DTYPES[dtype_name], providers, timer)
     print(blocks.report(rows))
     print(f"bench --mlp: results in {out}/", file=sys.stderr)
     return 0
