@@ -15,6 +15,7 @@ the registers and spilled bytes that ptxas reports for each (the compiled kernel
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import subprocess
@@ -26,10 +27,13 @@ import torch
 from _util import float32_matmul_precision
 
 TARGETS = (80, 90)  # compute capabilities: A100, H100/H200
-# 24 distinct flag sets (5 activations x 5 kinds of launch, with "forward without bias,
-# no activation" the same kernel as "grad_x, no activation") for each of fp16, bf16,
-# fp32 with IEEE products, fp32 with TF32 and fp64.
-EXPECTED = 5 * 24
+# 24 distinct flag sets of the linear layer (5 activations x 5 kinds of launch, with
+# "forward without bias, no activation" the same kernel as "grad_x, no activation") and
+# 39 of the MLP block (_mlp_launches: the two-half product with and without biases, 2;
+# gated h with and without bias, with the column sums, and the gated epilogue, 4 x 5
+# activations; plain ones, 4 x 4; column sums alone, 1) for each of fp16, bf16, fp32 with
+# IEEE products, fp32 with TF32 and fp64.
+EXPECTED = 5 * (24 + 39)
 # Small tiles keep each compile near 0.6 s (64 x 64 x 32 with 3 stages: 1 s, 120 x 2
 # times); 64 rows for 4 warps is the smallest tile that still takes Hopper's wgmma path.
 _META = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
@@ -70,6 +74,31 @@ _REPORT_LAYOUTS = {
 }
 
 
+def _mlp_launches(act):
+    """The MLP block's launches with activation ``act`` (``triton_backend.mlp_forward`` and
+    ``mlp_backward``) that the linear layer's do not cover: ``specialisation`` keywords."""
+    gated = dict(gated=True, mlp_activation=act)
+    launches = {
+        "mlp [g | u]": dict(has_bias=True, dual=True),
+        "mlp [g | u], no bias": dict(dual=True),
+        "mlp out, gated h": dict(has_bias=True, hidden=True, **gated),
+        "mlp out / grad_Wd, gated h": dict(hidden=True, **gated),  # out without bias; grad_Wd without grad_bd
+        "mlp grad_Wd + grad_bd, gated h": dict(hidden=True, colsum=True, **gated),
+        "mlp grad_h, gated epilogue": dict(grad_hidden=True, **gated),
+    }
+    if act is None:  # h = u and G_u = grad_h: the linear layer's launches, plus grad_bd's column sums
+        launches["mlp grad_Wd + grad_bd"] = dict(colsum=True)
+        return launches
+    plain = dict(mlp_activation=act)
+    launches.update({
+        "mlp out, plain h": dict(has_bias=True, hidden=True, **plain),
+        "mlp out / grad_Wd, plain h": dict(hidden=True, **plain),
+        "mlp grad_Wd + grad_bd, plain h": dict(hidden=True, colsum=True, **plain),
+        "mlp grad_h, plain epilogue": dict(grad_hidden=True, **plain),
+    })
+    return launches
+
+
 def _launches():
     """``(what, label, dtype, flags)`` for every launch the backend makes, repeats included."""
     from torch_matgrad.formulas import ACTIVATIONS, NEEDS_PREACTIVATION
@@ -86,6 +115,7 @@ def _launches():
                     "grad_x / grad_W": dict(grad_activation=act),
                     "grad_W + grad_b": dict(grad_activation=act, rowsum=True),
                     "grad_b alone": dict(grad_activation=act, rowsum=True, has_c=False),
+                    **_mlp_launches(act),
                 }
                 for what, kwargs in launches.items():
                     with float32_matmul_precision(precision):
@@ -107,7 +137,13 @@ def specialisations():
 
 
 def _with_layout(flags, layout):
-    return {**flags, **dict(zip(("A_T", "B_T", "S_T"), layout)), "NUM_SMS": _TMA_SMS}
+    """The descriptor kernel's flags: ``flags`` without the MLP ones (the pointer
+    kernel's only), with the operand layout and the persistent grid."""
+    from torch_matgrad.triton_kernels.ops import MLP_FLAGS
+
+    assert not any(flags[name] for name in MLP_FLAGS), flags
+    kept = {name: value for name, value in flags.items() if name not in MLP_FLAGS}
+    return {**kept, **dict(zip(("A_T", "B_T", "S_T"), layout)), "NUM_SMS": _TMA_SMS}
 
 
 def tma_specialisations():
@@ -118,7 +154,7 @@ def tma_specialisations():
     variants = [
         (f"{label} layout={layout}", dtype, _with_layout(flags, layout))
         for what, label, dtype, flags in _launches()
-        if dtype in TMA_DTYPES and flags["HAS_C"]
+        if dtype in TMA_DTYPES and flags["HAS_C"] and what in _TMA_LAYOUTS  # the MLP's take the pointer kernel
         for layout in _TMA_LAYOUTS[what]
     ]
     every = specialisation(
@@ -177,13 +213,16 @@ def _compile_tma(target, dtype, flags, meta, options):
     return compiled
 
 
-def _signature(kernel, dtype, flags):
+def _signature(kernel, dtype, flags, meta=_META):
     """Argument types and constexprs; absent tensors are constexpr None, as at launch."""
     absent = {
-        "b_ptr": not flags["HAS_C"], "c_ptr": not flags["HAS_C"], "s_ptr": flags["PRO_ACT"] == 0,
+        "b_ptr": not flags["HAS_C"], "c_ptr": not flags["HAS_C"],
+        "s_ptr": flags["PRO_ACT"] == 0 and flags["HIDDEN"] != 2,
         "bias_ptr": not flags["HAS_BIAS"], "z_ptr": not flags["STORE_Z"], "rowsum_ptr": not flags["ROWSUM"],
+        "b2_ptr": not flags["DUAL"], "bias2_ptr": not (flags["DUAL"] and flags["HAS_BIAS"]),
+        "e_ptr": flags["EPI_GRAD"] == 0, "e2_ptr": flags["EPI_GRAD"] != 2, "colsum_ptr": not flags["COLSUM"],
     }
-    constexprs = {**flags, **_META, **{name: None for name, none in absent.items() if none}}
+    constexprs = {**flags, **meta, **{name: None for name, none in absent.items() if none}}
     signature = {
         name: "constexpr" if name in constexprs else ("*" + _TYPE[dtype] if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
@@ -191,22 +230,29 @@ def _signature(kernel, dtype, flags):
     return signature, constexprs
 
 
-def compile_all(capability: int) -> int:
+def _compile_pointer(target, dtype, flags, meta, options):
+    """The pointer kernel compiled to a cubin."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
     from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel
+
+    signature, constexprs = _signature(fused_gemm_kernel, dtype, flags, meta)
+    src = triton.compiler.ASTSource(fn=fused_gemm_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=target, options=options)
+    assert compiled.asm.get("cubin"), "no cubin"
+    return compiled
+
+
+def compile_all(capability: int) -> int:
+    from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", capability, 32)
     failures = 0
     variants = specialisations()
     print(f"compiling {len(variants)} specialisations")
     for label, dtype, flags in variants:
-        signature, constexprs = _signature(fused_gemm_kernel, dtype, flags)
         try:
-            src = triton.compiler.ASTSource(fn=fused_gemm_kernel, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options=_OPTIONS)
-            assert compiled.asm.get("cubin"), "no cubin"
+            _compile_pointer(target, dtype, flags, _META, _OPTIONS)
         except Exception as e:  # report every failing variant, not just the first
             failures += 1
             print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
@@ -223,45 +269,88 @@ def compile_all(capability: int) -> int:
     return failures
 
 
-def register_report() -> int:
-    """Each descriptor-kernel configuration compiled for sm_90 in bf16 (``python
-    test_triton_compile.py 90 report``, with ``TRITON_DUMP_PTXAS_LOG=1`` and
-    ``TRITON_ALWAYS_COMPILE=1``): one row per
-    launch with the registers and spilled bytes from ptxas's report, and the shared
-    memory. Returns the number of compiles that failed."""
+def _report(cases) -> int:
+    """Compiles each ``(configuration name, launch, compile)`` case and prints a table row
+    with the registers and spilled bytes from ptxas's report (``TRITON_DUMP_PTXAS_LOG=1``
+    and ``TRITON_ALWAYS_COMPILE=1``) and the shared memory. Returns the failures."""
     import contextlib
     import io
     import re
 
+    failures = 0
+    print("| configuration | launch | registers | spilled bytes (stores) | shared memory (bytes) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, what, compile_ in cases:
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = compile_()
+        except Exception as e:
+            failures += 1
+            print(f"| {name} | {what} | FAILED: {type(e).__name__}: {str(e)[-500:]} | | |")
+            continue
+        regs = re.search(r"Used (\d+) registers", log.getvalue())
+        spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
+        print(f"| {name} | {what} | {regs.group(1) if regs else '?'} | {spills.group(1) if spills else '?'} "
+              f"| {compiled.metadata.shared} |")
+    return failures
+
+
+def _options(cfg):
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def register_report() -> int:
+    """Each descriptor-kernel configuration compiled for sm_90 in bf16 (``python
+    test_triton_compile.py 90 report``): one row per launch (:func:`_report`)."""
     from triton.backends.compiler import GPUTarget
 
     from torch_matgrad.triton_kernels import ops
 
     target = GPUTarget("cuda", 90, 32)
-    failures = 0
-    print("| configuration | launch | registers | spilled bytes (stores) | shared memory (bytes) |")
-    print("| --- | --- | --- | --- | --- |")
+    cases = []
     for cfg, name in zip(ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES):
         for what, kwargs in _REPORT_FLAGS.items():
             flags = _with_layout(ops.specialisation(torch.bfloat16, **kwargs), _REPORT_LAYOUTS[what])
             if not ops.tma_config_fits(cfg, elem=2, limit=_H100_SHARED, prologue=flags["PRO_ACT"] != 0):
                 continue  # the autotuner never runs this configuration for this launch on an H100
-            log = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(log):
-                    compiled = _compile_tma(
-                        target, torch.bfloat16, flags, cfg.kwargs,
-                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                    )
-            except Exception as e:
-                failures += 1
-                print(f"| {name} | {what} | FAILED: {type(e).__name__}: {str(e)[-500:]} | | |")
+            cases.append((name, what, functools.partial(_compile_tma, target, torch.bfloat16, flags, cfg.kwargs,
+                                                        _options(cfg))))
+    return _report(cases)
+
+
+# The MLP block's launches (the pointer kernel's), for the register report at real tiles.
+_MLP_REPORT_FLAGS = {
+    "[g | u]": dict(has_bias=True, dual=True),
+    "out, plain gelu_tanh h": dict(has_bias=True, hidden=True, mlp_activation="gelu_tanh"),
+    "out, gated silu h": dict(has_bias=True, hidden=True, gated=True, mlp_activation="silu"),
+    "grad_Wd + grad_bd, gated silu h": dict(hidden=True, gated=True, colsum=True, mlp_activation="silu"),
+    "grad_h, plain gelu_tanh epilogue": dict(grad_hidden=True, mlp_activation="gelu_tanh"),
+    "grad_h, gated silu epilogue": dict(grad_hidden=True, gated=True, mlp_activation="silu"),
+}
+
+
+def mlp_register_report() -> int:
+    """The MLP block's launches compiled for sm_90 in bf16 in each pointer-kernel
+    configuration that the autotuner keeps for them on an H100 (``python
+    test_triton_compile.py 90 mlp-report``; not a test: ~60 compiles at real tiles)."""
+    from triton.backends.compiler import GPUTarget
+
+    from torch_matgrad.triton_kernels import ops
+
+    ops._shared_memory_limit = lambda device: _H100_SHARED  # the pruning, without a GPU
+    target = GPUTarget("cuda", 90, 32)
+    a = torch.empty(1, 1, dtype=torch.bfloat16)
+    cases = []
+    for cfg, name in zip(ops.CONFIGS, ops.CONFIG_NAMES):
+        for what, kwargs in _MLP_REPORT_FLAGS.items():
+            flags = ops.specialisation(torch.bfloat16, **kwargs)
+            m_bucket = 4096 if cfg.kwargs["BLOCK_M"] >= ops.SMALL_M else 16  # the side of SMALL_M it serves
+            if ops._fits([cfg], {"a_ptr": a, "M_BUCKET": m_bucket}, **flags) != [cfg]:
                 continue
-            regs = re.search(r"Used (\d+) registers", log.getvalue())
-            spills = re.search(r"(\d+) bytes spill stores", log.getvalue())
-            print(f"| {name} | {what} | {regs.group(1) if regs else '?'} | {spills.group(1) if spills else '?'} "
-                  f"| {compiled.metadata.shared} |")
-    return failures
+            cases.append((name, what, functools.partial(_compile_pointer, target, torch.bfloat16, flags, cfg.kwargs,
+                                                        _options(cfg))))
+    return _report(cases)
 
 
 def _compiler(*args, env=()):
@@ -310,4 +399,6 @@ def test_descriptor_kernel_registers_at_real_tiles():
 if __name__ == "__main__":
     if sys.argv[2:] == ["report"]:
         sys.exit(1 if register_report() else 0)
+    if sys.argv[2:] == ["mlp-report"]:
+        sys.exit(1 if mlp_register_report() else 0)
     sys.exit(1 if compile_all(int(sys.argv[1])) else 0)

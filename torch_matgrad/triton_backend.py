@@ -24,8 +24,23 @@ faster than the prologue at every shape measured; the prologue recomputes ``act'
 each of the ~``in_features / BLOCK_N`` programs that load a ``G`` tile and keeps the
 tensor cores waiting on it.
 
+The MLP block (:func:`mlp_forward`, :func:`mlp_backward`; ``H`` the hidden width) never
+writes the hidden activation ``h = act(u)`` (gated ``act(g) * u``): the kernels build it
+where they load it, and the backward's ``act'`` is applied once per element, in the
+epilogue of the launch that computes ``grad_h``:
+
+=============================  ===================================  =========================
+launch (MATH.md item)          reads                                writes
+=============================  ===================================  =========================
+pre-activations (6)            ``x``, ``Wu`` (gated: and ``Wg``)    ``u`` (gated ``[g | u]``)
+``out = h Wd^T + bd`` (6)      ``u`` (and ``g``): ``h`` at load     ``out``
+``grad_Wd^T = h^T G`` (9, 10)  ``u^T`` (and ``g^T``), ``G``         ``grad_Wd``, ``grad_bd``
+``grad_h = G Wd`` (11; 1, 3)   ``G``, ``Wd``; ``u`` (and ``g``)     ``G_u`` (``[G_g | G_u]``)
+first layer (9-11)             ``G_u`` (and ``G_g``), ``x``, ``W``  as :func:`backward`
+=============================  ===================================  =========================
+
 Not differentiable: :mod:`torch_matgrad.dispatch` sends double backward
-and direct gradients of ``z`` to :mod:`torch_matgrad.formulas`.
+and direct gradients of ``z`` (and of ``u``, ``g``) to :mod:`torch_matgrad.formulas`.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ from typing import Iterator, Optional, Tuple
 
 from torch import Tensor
 
-from .formulas import NEEDS_PREACTIVATION, grad_preactivation, mlp_grad_preactivations, mlp_hidden
+from .formulas import NEEDS_PREACTIVATION, grad_preactivation
 from .triton_kernels.fused_gemm import INTERPRET
 from .triton_kernels.ops import SUPPORTED_DTYPES, fused_matmul
 
@@ -108,36 +123,58 @@ def backward(
 
 def mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation):
     """``(out, u, g)`` of an MLP block (:func:`torch_matgrad.formulas.mlp_forward`) for
-    2-D ``x``: the plain block's first launch applies the activation in its epilogue and
-    stores ``u`` beside ``h``; ``h`` lives only until the second launch has read it."""
+    2-D ``x``, in two launches that never write ``h``:
+
+    * the pre-activations (item 6): plain ``u = x Wu^T + bu``; gated one launch over
+      ``[Wg; Wu]`` (read from the two weights, not concatenated) storing ``[g | u]``, one
+      ``(M, 2H)`` tensor whose halves are returned as views;
+    * ``out = h Wd^T + bd`` with ``h = act(u)`` or ``act(g) * u`` built where the kernel
+      loads its ``A`` tile (for a plain block without activation, ``h = u``).
+    """
     if gate_w is None:
-        h, u, _ = fused_matmul(x, up_w.t(), bias=up_b, activation=activation, store_z=activation is not None)
-        u = h if u is None else u
-        g = None
+        u, g = fused_matmul(x, up_w.t(), bias=up_b)[0], None
     else:
-        u = fused_matmul(x, up_w.t(), bias=up_b)[0]
-        g = fused_matmul(x, gate_w.t(), bias=gate_b)[0]
-        h = mlp_hidden(u, g, activation)
-    return fused_matmul(h, down_w.t(), bias=down_b)[0], u, g
+        gu = fused_matmul(x, gate_w.t(), bias=gate_b, b2=up_w.t(), bias2=up_b)[0]
+        hidden_width = up_w.shape[0]
+        g, u = gu[:, :hidden_width], gu[:, hidden_width:]
+    out = fused_matmul(u, down_w.t(), bias=down_b, hidden=True, gate=g, mlp_activation=activation)[0]
+    return out, u, g
 
 
 def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs):
-    """The MLP block's gradients (:func:`torch_matgrad.formulas.mlp_backward`) as
-    launches of the linear layer's products; ``h`` is rebuilt from ``u`` (and ``g``)."""
+    """The MLP block's gradients (:func:`torch_matgrad.formulas.mlp_backward`), ``h``
+    never written:
+
+    * ``grad_Wd = G^T h`` (items 9, 10) as ``(h^T G)^T``: ``h^T`` built where its tiles
+      load from ``u^T`` (and ``g^T``), stored through transposed strides, with
+      ``grad_bd = G^T 1`` (item 10) summed from the ``G`` tiles in the same launch;
+    * ``grad_h = G Wd`` (item 11) with the epilogue forming ``G_u = grad_h * act'(u)``,
+      or gated ``[G_g | G_u]`` (``grad_h * u * act'(g)``, ``grad_h * act(g)``: items 1, 3),
+      one ``(M, 2H)`` tensor;
+    * the first layer's products from ``G_u`` (and ``G_g``) as the linear layer's
+      backward without activation (items 9-11), ``grad_x`` summing both.
+    """
     if grad_u is not None or grad_g is not None:
         raise ValueError("triton_backend.mlp_backward: direct gradients of u and g go through torch ops")
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
     if grad_out is None:
         return (None,) * 7
+    hidden = dict(hidden=True, mlp_activation=activation)
     grad_down_w = grad_down_b = None
-    if need_down_w or need_down_b:
-        h = mlp_hidden(u, g, activation) if need_down_w else None
-        grad_down_w, _, grad_down_b = fused_matmul(grad_out.t(), h, rowsum=need_down_b)
+    if need_down_w:
+        gate_t = None if g is None else g.t()
+        grad_down_w, _, grad_down_b = fused_matmul(u.t(), grad_out, gate=gate_t, colsum=need_down_b,
+                                                   transpose_c=True, **hidden)
+    elif need_down_b:
+        grad_down_b = fused_matmul(grad_out.t(), None, rowsum=True)[2]
     grad_x = grad_up_w = grad_up_b = grad_gate_w = grad_gate_b = None
     if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
-        g_u, g_g = mlp_grad_preactivations(fused_matmul(grad_out, down_w)[0], u, g, activation)
+        grads = fused_matmul(grad_out, down_w, grad_hidden=(u, g), mlp_activation=activation)[0]
+        hidden_width = u.shape[1]
+        g_g, g_u = (None, grads) if g is None else (grads[:, :hidden_width], grads[:, hidden_width:])
         grad_x, grad_up_w, grad_up_b = backward(g_u, None, x, up_w, None, None, (need_x, need_up_w, need_up_b))
         if g_g is not None:
-            gx, grad_gate_w, grad_gate_b = backward(g_g, None, x, gate_w, None, None, (need_x, need_gate_w, need_gate_b))
-            grad_x = gx if grad_x is None else grad_x + gx
+            gate_needs = (need_x, need_gate_w, need_gate_b)
+            gx, grad_gate_w, grad_gate_b = backward(g_g, None, x, gate_w, None, None, gate_needs)
+            grad_x = gx if grad_x is None else grad_x.add_(gx)
     return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b

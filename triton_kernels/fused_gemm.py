@@ -14,6 +14,29 @@
   is deterministic and needs no atomics. ``HAS_C = False`` keeps only that sum (the
   bias gradient without the weight gradient).
 
+MLP blocks (``torch_matgrad.mlp``: ``out = h Wd^T + bd`` with the hidden activation
+``h = act(u)``, or gated ``h = act(g) * u``, from the pre-activations ``u = x Wu^T + bu``
+and ``g = x Wg^T + bg``) add four specialisations, so that ``h`` is never written:
+
+* ``DUAL``: the gated block's first GEMM over the concatenated ``[Wg; Wu]`` without
+  concatenating it: ``C = [A B + bias | A B2 + bias2]`` (``M x 2N``), the programs of the
+  first ``cdiv(N, BLOCK_N)`` block columns reading ``B`` and ``bias``, the others ``B2``
+  and ``bias2`` (same strides) and storing ``N`` columns further; both halves share each
+  ``A`` tile in L2 (grouped order);
+* ``HIDDEN`` (an ``A`` prologue, exclusive with ``PRO_ACT``): the loaded tile of the
+  pre-activation ``A = u`` becomes ``act(u)`` (``HIDDEN = 1``) or ``act(S) * u`` with the
+  gate ``S = g`` read with ``A``'s indices (``HIDDEN = 2``; item 1's product), ``act``
+  being ``MLP_ACT``. It builds ``h`` for ``out = h Wd^T`` (``A = u``) and for
+  ``grad_Wd^T = h^T G`` (``A = u^T``, items 9, 10; stored through transposed strides);
+* ``EPI_GRAD`` (replaces the bias/activation epilogue): the accumulator is
+  ``grad_h = G Wd`` (item 11) and the epilogue reads ``E = u`` (and ``E2 = g``) with
+  ``C``'s indices: ``C = grad_h * act'(u)`` (``EPI_GRAD = 1``, items 1, 3), or
+  ``C = [grad_h * u * act'(g) | grad_h * act(g)]`` = ``[G_g | G_u]`` (``EPI_GRAD = 2``, the
+  product rule of item 1 with items 1, 3 for ``act``), ``act'`` computed once per element;
+* ``COLSUM``: the programs of the first block row also sum the ``B`` tiles over the
+  reduction dimension (``grad_bd = G^T 1`` in the ``h^T G`` launch, item 10 with
+  ``x = 1``), one slice per program as for ``ROWSUM``.
+
 One general kernel rather than three copies: every operand is read through its own
 strides, so ``W^T``, ``G^T``, ``x^T`` and sliced views are stride swaps, and constexpr
 flags select each specialisation at compile time (no runtime branches on them).
@@ -134,6 +157,19 @@ def _prologue(a, s, PRO_ACT: tl.constexpr, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _hidden(a, s, HIDDEN: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``(h tile for the dot, h tile in the accumulator's precision)`` from a tile of the
+    pre-activation ``a``: ``h = act(a)`` (``HIDDEN == 1``) or ``h = act(s) * a`` with ``s``
+    the gate's tile (``HIDDEN == 2``)."""
+    if HIDDEN == 1:
+        h = _activation(a.to(ACC_DTYPE), ACT)
+    else:
+        h = _activation(s.to(ACC_DTYPE), ACT) * a.to(ACC_DTYPE)
+    # h is rounded to the operand dtype for the dot, as the torch path stores it.
+    return h.to(a.dtype), h
+
+
+@triton.jit
 def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b``."""
     if UPCAST:
@@ -155,26 +191,56 @@ def _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _store_rowsum(rowsum_ptr, rowsum, offs_m, M, stride_rowsum):
+    """A vector of sums at ``offs_m`` (those past ``M`` dropped); the column sums too."""
     tl.store(rowsum_ptr + offs_m.to(tl.int64) * stride_rowsum, rowsum.to(rowsum_ptr.dtype.element_ty),
              mask=offs_m < M)
 
+
+@triton.jit
+def _store_grad_hidden(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                       e_ptr, stride_em, stride_en, e2_ptr, stride_e2m, stride_e2n,
+                       EPI_GRAD: tl.constexpr, ACT: tl.constexpr):
+    """The MLP backward's epilogue on ``acc = grad_h``: reads ``u`` (``e_ptr``) and, gated,
+    ``g`` (``e2_ptr``) with ``C``'s indices and stores ``G_u = grad_h * act'(u)``
+    (``EPI_GRAD == 1``), or ``G_g = grad_h * u * act'(g)`` in columns ``[0, N)`` and
+    ``G_u = grad_h * act(g)`` in columns ``[N, 2N)`` (``EPI_GRAD == 2``)."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = offs_n.to(tl.int64)[None, :]
+    c_offs = rows * stride_cm + cols * stride_cn
+    u = tl.load(e_ptr + rows * stride_em + cols * stride_en, mask=mask, other=0.0).to(acc.dtype)
+    if EPI_GRAD == 1:
+        tl.store(c_ptr + c_offs, _activation_grad(acc, u, ACT).to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        g = tl.load(e2_ptr + rows * stride_e2m + cols * stride_e2n, mask=mask, other=0.0).to(acc.dtype)
+        tl.store(c_ptr + c_offs, _activation_grad(acc * u, g, ACT).to(c_ptr.dtype.element_ty), mask=mask)
+        cols_u = (offs_n + N).to(tl.int64)[None, :]
+        tl.store(c_ptr + rows * stride_cm + cols_u * stride_cn,
+                 (acc * _activation(g, ACT)).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def fused_gemm_kernel(
     # Pointers: operands, output, the prologue's saved tensor, bias, z output, row sums
     a_ptr, b_ptr, c_ptr, s_ptr, bias_ptr, z_ptr, rowsum_ptr,
+    # MLP blocks: the second B and bias (DUAL), the epilogue's u and g (EPI_GRAD), column sums
+    b2_ptr, bias2_ptr, e_ptr, e2_ptr, colsum_ptr,
     # Matrix dimensions: C (M x N) = A (M x K) @ B (K x N)
     M, N, K,
-    # Strides (elements) of each operand; S is read with A's indices, z with C's
+    # Strides (elements) of each operand; S is read with A's indices, z with C's;
+    # B2 and bias2 have the strides of B and bias
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sm, stride_sk, stride_bias, stride_rowsum,
+    stride_em, stride_en, stride_e2m, stride_e2n, stride_colsum,
     # Coarse shape buckets: only the autotuner's key reads them
     M_BUCKET, N_BUCKET, K_BUCKET,
     # Specialisation flags
     PRO_ACT: tl.constexpr, ROWSUM: tl.constexpr, HAS_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    # MLP flags (module docstring); MLP_ACT is the activation of HIDDEN and EPI_GRAD
+    DUAL: tl.constexpr, HIDDEN: tl.constexpr, EPI_GRAD: tl.constexpr, COLSUM: tl.constexpr,
+    MLP_ACT: tl.constexpr,
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -183,7 +249,19 @@ def fused_gemm_kernel(
     # rows so that consecutive programs share B columns in L2.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N) if HAS_C else 1
+    if DUAL:
+        num_pid_n = 2 * num_pid_n
     pid_m, pid_n = _tile_coords(tl.program_id(axis=0), num_pid_m, num_pid_n, GROUP_M)
+    if DUAL:
+        # The second half of the block columns: B2 and bias2, stored N columns further.
+        half = tl.cdiv(N, BLOCK_N)
+        second = pid_n >= half
+        pid_n = tl.where(second, pid_n - half, pid_n)
+        c_col0 = tl.where(second, N, 0)
+        if second:
+            b_ptr = b2_ptr
+            if HAS_BIAS:
+                bias_ptr = bias2_ptr
 
     # -----------------------------------------------------------
     # Row offsets of A and column offsets of B, in int64. Rows and columns past the
@@ -196,7 +274,7 @@ def fused_gemm_kernel(
     if HAS_C:
         cols_b = (offs_n % N).to(tl.int64)
         b_cols = b_ptr + cols_b[None, :] * stride_bn
-    if PRO_ACT != 0:
+    if PRO_ACT != 0 or HIDDEN == 2:
         s_rows = s_ptr + rows_a[:, None] * stride_sm
 
     # -----------------------------------------------------------
@@ -204,32 +282,49 @@ def fused_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if ROWSUM:
         rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    if COLSUM:
+        colsum = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         ks = offs_k.to(tl.int64)
         a = tl.load(a_rows + ks[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
         s = None
-        if PRO_ACT != 0:
+        if PRO_ACT != 0 or HIDDEN == 2:
             s = tl.load(s_rows + ks[None, :] * stride_sk, mask=k_mask[None, :], other=0.0)
-        a, a_acc = _prologue(a, s, PRO_ACT, ACC_DTYPE)
+        if HIDDEN != 0:
+            a, a_acc = _hidden(a, s, HIDDEN, MLP_ACT, ACC_DTYPE)
+        else:
+            a, a_acc = _prologue(a, s, PRO_ACT, ACC_DTYPE)
         if ROWSUM:
             if pid_n == 0:
                 rowsum += tl.sum(a_acc, axis=1)
         if HAS_C:
             b = tl.load(b_cols + ks[:, None] * stride_bk, mask=k_mask[:, None], other=0.0)
+            if COLSUM:
+                if pid_m == 0:
+                    colsum += tl.sum(b.to(ACC_DTYPE), axis=0)
             acc = _dot(a, b, acc, ACC_DTYPE, INPUT_PRECISION, UPCAST)
 
     # -----------------------------------------------------------
-    # Epilogue on the accumulator: bias, z, activation; masked stores at the edges.
+    # Epilogue on the accumulator: bias, z, activation (or the MLP's gradients);
+    # masked stores at the edges.
     if ROWSUM:
         if pid_n == 0:
             _store_rowsum(rowsum_ptr, rowsum, offs_m, M, stride_rowsum)
+    if COLSUM:
+        if pid_m == 0:
+            _store_rowsum(colsum_ptr, colsum, offs_n, N, stride_colsum)
     if HAS_C:
-        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-        acc = _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS)
-        if STORE_Z:
-            tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
-        out = _activation(acc, EPI_ACT)
-        tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+        if EPI_GRAD != 0:
+            _store_grad_hidden(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                               e_ptr, stride_em, stride_en, e2_ptr, stride_e2m, stride_e2n, EPI_GRAD, MLP_ACT)
+        else:
+            c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            offs_cn = offs_n + c_col0 if DUAL else offs_n
+            c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_cn.to(tl.int64)[None, :] * stride_cn
+            acc = _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS)
+            if STORE_Z:
+                tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
+            out = _activation(acc, EPI_ACT)
+            tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -9,7 +9,9 @@ Two kernels compute the same products and fusions: the pointer kernel
 TMA tensor descriptors and a persistent grid, Hopper and later, fp16/bf16 operands that
 meet the descriptor rules). :func:`gemm_kernel_for` is the one place that chooses;
 :func:`gemm_kernel` (or ``$TORCH_MATGRAD_GEMM_KERNEL``) overrides the choice where the
-descriptor kernel is valid, for benchmarks and tests.
+descriptor kernel is valid, for benchmarks and tests. The MLP block's launches
+(:func:`fused_matmul`'s ``b2``, ``hidden``, ``grad_hidden``, ``colsum``: ``MLP_FLAGS``)
+are the pointer kernel's alone.
 
 Autotuning (compiled kernels only): a few configurations for Ampere and Hopper (the
 small-M ones only for M <= ``SMALL_M`` rows, the others only above), pruned to those that
@@ -30,7 +32,7 @@ import functools
 import inspect
 import itertools
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -83,10 +85,14 @@ CONFIGS_ENV_VAR = "TORCH_MATGRAD_TRITON_CONFIGS"
 # grouped ordering is exercised too.
 INTERPRETER_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
 
-_AUTOTUNE_KEY = [
+_BASE_KEY = [
     "M_BUCKET", "N_BUCKET", "K_BUCKET",
     "PRO_ACT", "ROWSUM", "HAS_C", "HAS_BIAS", "EPI_ACT", "STORE_Z", "INPUT_PRECISION",
 ]
+#: The pointer kernel's flags of the MLP block's launches (``fused_gemm.py``): only that
+#: kernel has them, so :func:`gemm_kernel_for` sends a launch that sets any to it.
+MLP_FLAGS = ("DUAL", "HIDDEN", "EPI_GRAD", "COLSUM", "MLP_ACT")
+_AUTOTUNE_KEY = _BASE_KEY + list(MLP_FLAGS)
 
 
 def config_name(config: "triton.Config") -> str:
@@ -160,7 +166,8 @@ def _fits(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     elem = args["a_ptr"].element_size()
     limit = _shared_memory_limit(args["a_ptr"].device)
-    a_tiles = 2 if args["PRO_ACT"] else 1  # the prologue streams the saved tile beside A
+    # The act' prologue streams the saved tile beside A, the gated h prologue the gate's.
+    a_tiles = 2 if args["PRO_ACT"] or args.get("HIDDEN") == 2 else 1
     small = args.get("M_BUCKET", SMALL_M + 1) <= SMALL_M
     fitting = []
     for cfg in configs:
@@ -256,7 +263,7 @@ def _tma_fits(configs, named_args, **kwargs):
 
 # The autotuner keys on the tensors' dtypes by itself, but descriptors have no dtype:
 # fp16 and bf16 launches of one shape share a tuning.
-_TMA_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["A_T", "B_T", "S_T"]
+_TMA_AUTOTUNE_KEY = _BASE_KEY + ["A_T", "B_T", "S_T"]
 
 
 def tma_launcher(configs: list):
@@ -398,21 +405,28 @@ def _tma_hardware(device: torch.device) -> bool:
     return INTERPRET and device.type == "cpu" and _kernel_mode.get() == "tma"
 
 
-def gemm_kernel_for(a: Tensor, b: Optional[Tensor], saved: Optional[Tensor] = None, outputs=()) -> str:
+def gemm_kernel_for(
+    a: Tensor, b: Optional[Tensor], saved: Optional[Tensor] = None, outputs=(), flags: Optional[dict] = None
+) -> str:
     """``"tma"`` or ``"pointer"``: the kernel that computes ``prologue(a) @ b`` into
-    ``outputs`` (C and z; ``b`` None: only row sums). The one place that chooses.
+    ``outputs`` (C and z; ``b`` None: only row sums) with the kernel flags ``flags``
+    (:func:`specialisation`; None: the linear layer's). The one place that chooses.
 
     The descriptor kernel where all of these hold, the pointer kernel everywhere else:
-    the kernel is not overridden to ``"pointer"`` (:func:`gemm_kernel`); Triton supports
-    it (``TMA_AVAILABLE``) and ``$TORCH_MATGRAD_TRITON_CONFIGS`` leaves it a
+    the launch sets none of the MLP block's flags (``MLP_FLAGS``: only the pointer kernel
+    has them); the kernel is not overridden to ``"pointer"`` (:func:`gemm_kernel`); Triton
+    supports it (``TMA_AVAILABLE``) and ``$TORCH_MATGRAD_TRITON_CONFIGS`` leaves it a
     configuration; the device has TMA (:func:`_tma_hardware`); the dtype is fp16 or bf16;
     there is a product (a launch that only sums has no tensor-core work); every operand
-    and output meets the descriptor rules (:func:`_descriptor_view`); a single named
+    meets the descriptor rules (:func:`_descriptor_view`) and every output does so with
+    its rows contiguous (the kernel stores them as they are); a single named
     configuration fits the launch (:func:`tma_config_fits`); and, under
     ``"auto"``, more than ``SMALL_M`` rows: decoding shapes keep the pointer kernel's
     16- and 32-row tiles. ``benchmarks/kernel_choice.py`` times the two on a GPU; where
     the pointer kernel wins a shape class, the rule is the place to say so.
     """
+    if flags is not None and any(flags.get(name) for name in MLP_FLAGS):
+        return "pointer"
     mode = _kernel_mode.get()
     if mode == "pointer" or not TMA_AVAILABLE or _tma_launch is None:
         return "pointer"
@@ -420,7 +434,9 @@ def gemm_kernel_for(a: Tensor, b: Optional[Tensor], saved: Optional[Tensor] = No
         return "pointer"
     if mode == "auto" and a.shape[0] <= SMALL_M:
         return "pointer"
-    if any(_descriptor_view(t) is None for t in (a, b, saved, *outputs) if t is not None):
+    if any(_descriptor_view(t) is None for t in (a, b, saved) if t is not None):
+        return "pointer"
+    if any(_descriptor_view(t) is None or _descriptor_view(t)[1] for t in outputs if t is not None):
         return "pointer"
     configs = getattr(_tma_launch, "configs", None)  # None: one configuration, no autotuner
     if configs is not None and len(configs) == 1 and not tma_config_fits(
@@ -440,6 +456,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class MLPOperands(NamedTuple):
+    """The tensors that only the MLP block's launches pass to ``fused_gemm_kernel``
+    (absent: None): ``DUAL``'s second ``B`` and bias, ``EPI_GRAD``'s ``u`` (``e``) and
+    ``g`` (``e2``), and ``COLSUM``'s output."""
+
+    b2: Optional[Tensor] = None
+    bias2: Optional[Tensor] = None
+    e: Optional[Tensor] = None
+    e2: Optional[Tensor] = None
+    colsum: Optional[Tensor] = None
+
+
 def fused_matmul(
     a: Tensor,
     b: Optional[Tensor],
@@ -450,19 +478,44 @@ def fused_matmul(
     bias: Optional[Tensor] = None,
     activation: Optional[str] = None,
     store_z: bool = False,
+    b2: Optional[Tensor] = None,
+    bias2: Optional[Tensor] = None,
+    hidden: bool = False,
+    gate: Optional[Tensor] = None,
+    mlp_activation: Optional[str] = None,
+    grad_hidden: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+    colsum: bool = False,
+    transpose_c: bool = False,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(C, z, rowsum)`` with ``A' = A * act'(saved)`` if ``grad_activation`` is given
+    """``(C, z, sums)`` with ``A' = A * act'(saved)`` if ``grad_activation`` is given
     (``saved`` shaped like ``a``), ``z = A' @ B + bias`` and ``C = act(z)``.
 
     ``b=None`` computes no product (``C`` and ``z`` are None): only the row sums of
-    ``A'``. ``z`` is returned when ``store_z``; ``rowsum`` (``A'.sum(1)``) when asked.
-    Every operand may be any strided view; the outputs are new contiguous tensors.
-    Dimensions of size zero launch nothing.
+    ``A'``. ``z`` is returned when ``store_z``; ``sums`` are the row sums (``A'.sum(1)``)
+    when ``rowsum``. Every operand may be any strided view; the outputs are new
+    contiguous tensors. Dimensions of size zero launch nothing.
+
+    The MLP block's launches (``fused_gemm.py``; the pointer kernel only):
+
+    * ``b2`` (shaped like ``b``) and ``bias2``: ``C = [A B + bias | A B2 + bias2]``, one
+      ``(m, 2n)`` tensor from one launch (a missing one of the two biases is zero); no
+      other keyword applies;
+    * ``hidden``: the product reads ``h = act(A)``, or ``act(gate) * A`` with ``gate``
+      shaped like ``a``, ``act`` being ``mlp_activation`` (instead of ``saved``);
+    * ``grad_hidden=(u, g)`` (each ``(m, n)``; ``g`` None for a plain block): ``A @ B``
+      is ``grad_h`` and ``C`` is ``grad_h * act'(u)``, or the ``(m, 2n)``
+      ``[grad_h * u * act'(g) | grad_h * act(g)]`` (``[G_g | G_u]``), ``act`` being
+      ``mlp_activation``; no bias, ``activation`` or ``z``;
+    * ``colsum``: ``sums`` are the column sums of ``B`` (``B.sum(0)``, ``(n,)``) instead;
+    * ``transpose_c``: ``C`` is returned transposed, a contiguous ``(n, m)`` tensor (the
+      kernel stores through the transposed strides).
     """
     m, k = a.shape
     n = 0 if b is None else b.shape[1]
     dtype, device = a.dtype, a.device
-    operands = [("a", a), ("b", b), ("saved", saved), ("bias", bias)]
+    u, g = (None, None) if grad_hidden is None else grad_hidden
+    operands = [("a", a), ("b", b), ("saved", saved), ("bias", bias), ("b2", b2), ("bias2", bias2),
+                ("gate", gate), ("grad_hidden's u", u), ("grad_hidden's g", g)]
     for name, t in operands:
         if t is not None and (t.dtype != dtype or t.device != device):
             raise ValueError(f"fused_matmul: {name} is {t.dtype} on {t.device}, a is {dtype} on {device}")
@@ -474,55 +527,127 @@ def fused_matmul(
         raise ValueError("fused_matmul: grad_activation needs saved shaped like a")
     if bias is not None and (b is None or bias.shape != (n,)):
         raise ValueError(f"fused_matmul: bias of shape {tuple(bias.shape)} for {n} output columns")
+    _check_mlp_keywords(a, b, saved, rowsum, bias, activation, store_z, b2, bias2, hidden, gate, grad_hidden, colsum)
+    dual = b2 is not None
+    if dual and (bias is None) != (bias2 is None):
+        bias, bias2 = (torch.zeros(n, dtype=dtype, device=device) if t is None else t for t in (bias, bias2))
+    # A plain block without an activation has h = u and G_u = grad_h: nothing to fuse.
+    hidden = hidden and (gate is not None or mlp_activation is not None)
+    epi_grad = grad_hidden is not None and (g is not None or mlp_activation is not None)
 
     has_c = b is not None
-    c = _empty((m, n), dtype, device) if has_c else None
-    z = _empty((m, n), dtype, device) if has_c and store_z else None
-    sums = _empty((m,), dtype, device) if rowsum else None
+    width = 2 * n if dual or (grad_hidden is not None and g is not None) else n
+
+    def output() -> Tuple[Tensor, Tensor]:
+        """(what is returned, the (m, width) view the kernel writes)."""
+        if transpose_c:
+            t = _empty((width, m), dtype, device)
+            return t, t.t()
+        t = _empty((m, width), dtype, device)
+        return t, t
+
+    c, c_view = output() if has_c else (None, None)
+    z, z_view = output() if has_c and store_z else (None, None)
+    sums = _empty((n,) if colsum else (m,), dtype, device) if rowsum or colsum else None
     if m == 0 or (n == 0 and not rowsum):
+        if colsum and n > 0:  # no row of C, but B's columns still have sums
+            sums.copy_(fused_matmul(b.t(), None, rowsum=True)[2])
         return c, z, sums
     if k == 0:
-        # An empty sum: C = act(bias or 0), no product to launch.
-        pre = torch.zeros((m, n), dtype=dtype, device=device) if has_c else None
-        if bias is not None:
-            pre += bias
-        if z is not None:
-            z.copy_(pre)
+        # An empty sum: C = act(bias or 0) (each half its bias), no product to launch.
+        if has_c:
+            pre = torch.zeros((m, width), dtype=dtype, device=device)
+            for t, cols in ((bias, slice(0, n)), (bias2, slice(n, width))):
+                if t is not None:
+                    pre[:, cols] += t
+            if z is not None:
+                z_view.copy_(pre)
+            c_view.copy_(activate(pre, activation))
         if sums is not None:
             sums.zero_()
-        return (activate(pre, activation) if has_c else None), z, sums
+        return c, z, sums
 
     # With n == 0 only the row sums are left to compute; C (m x 0) is already complete.
     has_c = has_c and n > 0
     flags = specialisation(
         dtype, grad_activation=grad_activation, rowsum=rowsum, has_c=has_c,
         has_bias=bias is not None, activation=activation, store_z=z is not None,
+        dual=dual and has_c, hidden=hidden, grad_hidden=epi_grad, gated=(gate if hidden else g) is not None,
+        colsum=colsum and has_c, mlp_activation=mlp_activation if hidden or epi_grad else None,
     )
-    kernel = gemm_kernel_for(a, b if has_c else None, saved, (c, z) if has_c else ())
+    mlp = MLPOperands(
+        b2=b2, bias2=bias2, e=u if epi_grad else None, e2=g if epi_grad else None, colsum=sums if colsum else None
+    )
+    rowsums = sums if rowsum else None
+    kernel = gemm_kernel_for(a, b if has_c else None, saved, (c_view, z_view) if has_c else (), flags)
     # Triton launches on the current device: make it the tensors' (cuda:1 from cuda:0).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if kernel == "tma":
-            _run_tma_kernel(a, b, c, saved, bias, z, sums, flags)
+            _run_tma_kernel(a, b, c_view, saved, bias, z_view, rowsums, flags)
+        elif dual and not _same_strides((b, b2), (bias, bias2)):
+            # The kernel reads B2 and bias2 through B's and bias's strides: one launch a half.
+            one = dict(flags, DUAL=False)
+            _run_pointer_kernel(a, b, c_view[:, :n], None, bias, None, None, one, _NO_MLP)
+            _run_pointer_kernel(a, b2, c_view[:, n:], None, bias2, None, None, one, _NO_MLP)
         else:
-            _run_pointer_kernel(a, b if has_c else None, c if has_c else None, saved, bias, z, sums, flags)
+            _run_pointer_kernel(
+                a, b if has_c else None, c_view if has_c else None, gate if hidden else saved, bias, z_view, rowsums,
+                flags, mlp,
+            )
     return c, z, sums
 
 
-def _run_pointer_kernel(a, b, c, saved, bias, z, sums, flags) -> None:
-    """One launch of ``fused_gemm_kernel`` (``b`` and ``c`` None: row sums only)."""
+_NO_MLP = MLPOperands()
+
+
+def _same_strides(*pairs) -> bool:
+    return all(x is None or y is None or x.stride() == y.stride() for x, y in pairs)
+
+
+def _check_mlp_keywords(a, b, saved, rowsum, bias, activation, store_z, b2, bias2, hidden, gate, grad_hidden, colsum):
+    """:func:`fused_matmul`'s MLP keywords: shapes, and the combinations the kernel has."""
+    m, n = a.shape[0], 0 if b is None else b.shape[1]
+    if b2 is not None:
+        if b is None or b2.shape != b.shape:
+            raise ValueError(f"fused_matmul: b2 of shape {tuple(b2.shape)} must be shaped like b")
+        if saved is not None or rowsum or activation is not None or store_z or hidden or grad_hidden or colsum:
+            raise ValueError("fused_matmul: b2 (the two-half product) takes only bias and bias2")
+    if bias2 is not None and (b2 is None or bias2.shape != (n,)):
+        raise ValueError(f"fused_matmul: bias2 of shape {tuple(bias2.shape)} needs b2 with {n} columns")
+    if gate is not None and (not hidden or gate.shape != a.shape):
+        raise ValueError("fused_matmul: gate needs hidden=True and a's shape")
+    if hidden and saved is not None:
+        raise ValueError("fused_matmul: hidden and grad_activation are two prologues; one at a time")
+    if grad_hidden is not None:
+        u, g = grad_hidden
+        if b is None or u.shape != (m, n) or (g is not None and g.shape != (m, n)):
+            raise ValueError(f"fused_matmul: grad_hidden needs a product and u (and g) of shape {(m, n)}")
+        if bias is not None or activation is not None or store_z:
+            raise ValueError("fused_matmul: grad_hidden replaces the epilogue (no bias, activation or z)")
+    if colsum and (b is None or rowsum):
+        raise ValueError("fused_matmul: colsum needs a product, and sums either rows or columns")
+
+
+def _run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, mlp) -> None:
+    """One launch of ``fused_gemm_kernel`` (``b`` and ``c`` None: row sums only);
+    ``saved`` is the prologue's ``S`` (``act'``'s tensor, or the gate of ``h``), ``mlp``
+    the :class:`MLPOperands`."""
     m, k = a.shape
     n = 0 if b is None else b.shape[1]
+    halves = 2 if flags["DUAL"] else 1
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(m, meta["BLOCK_M"]) * (triton.cdiv(n, meta["BLOCK_N"]) if b is not None else 1),
+        triton.cdiv(m, meta["BLOCK_M"]) * (halves * triton.cdiv(n, meta["BLOCK_N"]) if b is not None else 1),
     )
+
+    def strides(t, dims=2):
+        return t.stride() if t is not None else (0,) * dims
+
     _launch[grid](
         a, b, c, saved, bias, z, sums,  # absent ones are None: constexpr, never read
+        *mlp,
         m, n, k,
-        a.stride(0), a.stride(1),
-        b.stride(0) if b is not None else 0, b.stride(1) if b is not None else 0,
-        c.stride(0) if c is not None else 0, c.stride(1) if c is not None else 0,
-        saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
-        bias.stride(0) if bias is not None else 0, sums.stride(0) if sums is not None else 0,
+        *a.stride(), *strides(b), *strides(c), *strides(saved), *strides(bias, 1), *strides(sums, 1),
+        *strides(mlp.e), *strides(mlp.e2), *strides(mlp.colsum, 1),
         _bucket(m), _bucket(n), _bucket(k),
         **flags,
         **_META,
@@ -554,7 +679,7 @@ def _run_tma_kernel(a, b, c, saved, bias, z, sums, flags) -> None:
         m, n, k,
         bias.stride(0) if bias is not None else 0, sums.stride(0) if sums is not None else 0,
         _bucket(m), _bucket(n), _bucket(k),
-        **flags,
+        **{name: v for name, v in flags.items() if name not in MLP_FLAGS},  # all off (gemm_kernel_for)
         **meta,
         **_TMA_META,
     )
@@ -569,12 +694,24 @@ def specialisation(
     has_bias: bool = False,
     activation: Optional[str] = None,
     store_z: bool = False,
+    dual: bool = False,
+    hidden: bool = False,
+    grad_hidden: bool = False,
+    gated: bool = False,
+    colsum: bool = False,
+    mlp_activation: Optional[str] = None,
 ) -> dict:
     """The kernel's constexpr flags for one kind of launch (the compile test builds
-    every specialisation the backend launches from this)."""
+    every specialisation the backend launches from this). ``dual``, ``hidden``,
+    ``grad_hidden`` (plain, or ``gated``), ``colsum`` and ``mlp_activation`` are the MLP
+    block's (:func:`fused_matmul`'s ``b2``, ``hidden``/``gate``, ``grad_hidden``,
+    ``colsum``, ``mlp_activation``)."""
+    kind = 2 if gated else 1
     return dict(
         PRO_ACT=ACT_CODES[grad_activation], ROWSUM=rowsum, HAS_C=has_c,
         HAS_BIAS=has_bias, EPI_ACT=ACT_CODES[activation], STORE_Z=store_z,
         ACC_DTYPE=_ACC_DTYPE.get(dtype, tl.float32), INPUT_PRECISION=input_precision(dtype),
         UPCAST=INTERPRET and dtype == torch.bfloat16,
+        DUAL=dual, HIDDEN=kind if hidden else 0, EPI_GRAD=kind if grad_hidden else 0, COLSUM=colsum,
+        MLP_ACT=ACT_CODES[mlp_activation],
     )
