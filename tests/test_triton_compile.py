@@ -213,8 +213,11 @@ def _compile_tma(target, dtype, flags, meta, options):
     return compiled
 
 
-def _signature(kernel, dtype, flags, meta=_META):
-    """Argument types and constexprs; absent tensors are constexpr None, as at launch."""
+def _signature(kernel, dtype, flags, meta=_META, unit_strides=None):
+    """Argument types and constexprs; absent tensors are constexpr None, as at launch.
+    With ``unit_strides`` (the stride arguments that are 1), also the attributes that a
+    launch on aligned tensors gets: those strides constexpr 1, every pointer and every
+    other integer divisible by 16 (as for large contiguous operands)."""
     absent = {
         "b_ptr": not flags["HAS_C"], "c_ptr": not flags["HAS_C"],
         "s_ptr": flags["PRO_ACT"] == 0 and flags["HIDDEN"] != 2,
@@ -223,21 +226,26 @@ def _signature(kernel, dtype, flags, meta=_META):
         "e_ptr": flags["EPI_GRAD"] == 0, "e2_ptr": flags["EPI_GRAD"] != 2, "colsum_ptr": not flags["COLSUM"],
     }
     constexprs = {**flags, **meta, **{name: None for name, none in absent.items() if none}}
+    if unit_strides is not None:
+        constexprs.update({name: 1 for name in unit_strides})
     signature = {
         name: "constexpr" if name in constexprs else ("*" + _TYPE[dtype] if name.endswith("_ptr") else "i32")
         for name in kernel.arg_names
     }
-    return signature, constexprs
+    attrs = {} if unit_strides is None else {
+        (i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if signature[name] != "constexpr"
+    }
+    return signature, constexprs, attrs
 
 
-def _compile_pointer(target, dtype, flags, meta, options):
-    """The pointer kernel compiled to a cubin."""
+def _compile_pointer(target, dtype, flags, meta, options, unit_strides=None):
+    """The pointer kernel compiled to a cubin (``unit_strides``: see :func:`_signature`)."""
     import triton
 
     from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel
 
-    signature, constexprs = _signature(fused_gemm_kernel, dtype, flags, meta)
-    src = triton.compiler.ASTSource(fn=fused_gemm_kernel, signature=signature, constexprs=constexprs)
+    signature, constexprs, attrs = _signature(fused_gemm_kernel, dtype, flags, meta, unit_strides)
+    src = triton.compiler.ASTSource(fn=fused_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=target, options=options)
     assert compiled.asm.get("cubin"), "no cubin"
     return compiled
@@ -319,14 +327,22 @@ def register_report() -> int:
     return _report(cases)
 
 
-# The MLP block's launches (the pointer kernel's), for the register report at real tiles.
+# The MLP block's launches (the pointer kernel's) for the register report at real tiles,
+# with the strides that are 1 when every tensor is contiguous (x, the weights, G; u and g
+# halves of [g | u]), and the linear layer's forward beside them as the baseline.
+_FORWARD_UNITS = ("stride_ak", "stride_bk", "stride_cn", "stride_bias")  # x, W^T, C, bias
+_GRAD_H_UNITS = ("stride_ak", "stride_bn", "stride_cn", "stride_en", "stride_e2n")  # G, Wd, C, u, g
 _MLP_REPORT_FLAGS = {
-    "[g | u]": dict(has_bias=True, dual=True),
-    "out, plain gelu_tanh h": dict(has_bias=True, hidden=True, mlp_activation="gelu_tanh"),
-    "out, gated silu h": dict(has_bias=True, hidden=True, gated=True, mlp_activation="silu"),
-    "grad_Wd + grad_bd, gated silu h": dict(hidden=True, gated=True, colsum=True, mlp_activation="silu"),
-    "grad_h, plain gelu_tanh epilogue": dict(grad_hidden=True, mlp_activation="gelu_tanh"),
-    "grad_h, gated silu epilogue": dict(grad_hidden=True, gated=True, mlp_activation="silu"),
+    "linear forward, bias (baseline)": (dict(has_bias=True), _FORWARD_UNITS),
+    "[g | u]": (dict(has_bias=True, dual=True), _FORWARD_UNITS),
+    "out, plain gelu_tanh h": (dict(has_bias=True, hidden=True, mlp_activation="gelu_tanh"), _FORWARD_UNITS),
+    "out, gated silu h": (dict(has_bias=True, hidden=True, gated=True, mlp_activation="silu"),
+                          _FORWARD_UNITS + ("stride_sk",)),
+    # A = u^T, S = g^T, B = G, C = grad_Wd^T (stored transposed)
+    "grad_Wd + grad_bd, gated silu h": (dict(hidden=True, gated=True, colsum=True, mlp_activation="silu"),
+                                        ("stride_am", "stride_sm", "stride_bn", "stride_cm", "stride_colsum")),
+    "grad_h, plain gelu_tanh epilogue": (dict(grad_hidden=True, mlp_activation="gelu_tanh"), _GRAD_H_UNITS),
+    "grad_h, gated silu epilogue": (dict(grad_hidden=True, gated=True, mlp_activation="silu"), _GRAD_H_UNITS),
 }
 
 
@@ -343,13 +359,13 @@ def mlp_register_report() -> int:
     a = torch.empty(1, 1, dtype=torch.bfloat16)
     cases = []
     for cfg, name in zip(ops.CONFIGS, ops.CONFIG_NAMES):
-        for what, kwargs in _MLP_REPORT_FLAGS.items():
+        for what, (kwargs, units) in _MLP_REPORT_FLAGS.items():
             flags = ops.specialisation(torch.bfloat16, **kwargs)
             m_bucket = 4096 if cfg.kwargs["BLOCK_M"] >= ops.SMALL_M else 16  # the side of SMALL_M it serves
             if ops._fits([cfg], {"a_ptr": a, "M_BUCKET": m_bucket}, **flags) != [cfg]:
                 continue
             cases.append((name, what, functools.partial(_compile_pointer, target, torch.bfloat16, flags, cfg.kwargs,
-                                                        _options(cfg))))
+                                                        _options(cfg), units)))
     return _report(cases)
 
 

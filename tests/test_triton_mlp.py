@@ -312,3 +312,10 @@ def test_autotune_key_and_pruning(monkeypatch):
     }
     assert kept["plain h"] == ops._fits(ops.CONFIGS, args, **flags)
     assert kept["gated h"] == kept["act'"] != kept["none"]
+    # The gated epilogue keeps the tiles of at most 64 accumulator elements per thread.
+    gated_epilogue = ops._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, grad_hidden=True, gated=True))
+    assert [ops.config_name(c) for c in gated_epilogue] == [
+        ops.config_name(c) for c in kept["none"] if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
+    ]
+    assert len(gated_epilogue) < len(kept["none"])
+    assert ops._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, grad_hidden=True)) == kept["none"]

@@ -175,6 +175,11 @@ def _fits(configs, named_args, **kwargs):
         # fp64 accumulators take twice the registers: 128 x 128 and up would spill.
         if elem == 8 and bm * bn > 128 * 64:
             continue
+        # The gated MLP epilogue holds u and g beside the accumulator: above 64 accumulator
+        # elements per thread it spills kilobytes (sm_90, Triton 3.6: 256 x 128 with 8
+        # warps 5.8 KB, 128 x 128 with 4 warps 5.2 KB; at 64 per thread 92-180 bytes).
+        if args.get("EPI_GRAD") == 2 and bm * bn > 64 * 32 * cfg.num_warps:
+            continue
         if (a_tiles * bm * bk + bk * bn) * elem * cfg.num_stages <= limit:
             fitting.append(cfg)
     sized = [c for c in fitting if (c.kwargs["BLOCK_M"] <= SMALL_M if small else c.kwargs["BLOCK_M"] >= SMALL_M)]
