@@ -1,9 +1,10 @@
 """The Triton kernels compiled and run on a CUDA GPU (skipped without one): real sizes,
 int64 offsets, CUDA graphs, determinism, autotuning, the fp32 precision setting, and
-which of the two GEMM kernels this GPU gets.
+which of the two GEMM kernels this GPU gets; the MLP block's launches at real sizes, in
+every configuration, and the allocator's proof that they never hold the hidden activation.
 
-``test_triton_kernels.py``, ``test_triton_tma.py`` and ``test_triton_path.py`` (NaN/Inf
-propagation included) run on the GPU too when there is one.
+``test_triton_kernels.py``, ``test_triton_tma.py``, ``test_triton_mlp.py`` and
+``test_triton_path.py`` (NaN/Inf propagation included) run on the GPU too when there is one.
 """
 
 from __future__ import annotations
@@ -217,3 +218,114 @@ def test_tensors_on_a_device_that_is_not_current():
     for g, r in zip(got, want):
         assert g.device == x.device
         assert_rel_close(g, r, torch.bfloat16)
+
+
+# -------------------------------------------------------------------------------------
+# The MLP block (triton_backend.mlp_forward / mlp_backward): the DUAL, HIDDEN, EPI_GRAD and
+# COLSUM launches of the pointer kernel at real sizes (test_triton_mlp.py runs the small
+# shapes, the launch sequence and the proof that h is never written, on the GPU too).
+
+
+def _mlp_params(m, d, hidden, d_out, dtype, gated):
+    """x, up_w, up_b, gate_w, gate_b, down_w, down_b on the GPU, scaled so that the
+    pre-activations and the output stay O(1)."""
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+    return (
+        make(m, d), make(hidden, d, scale=d**-0.5), make(hidden),
+        make(hidden, d, scale=d**-0.5) if gated else None, make(hidden) if gated else None,
+        make(d_out, hidden, scale=hidden**-0.5), make(d_out),
+    )
+
+
+def _mlp_both(params, activation, grad):
+    """The Triton block and the float64 formulas on the same inputs; the backward on the
+    forward's own pre-activations."""
+    out, u, g = triton_backend.mlp_forward(*params, activation)
+    x, up_w, _, gate_w, _, down_w, _ = params
+    needs = (True,) * 7
+    got = [out, u, g, *triton_backend.mlp_backward(grad, None, None, x, up_w, gate_w, down_w, u, g, activation, needs)]
+    p64 = [None if t is None else t.double() for t in params]
+    x64, up64, _, gate64, _, down64, _ = p64
+    g64 = None if g is None else g.double()
+    want = [*formulas.mlp_forward(*p64, activation),
+            *formulas.mlp_backward(grad.double(), None, None, x64, up64, gate64, down64, u.double(), g64, activation,
+                                   needs)]
+    return got, want
+
+
+_MLP_NAMES = ("out", "u", "g", "grad_x", "grad_up_w", "grad_up_b", "grad_gate_w", "grad_gate_b", "grad_down_w",
+              "grad_down_b")
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mlp_real_sizes(dtype, activation, gated):
+    # Ragged against every configuration's tiles in every dimension of every product;
+    # K = 1031 (inputs) and 2753 (hidden) span many K tiles.
+    params = _mlp_params(2049, 1031, 2753, 1537, dtype, gated)
+    grad = torch.randn(2049, 1537, device="cuda", dtype=dtype)
+    got, want = _mlp_both(params, activation, grad)
+    for name, a, b in zip(_MLP_NAMES, got, want):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert a.dtype == dtype, name
+            assert_rel_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("size", ["ragged", "4096"])
+@pytest.mark.parametrize("config", ops.CONFIG_NAMES)
+def test_mlp_every_autotune_configuration(monkeypatch, config, size):
+    # The MLP launches in each configuration's own tiles (gated SiLU: the two-half product,
+    # the gated h prologue with and without the column sums, the gated epilogue; plain
+    # GELU-tanh: the plain h prologue and epilogue), ragged and at 4096 (the pipeline's
+    # steady state). A configuration the autotuner would prune for a launch is still
+    # run here: a single configuration is never pruned.
+    cfg = ops.CONFIGS[ops.CONFIG_NAMES.index(config)]
+    monkeypatch.setattr(ops, "_launch", ops.launcher([cfg]))
+    bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
+    wide = max(bm, bn)
+    m, d, hidden, d_out = (wide + 37, max(2 * bk, wide) + 5, wide + 11, wide + 29) if size == "ragged" else (4096,) * 4
+    for gated, activation in ((True, "silu"), (False, "gelu_tanh")):
+        params = _mlp_params(m, d, hidden, d_out, torch.bfloat16, gated)
+        grad = torch.randn(m, d_out, device="cuda", dtype=torch.bfloat16)
+        got, want = _mlp_both(params, activation, grad)
+        for name, a, b in zip(_MLP_NAMES, got, want):
+            if b is not None:
+                assert_rel_close(a, b, torch.bfloat16, f"{name}, gated={gated}")
+    from test_triton_tma import _compiled
+
+    for compiled in _compiled(ops.fused_gemm_kernel, cfg):  # registers and spills (pytest -rP prints them)
+        print(f"{config} {size}: {compiled.metadata.name}: {getattr(compiled, 'n_regs', '?')} registers, "
+              f"{getattr(compiled, 'n_spills', '?')} spilled, {compiled.metadata.shared} bytes shared")
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_mlp_never_allocates_the_hidden_activation(gated):
+    # At real sizes the allocator sees it: the forward allocates the pre-activations and
+    # the output, the backward the gradients, the pre-activations' gradients and (gated)
+    # the first layer's grad_x summand; never a tensor of h's size beside them.
+    m, d, hidden = 4096, 1024, 4096
+    params = _mlp_params(m, d, hidden, d, torch.bfloat16, gated)
+    grad = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    x, up_w, _, gate_w, _, down_w, _ = params
+    h_bytes = m * hidden * 2
+    triton_backend.mlp_forward(*params, "silu")  # compile and tune outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out, u, g = triton_backend.mlp_forward(*params, "silu")
+    pre = h_bytes * (2 if gated else 1)
+    assert torch.cuda.max_memory_allocated() - base <= pre + out.nbytes + h_bytes // 8
+    needs = (True,) * 7
+    triton_backend.mlp_backward(grad, None, None, x, up_w, gate_w, down_w, u, g, "silu", needs)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = triton_backend.mlp_backward(grad, None, None, x, up_w, gate_w, down_w, u, g, "silu", needs)
+    kept = sum(t.nbytes for t in grads if t is not None)
+    transient = pre + (x.nbytes if gated else 0)  # [G_g | G_u] (G_u), and the gate's grad_x summand
+    assert torch.cuda.max_memory_allocated() - base <= kept + transient + h_bytes // 8
