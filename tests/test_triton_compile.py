@@ -7,10 +7,12 @@ sm_90 also the descriptor kernel (``tma_gemm.py``), whose PTX must hold TMA bulk
 copies (``cp.async.bulk.tensor``) and ``wgmma``. No GPU is needed: ``triton.compile``
 with a ``GPUTarget`` runs the whole pipeline to a cubin. It must run without
 ``TRITON_INTERPRET`` (the kernel must be a real JITFunction), so each target compiles
-in a subprocess running this file as a script; they run side by side. A third one
-compiles the descriptor kernel in the tiles of its autotune configurations and prints
-the registers and spilled bytes that ptxas reports for each (the compiled kernel's
-``n_regs``/``n_spills`` exist only once loaded on a GPU).
+in a subprocess running this file as a script; they run side by side (sm_80 compiles
+the MLP block's flag sets in bf16 only, see ``EXPECTED_SM80``). A third one, on request
+(``TORCH_MATGRAD_REGISTER_REPORT=1``, before a GPU run: a minute of compiles CI does not
+spend), compiles the descriptor kernel in the tiles of its autotune configurations and
+prints the registers and spilled bytes that ptxas reports for each (the compiled
+kernel's ``n_regs``/``n_spills`` exist only once loaded on a GPU).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ TARGETS = (80, 90)  # compute capabilities: A100, H100/H200
 # activations; plain ones, 4 x 4; column sums alone, 1) for each of fp16, bf16, fp32 with
 # IEEE products, fp32 with TF32 and fp64.
 EXPECTED = 5 * (24 + 39)
+# sm_80 compiles the MLP's flag sets in bf16 only: each compile costs ~0.6 s of CI's two
+# cores, and the other dtypes change only the operand type of the same code, which the
+# linear flag sets already compile in every dtype for sm_80 and sm_90 compiles in full.
+EXPECTED_SM80 = 5 * 24 + 39
 # Small tiles keep each compile near 0.6 s (64 x 64 x 32 with 3 stages: 1 s, 120 x 2
 # times); 64 rows for 4 warps is the smallest tile that still takes Hopper's wgmma path.
 _META = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
@@ -257,6 +263,8 @@ def compile_all(capability: int) -> int:
     target = GPUTarget("cuda", capability, 32)
     failures = 0
     variants = specialisations()
+    if capability < 90:
+        variants = [v for v in variants if " mlp " not in v[0] or v[1] == torch.bfloat16]
     print(f"compiling {len(variants)} specialisations")
     for label, dtype, flags in variants:
         try:
@@ -387,11 +395,15 @@ def test_every_specialisation_compiles_for_sm80_and_sm90():
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for cc, p, out in zip(TARGETS, procs, outputs):
         assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
-        assert f"compiling {EXPECTED} specialisations" in out, out[-2000:]
+        assert f"compiling {EXPECTED if cc >= 90 else EXPECTED_SM80} specialisations" in out, out[-2000:]
     assert f"compiling {EXPECTED_TMA} descriptor-kernel specialisations" in outputs[TARGETS.index(90)]
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("TORCH_MATGRAD_REGISTER_REPORT"),
+    reason="a report to read before a GPU run (~1 min of compiles): TORCH_MATGRAD_REGISTER_REPORT=1",
+)
 def test_descriptor_kernel_registers_at_real_tiles():
     # The tiles the GPU runs (128 x 256 and the rest), compiled for sm_90: every
     # configuration compiles with TMA copies and wgmma for the forward and both
