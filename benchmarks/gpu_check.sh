@@ -29,7 +29,8 @@
 # the benchmarks run on the CPU on tiny shapes (seconds; the kernel comparison under the
 # interpreter; their figures say nothing about any GPU). Each stage has a time limit
 # (setup 40, ceilings 20, tests and warm-up side by side 150, quick bench 100, kernel
-# comparison 60, decode bench 90: at most 8.7 min with the 10 s grace each); the
+# comparison 60, decode bench 60, host bench 30, MLP bench 45: at most 9.5 min with the
+# 10 s grace each); the
 # benchmarks run even when a test fails. Prints the results tables last. Exit status 1
 # if any stage failed.
 #
@@ -201,9 +202,20 @@ stage quick-bench 100 bench.log "$PY" -m torch_matgrad bench $QUICK --out "$OUT/
 # shellcheck disable=SC2086
 stage kernel-choice 60 bench.log "$PY" "$ROOT/benchmarks/kernel_choice.py" $KERNELS --out "$OUT/kernels"
 # shellcheck disable=SC2086
-stage decode-bench 90 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
+stage decode-bench 60 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
+# Host overhead of whole layer calls, and the MLP block without compiling (tens of
+# seconds per compiled case): what the GPU adds to the CPU figures of both. (The dry run
+# skips them: tests/test_bench.py runs both modes on the CPU.)
+if [ $GPU -eq 1 ]; then
+    stage host-bench 30 bench.log "$PY" -m torch_matgrad bench --host --out "$OUT/host"
+    stage mlp-bench 45 bench.log "$PY" -m torch_matgrad bench --mlp --providers eager,torch_matgrad \
+        --rep-ms 50 --out "$OUT/mlp"
+fi
 
 echo
+for md in host/host.md mlp/mlp.md; do
+    [ -f "$OUT/$md" ] && cat "$OUT/$md" && echo
+done
 for run in quick decode; do
     if [ -f "$OUT/$run/bench.md" ]; then
         cat "$OUT/$run/bench.md"
