@@ -108,13 +108,15 @@ print(f"ceiling cuBLAS bf16 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s (median
 EOF
 }
 
-# warm QUICK_ARGS DECODE_ARGS: each benchmark's cases once per autotune configuration of
-# either GEMM kernel, in parallel processes that each autotune over that one configuration
-# (no timing worth keeping: --rep-ms 1; the kernel comparison with --warm), so that every
-# binary the timed runs need is in the disk cache. TMA_QUICK=1: the descriptor kernel
-# serves the quick shapes, so the pointer kernel's configurations warm only the decoding
-# bench (its rows of at most 64 tokens; its grad_W, with thousands of rows, is the
-# descriptor kernel's again); TMA_QUICK=0: the descriptor kernel is not used here at all.
+# warm QUICK_ARGS DECODE_ARGS MLP_ARGS: each benchmark's cases once per autotune
+# configuration of either GEMM kernel, in parallel processes that each autotune over that
+# one configuration (no timing worth keeping: --rep-ms 1; the kernel comparison with
+# --warm), so that every binary the timed runs need is in the disk cache. TMA_QUICK=1: the
+# descriptor kernel serves the quick shapes, so the pointer kernel's configurations warm
+# only the decoding bench (its rows of at most 64 tokens; its grad_W, with thousands of
+# rows, is the descriptor kernel's again); TMA_QUICK=0: the descriptor kernel is not used
+# here at all. The MLP bench's fused launches are the pointer kernel's alone, at 4096
+# tokens: the pointer configurations of at least 64 rows warm it (~7 flag sets each).
 warm() {
     local cfg pids=() benches
     for cfg in $("$PY" -c "from torch_matgrad.triton_kernels.ops import CONFIG_NAMES as P, TMA_CONFIG_NAMES as T
@@ -124,6 +126,10 @@ print(*P, *T)"); do
             tma_*:1) benches=("$1" "$2") ;;
             *:1) benches=("$2") ;;
             *) benches=("$1" "$2") ;;
+        esac
+        case "$cfg" in
+            tma_* | 16x* | 32x*) ;;
+            *) benches+=("$3") ;;
         esac
         (
             for args in "${benches[@]}"; do
@@ -158,6 +164,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 --providers torch_matgrad,eager,matgrad_gz_prologue,matgrad_gz_pass"
     DECODE="--shapes decode --dtype bf16 --activation none,gelu_tanh --mode forward,full \
 --providers eager,matgrad_torch,matgrad_triton --rep-ms 50"
+    MLP="--mlp --providers eager,torch_matgrad"
     MARKS="cuda or kernels"
     KERNELS=""
     # Whether "auto" gives the quick shapes (bf16, rows of 4096) to the descriptor kernel here.
@@ -179,7 +186,7 @@ fi
 if [ $GPU -eq 1 ]; then
     WARM=$(mktemp -d)
     export WARM TMA_QUICK
-    stage warm-up 150 warm.log bash -c 'warm "$0" "$1"' "$QUICK" "$DECODE" &
+    stage warm-up 150 warm.log bash -c 'warm "$0" "$1" "$2"' "$QUICK" "$DECODE" "$MLP" &
     warm_pid=$!
 fi
 # One small configuration of each kernel for the correctness tests (the tests that need
@@ -208,8 +215,8 @@ stage decode-bench 60 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT
 # skips them: tests/test_bench.py runs both modes on the CPU.)
 if [ $GPU -eq 1 ]; then
     stage host-bench 30 bench.log "$PY" -m torch_matgrad bench --host --out "$OUT/host"
-    stage mlp-bench 45 bench.log "$PY" -m torch_matgrad bench --mlp --providers eager,torch_matgrad \
-        --rep-ms 50 --out "$OUT/mlp"
+    # shellcheck disable=SC2086
+    stage mlp-bench 45 bench.log "$PY" -m torch_matgrad bench $MLP --rep-ms 50 --out "$OUT/mlp"
 fi
 
 echo
