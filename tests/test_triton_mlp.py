@@ -147,6 +147,13 @@ def test_weight_layouts(launches, gated, layout):
     assert len(launches) == (8 if gated else 6)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_without_biases(launches, gated):
+    # The two-half product and the h prologue without biases.
+    _check_block(torch.float32, "gelu", gated, bias=False)
+    assert not any(launch.flags["HAS_BIAS"] for launch in launches)
+
+
 def test_gate_and_up_with_different_strides_take_one_launch_each(launches):
     # The two-half launch reads W_up through W_gate's strides: when they differ, each
     # half is its own launch, into the same (M, 2H) tensor.
