@@ -17,7 +17,8 @@ Backends:
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
 with the environment variable ``TORCH_MATGRAD_BACKEND`` (read once, when torch_matgrad
-is imported; a bad value makes every op raise); the context manager wins. Both take the names above in any case.
+is imported; a bad value makes every op raise); the context manager wins. Both take
+the names above in any case.
 
 The choice is made once per op, when its forward runs (:func:`chosen_backend`), and
 the op's backward runs the same implementation, wherever and whenever it is called
@@ -30,8 +31,8 @@ gradients the kernels cannot read (tensor subclasses, the batched tensors of
 Even when forced, ``"triton"`` hands these forwards to ``"torch"`` (the list is
 :func:`_triton_fallback`): tensor subclasses and functorch-wrapped tensors (DTensor,
 the tensors of ``torch.func`` transforms), meta tensors, mixed dtypes, and code that
-``torch.compile`` or ``torch.jit.trace`` is tracing. Set the logger ``torch_matgrad`` to DEBUG to see each
-fallback and why; :func:`recording` counts which implementation ran each half.
+``torch.compile`` or ``torch.jit.trace`` is tracing. Set the logger ``torch_matgrad``
+to DEBUG to see each fallback and why; :func:`recording` counts which implementation ran each half.
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ ENV_VAR = "TORCH_MATGRAD_BACKEND"
 AUTO_TORCH_MAX_ROWS = 64
 #: What may be requested.
 BACKENDS = ("auto", "torch", "triton")
-#: What runs: the answer of :func:`chosen_backend`.
-IMPLEMENTATIONS = ("torch", "triton")
 
 log = logging.getLogger("torch_matgrad")
 

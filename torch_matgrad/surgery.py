@@ -336,13 +336,12 @@ def _identity_after(parent: nn.Module, attr: str) -> Optional[str]:
 # --------------------------------------------------------------------------- MLP blocks
 
 # transformers' MLP classes whose forward this module reproduces exactly, each checked
-# by tests/test_mlp.py against the original: (module path, class, gated, names of the
+# by tests/test_mlp.py against the original: (module path, class, names of the
 # projections by role, name of the activation module, name of a trailing dropout).
+_GATED = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _HF_MLPS = (
-    ("transformers.models.llama.modeling_llama", "LlamaMLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
-    ("transformers.models.mistral.modeling_mistral", "MistralMLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
-    ("transformers.models.qwen2.modeling_qwen2", "Qwen2MLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
-    ("transformers.models.gemma.modeling_gemma", "GemmaMLP", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "act_fn", None),
+    *((f"transformers.models.{m}.modeling_{m}", f"{c}MLP", _GATED, "act_fn", None)
+      for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("gemma", "Gemma"))),
     ("transformers.models.phi.modeling_phi", "PhiMLP", {"up": "fc1", "down": "fc2"}, "activation_fn", None),
     ("transformers.models.gpt2.modeling_gpt2", "GPT2MLP", {"up": "c_fc", "down": "c_proj"}, "act", "dropout"),
 )
