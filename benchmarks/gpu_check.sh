@@ -13,6 +13,7 @@
 #                GEMM kernel against the descriptor (TMA) kernel, both forced, and which won
 #                where (benchmarks/kernel_choice.py: kernel_choice.csv, kernel_choice.md)
 #   decode/      bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels
+#   profile.log  the kernels of one full step at 4096^3, torch_matgrad against eager
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
@@ -28,9 +29,9 @@
 # Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
 # the benchmarks run on the CPU on tiny shapes (seconds; the kernel comparison under the
 # interpreter; their figures say nothing about any GPU). Each stage has a time limit
-# (setup 40, ceilings 20, tests and warm-up side by side 150, quick bench 100, kernel
-# comparison 60, decode bench 60, host bench 30, MLP bench 45: at most 9.5 min with the
-# 10 s grace each); the
+# (setup 40, ceilings 20, tests and warm-up side by side 150, quick bench 90, kernel
+# comparison 60, decode bench 45, profile 20, host bench 30, MLP bench 45: at most 9.8 min
+# with the 10 s grace each); the
 # benchmarks run even when a test fails. Prints the results tables last. Exit status 1
 # if any stage failed.
 #
@@ -205,15 +206,17 @@ if [ $GPU -eq 1 ]; then
 fi
 
 # shellcheck disable=SC2086
-stage quick-bench 100 bench.log "$PY" -m torch_matgrad bench $QUICK --out "$OUT/quick"
+stage quick-bench 90 bench.log "$PY" -m torch_matgrad bench $QUICK --out "$OUT/quick"
 # shellcheck disable=SC2086
 stage kernel-choice 60 bench.log "$PY" "$ROOT/benchmarks/kernel_choice.py" $KERNELS --out "$OUT/kernels"
 # shellcheck disable=SC2086
-stage decode-bench 60 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
+stage decode-bench 45 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
 # Host overhead of whole layer calls, and the MLP block without compiling (tens of
 # seconds per compiled case): what the GPU adds to the CPU figures of both. (The dry run
 # skips them: tests/test_bench.py runs both modes on the CPU.)
 if [ $GPU -eq 1 ]; then
+    # The kernels of one full step at 4096^3 (their binaries are the quick bench's).
+    stage profile 20 profile.log "$PY" "$ROOT/benchmarks/profile_step.py"
     stage host-bench 30 bench.log "$PY" -m torch_matgrad bench --host --out "$OUT/host"
     # shellcheck disable=SC2086
     stage mlp-bench 45 bench.log "$PY" -m torch_matgrad bench $MLP --rep-ms 50 --out "$OUT/mlp"
