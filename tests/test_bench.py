@@ -186,6 +186,19 @@ def test_progress_without_tqdm(monkeypatch, capsys):
     assert "[2/2] second" in capsys.readouterr().err
 
 
+def test_forced_providers_set_their_backend_and_strategy():
+    # Every forced provider enters its context (a GPU run once lost the G_z ones to a
+    # broken import that no CPU test reached) and sets what its name says.
+    pytest.importorskip("triton")
+    from torch_matgrad import dispatch, triton_backend
+
+    for name, (backend, gz) in providers._FORCED.items():
+        with providers.provider_context(name):
+            assert dispatch.requested_backend() == backend, name
+            assert triton_backend._gz == (gz or "auto"), name
+    assert triton_backend._gz == "auto"
+
+
 @pytest.mark.slow
 def test_compile_provider_runs_every_mode():
     # torch.compile's backward refuses retain_graph by default (donated buffers); the

@@ -49,7 +49,7 @@ def provider_context(name: str) -> contextlib.AbstractContextManager:
         backend, gz = _FORCED[name]
         stack.enter_context(dispatch.use_backend(backend))
         if gz is not None:
-            from . import triton_backend
+            from .. import triton_backend
 
             stack.enter_context(triton_backend.gz_strategy(gz))
     return stack
