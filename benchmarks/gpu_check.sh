@@ -13,32 +13,37 @@
 #                GEMM kernel against the descriptor (TMA) kernel, both forced, and which won
 #                where (benchmarks/kernel_choice.py: kernel_choice.csv, kernel_choice.md)
 #   decode/      bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels
-#   profile.log  the kernels of one full step at 4096^3, torch_matgrad against eager
+#   profile.log  the kernels of one training step (the layer at 4096^3, and the MLP blocks),
+#                torch_matgrad against eager, and a host profile of the slowest layer call
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
 # autotuner compiles each of its configurations for every kernel specialisation it
 # meets (~1 s each on one core). So the tests autotune over one small configuration of
 # each GEMM kernel (TORCH_MATGRAD_TRITON_CONFIGS), except the tests that run every
-# configuration, and run on many cores (pytest-xdist); meanwhile one process per
-# configuration (of both kernels) runs the benchmarks' cases once, untimed, which fills
-# the shared on-disk cache with exactly the binaries the timed runs then load instead
-# of compiling. Where the descriptor kernel serves the quick shapes (Hopper), the
-# pointer kernel's processes skip the quick bench (whose "auto" runs never use them).
+# configuration, and run on many cores (pytest-xdist); then one process per configuration
+# (of both kernels; those TORCH_MATGRAD_TRITON_CONFIGS names, if set) runs the benchmarks'
+# cases once, untimed, which fills the shared on-disk cache with exactly the binaries the
+# timed runs then load instead of compiling. Where the descriptor kernel serves the quick
+# shapes (Hopper), the pointer kernel's processes skip the quick bench (whose "auto" runs
+# never use them).
 #
 # Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
 # the benchmarks run on the CPU on tiny shapes (seconds; the kernel comparison under the
 # interpreter; their figures say nothing about any GPU). Each stage has a time limit
-# (setup 40, ceilings 20, tests and warm-up side by side 150, quick bench 90, kernel
-# comparison 60, decode bench 45, profile 20, host bench 30, MLP bench 45: at most 9.8 min
-# with the 10 s grace each); the
-# benchmarks run even when a test fails. Prints the results tables last. Exit status 1
-# if any stage failed.
+# (setup 40, ceilings 20, tests 150, warm-up 120, quick bench 90, kernel comparison 60,
+# decode bench 45, profiles 60, host bench 30, MLP bench 45: at most 12.8 min with the
+# 10 s grace each, more than one 10-minute call: choose with STAGES); the benchmarks run
+# even when a test fails. Prints the results tables last. Exit status 1 if any stage failed.
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR
 #   PYTHON=...                the interpreter (default python3)
 #   TORCH_MATGRAD_COMMIT=...  the commit to record where the tree has no .git
 #   JOBS=...                  pytest-xdist workers (default: the CPU count, at most 16)
+#   STAGES="tests quick-bench ..."  run only these stages (setup and ceilings always run):
+#                             tests warm-up quick-bench kernel-choice decode-bench profile
+#                             host-bench mlp-bench
+#   TORCH_MATGRAD_TRITON_CONFIGS=...  narrow the autotuning (warm-up and benchmarks)
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -52,9 +57,18 @@ PY=${PYTHON:-python3}
 FAILED=()
 
 # stage NAME SECONDS LOG COMMAND...: run with a time limit, append to LOG, record failure.
+# wanted NAME: whether STAGES (unset: every stage) runs the stage NAME.
+wanted() {
+    [ -z "${STAGES:-}" ] || [[ " setup ceilings $STAGES " == *" $1 "* ]]
+}
+
 stage() {
     local name=$1 limit=$2 log=$3 rc
     shift 3
+    if ! wanted "$name"; then
+        echo "== $name (not in STAGES)"
+        return 0
+    fi
     echo "== $name (at most ${limit}s; log $log)"
     echo "\$ $*" >>"$OUT/$log"
     timeout --kill-after=10 "$limit" "$@" >>"$OUT/$log" 2>&1
@@ -120,8 +134,8 @@ EOF
 # tokens: the pointer configurations of at least 64 rows warm it (~7 flag sets each).
 warm() {
     local cfg pids=() benches
-    for cfg in $("$PY" -c "from torch_matgrad.triton_kernels.ops import CONFIG_NAMES as P, TMA_CONFIG_NAMES as T
-print(*P, *T)"); do
+    for cfg in $("$PY" -c "from torch_matgrad.triton_kernels import ops
+print(*(ops.config_name(c) for c in ops.selected_configs() + ops.selected_tma_configs()))"); do
         case "$cfg:$TMA_QUICK" in
             tma_*:0) continue ;;
             tma_*:1) benches=("$1" "$2") ;;
@@ -134,12 +148,15 @@ print(*P, *T)"); do
         esac
         (
             for args in "${benches[@]}"; do
+                [ -n "$args" ] || continue  # a bench whose stage does not run
                 # shellcheck disable=SC2086
                 TORCH_MATGRAD_TRITON_CONFIGS=$cfg "$PY" -m torch_matgrad bench $args --rep-ms 1 --no-plot \
                     --out "$WARM/$cfg" >>"$WARM/$cfg.log" 2>&1 || echo "$cfg: bench $args: exit $?"
             done
-            TORCH_MATGRAD_TRITON_CONFIGS=$cfg "$PY" "$ROOT/benchmarks/kernel_choice.py" --warm \
-                >>"$WARM/$cfg.log" 2>&1 || echo "$cfg: kernel_choice --warm: exit $?"
+            if wanted kernel-choice; then
+                TORCH_MATGRAD_TRITON_CONFIGS=$cfg "$PY" "$ROOT/benchmarks/kernel_choice.py" --warm \
+                    >>"$WARM/$cfg.log" 2>&1 || echo "$cfg: kernel_choice --warm: exit $?"
+            fi
             echo "$cfg: done"
         ) &
         pids+=($!)
@@ -151,8 +168,8 @@ print(*P, *T)"); do
 if [ ! -e torch_matgrad/triton_kernels ]; then
     trap '[ -L "$ROOT/torch_matgrad/triton_kernels" ] && rm "$ROOT/torch_matgrad/triton_kernels"' EXIT
 fi
-export -f setup importable warm
-export PY ROOT
+export -f setup importable warm wanted
+export PY ROOT STAGES
 stage setup 40 setup.log bash -c setup
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 [ "$JOBS" -gt 16 ] && JOBS=16
@@ -184,25 +201,23 @@ else
     KERNELS="--device cpu"
 fi
 
-if [ $GPU -eq 1 ]; then
-    WARM=$(mktemp -d)
-    export WARM TMA_QUICK
-    stage warm-up 150 warm.log bash -c 'warm "$0" "$1" "$2"' "$QUICK" "$DECODE" "$MLP" &
-    warm_pid=$!
-fi
 # One small configuration of each kernel for the correctness tests (the tests that need
 # every configuration, or several, choose their own); -rP keeps what passing tests print
-# (the registers and spills of every configuration the GPU compiled).
+# (the registers and spills of every configuration the GPU compiled), -rfE names failures.
 stage tests 150 pytest.log env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4,tma_64x128x64_s4_w4 \
-    "$PY" -m pytest -m "$MARKS" -q -rP -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
+    "$PY" -m pytest -m "$MARKS" -q -rfEP -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
 rc=$?
 if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     # pytest's "no tests collected": acceptable for a dry run on a tree without cuda tests.
     unset 'FAILED[-1]'
     echo "   (dry run: no cuda tests collected)"
 fi
+# After the tests, not beside them: side by side on 16 cores, both timed out (2026-11-27).
 if [ $GPU -eq 1 ]; then
-    wait $warm_pid || FAILED+=("warm-up: exit $?")
+    WARM=$(mktemp -d)
+    export WARM TMA_QUICK
+    stage warm-up 120 warm.log bash -c 'warm "$0" "$1" "$2"' "$(wanted quick-bench && echo "$QUICK")" \
+        "$(wanted decode-bench && echo "$DECODE")" "$(wanted mlp-bench && echo "$MLP")"
 fi
 
 # shellcheck disable=SC2086
@@ -215,8 +230,10 @@ stage decode-bench 45 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT
 # seconds per compiled case): what the GPU adds to the CPU figures of both. (The dry run
 # skips them: tests/test_bench.py runs both modes on the CPU.)
 if [ $GPU -eq 1 ]; then
-    # The kernels of one full step at 4096^3 (their binaries are the quick bench's).
-    stage profile 20 profile.log "$PY" "$ROOT/benchmarks/profile_step.py"
+    # The kernels of one full step at 4096^3 (their binaries are the quick bench's) and of
+    # the MLP blocks' steps, then a host profile of the slowest layer call.
+    stage profile 60 profile.log bash -c '"$PY" "$ROOT/benchmarks/profile_step.py" && \
+"$PY" "$ROOT/benchmarks/profile_step.py" --mlp && "$PY" "$ROOT/benchmarks/host_overhead.py" --calls 200'
     stage host-bench 30 bench.log "$PY" -m torch_matgrad bench --host --out "$OUT/host"
     # shellcheck disable=SC2086
     stage mlp-bench 45 bench.log "$PY" -m torch_matgrad bench $MLP --rep-ms 50 --out "$OUT/mlp"

@@ -9,7 +9,7 @@ For each shape and provider (``eager``: ``F.linear`` + activation; ``torch``/``t
   the GPU work alone, with no host in the way (what an inference server that captures
   graphs pays).
 
-Then a profile of the slowest provider's host path (top functions by own time).
+Then a profile of the slowest provider's host path (top functions by own and by cumulative time).
 
 Usage: python benchmarks/host_overhead.py [--device cuda|cpu] [--calls N]
 On a CPU only ``host us`` is measured (the tiny shapes of the CPU set).
@@ -115,10 +115,11 @@ def main(argv=None) -> None:
     with torch.no_grad():
         profile.runcall(lambda: [fn(*fargs) for _ in range(args.calls)])
     sync()
-    text = io.StringIO()
-    pstats.Stats(profile, stream=text).strip_dirs().sort_stats("tottime").print_stats(14)
-    print(f"\nhost profile of {p} ({args.calls} calls), by own time:")
-    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-2400:])
+    for order in ("tottime", "cumulative"):  # where the time is spent, and under which call
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).strip_dirs().sort_stats(order).print_stats(14)
+        print(f"\nhost profile of {p} ({args.calls} calls), by {order}:")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-2400:])
 
 
 if __name__ == "__main__":

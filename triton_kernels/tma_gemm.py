@@ -29,7 +29,12 @@ of ``fused_gemm.py`` do the arithmetic), with three differences:
   both are autotune configurations (``ops.TMA_CONFIGS``).
 
 The ``grad_b`` row sums are reduced, without atomics, by the program that owns each
-tile of the first block column (``pid_n == 0``), as in ``fused_gemm``. A launch that
+tile of the first block column (``pid_n == 0``), as in ``fused_gemm``, but in a loop of
+their own after the product's. Summed inside the pipelined loop, from the shared-memory
+tiles that ``wgmma`` reads, the launch came out wrong on an H100 (Triton 3.6: relative
+error 0.1-0.66 over ``grad_W`` and ``grad_b`` at the quick shapes, where the interpreter
+agreed with torch). The second pass reads the A row block (and S) once more: one extra read of
+``G`` (``M x N``), spread over the first block column's programs. A launch that
 only sums (no product: ``HAS_C = False``) is not this kernel's: without a product there
 is no tensor-core work for the descriptors to feed, and ``ops`` sends it to
 ``fused_gemm_kernel``. Which kernel runs is decided in one place,
@@ -52,6 +57,17 @@ def _load_block(desc, off_r, off_c, TRANSPOSED: tl.constexpr):
         return desc.load([off_c, off_r]).T
     else:
         return desc.load([off_r, off_c])
+
+
+@triton.jit
+def _a_tile(a_desc, s_desc, off_m, off_k, PRO_ACT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+            A_T: tl.constexpr, S_T: tl.constexpr):
+    """The A tile at ``(off_m, off_k)`` after the prologue: ``(for the dot, in the
+    accumulator's precision)`` (``fused_gemm._prologue``)."""
+    s = None
+    if PRO_ACT != 0:
+        s = _load_block(s_desc, off_m, off_k, S_T)
+    return _prologue(_load_block(a_desc, off_m, off_k, A_T), s, PRO_ACT, ACC_DTYPE)
 
 
 @triton.jit
@@ -104,28 +120,26 @@ def tma_gemm_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
-        # Iterate over K: prologue on the A tile, optional row sum, then the dot.
+        # Iterate over K: prologue on the A tile, then the dot.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        if ROWSUM:
-            rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
-            a = _load_block(a_desc, off_m, off_k, A_T)
-            s = None
-            if PRO_ACT != 0:
-                s = _load_block(s_desc, off_m, off_k, S_T)
-            a, a_acc = _prologue(a, s, PRO_ACT, ACC_DTYPE)
-            if ROWSUM:
-                if pid_n == 0:
-                    rowsum += tl.sum(a_acc, axis=1)
+            a, _ = _a_tile(a_desc, s_desc, off_m, off_k, PRO_ACT, ACC_DTYPE, A_T, S_T)
             b = _load_block(b_desc, off_k, off_n, B_T)
             acc = _dot(a, b, acc, ACC_DTYPE, INPUT_PRECISION, UPCAST)
 
         # -------------------------------------------------------
-        # Epilogue: row sums by pointer, then bias, z and act per subtile.
+        # Row sums: the first block column's programs read their A row block once more.
         if ROWSUM:
             if pid_n == 0:
+                rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+                for ki in range(k_tiles):
+                    _, a_acc = _a_tile(a_desc, s_desc, off_m, ki * BLOCK_K, PRO_ACT, ACC_DTYPE, A_T, S_T)
+                    rowsum += tl.sum(a_acc, axis=1)
                 _store_rowsum(rowsum_ptr, rowsum, off_m + tl.arange(0, BLOCK_M), M, stride_rowsum)
+
+        # -------------------------------------------------------
+        # Epilogue: bias, z and act per subtile.
         if EPILOGUE_SPLIT == 2:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1))
             acc0, acc1 = tl.split(halves)
