@@ -7,8 +7,10 @@
 #   warm.log     the parallel compilation of the benchmarks' kernels
 #   bench.log    progress and tables of the benchmarks
 #   quick/       bf16, the four quick shapes, forward / backward / full x none / gelu_tanh / silu:
-#                torch_matgrad ("auto"), eager (cuBLAS + F activation), and the Triton backward
-#                with act' in the GEMM prologue against one G_z pass before plain GEMMs
+#                torch_matgrad ("auto"), eager (cuBLAS + F activation) and the Triton backend
+#                (matgrad_triton); with matgrad_gz_prologue added to its --providers, also the
+#                Triton backward with act' in the GEMM prologue (2.6-5.2x slower than the
+#                G_z pass on the H100 at 3b39b49, so no longer timed by default)
 #   kernels/     bf16, the four quick shapes, each product the backend launches: the pointer
 #                GEMM kernel against the descriptor (TMA) kernel, both forced, and which won
 #                where (benchmarks/kernel_choice.py: kernel_choice.csv, kernel_choice.md)
@@ -25,7 +27,7 @@
 # (of both kernels; those TORCH_MATGRAD_TRITON_CONFIGS names, if set) runs the benchmarks'
 # cases once, untimed, which fills the shared on-disk cache with exactly the binaries the
 # timed runs then load instead of compiling. Where the descriptor kernel serves the quick
-# shapes (Hopper), the pointer kernel's processes skip the quick bench (whose "auto" runs
+# shapes (Hopper), the pointer kernel's processes skip the quick bench (whose Triton runs
 # never use them).
 #
 # Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
@@ -179,10 +181,10 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     stage ceilings 20 setup.log bash -c ceilings
     # Each entry is one benchmark: its arguments (word-split) and its output folder.
     QUICK="--quick --dtype bf16 --activation none,gelu_tanh,silu --mode forward,backward,full \
---providers torch_matgrad,eager,matgrad_gz_prologue,matgrad_gz_pass"
+--providers torch_matgrad,eager,matgrad_triton"
     DECODE="--shapes decode --dtype bf16 --activation none,gelu_tanh --mode forward,full \
 --providers eager,matgrad_torch,matgrad_triton --rep-ms 50"
-    MLP="--mlp --providers eager,torch_matgrad"
+    MLP="--mlp --providers eager,torch_matgrad,matgrad_triton"
     MARKS="cuda or kernels"
     KERNELS=""
     # Whether "auto" gives the quick shapes (bf16, rows of 4096) to the descriptor kernel here.

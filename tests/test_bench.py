@@ -313,18 +313,27 @@ def test_generate_comparison_runs_and_checks_the_tokens(tmp_path, capsys):
     assert len(rows) == 1 and float(rows[0]["ratio"]) > 0
 
 
+def _interpreter() -> bool:
+    try:
+        from torch_matgrad import triton_backend
+    except ImportError:
+        return False
+    return triton_backend.INTERPRET
+
+
 def test_mlp_mode_times_and_counts_saved_bytes(tmp_path, monkeypatch, capsys):
     from torch_matgrad.bench import blocks
 
     monkeypatch.setitem(blocks.SHAPES, "cpu", [(33, 16, 40)])
-    rc = main(["bench", "--mlp", "--device", "cpu", "--providers", "torch_matgrad", "--rep-ms", "5",
+    providers = "torch_matgrad,matgrad_triton" if _interpreter() else "torch_matgrad"
+    rc = main(["bench", "--mlp", "--device", "cpu", "--providers", providers, "--rep-ms", "5",
                "--out", str(tmp_path)])  # compiling would take minutes on a CPU; eager always runs
     assert rc == 0
     columns, rows = _read_csv(tmp_path / "mlp.csv")
-    assert tuple(columns) == blocks.COLUMNS and len(rows) == 2 * 2
+    assert tuple(columns) == blocks.COLUMNS and len(rows) == 2 * (1 + providers.count(",") + 1)
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["saved_mib"]) > 0
-        if r["provider"] == "torch_matgrad":
+        if r["provider"] != "eager":
             # x and the pre-activation(s) against eager's x, z and h (gated: x, g, act(g), u, h)
             per_token = {"plain_gelu": (16 + 40, 16 + 2 * 40), "gated_silu": (16 + 2 * 40, 16 + 4 * 40)}[r["kind"]]
             assert float(r["saved_vs_eager"]) == pytest.approx(per_token[0] / per_token[1], abs=1e-3)

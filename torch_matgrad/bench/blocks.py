@@ -21,6 +21,7 @@ from torch import nn
 
 from ..mlp import FusedMLP, saved_bytes
 from .measure import peak_mem_mib
+from .providers import in_context, provider_context
 from .report import format_table, heading
 
 #: ``(M, d, H)`` per device: GPT-2-small and Llama-like widths, scaled to what the
@@ -30,7 +31,9 @@ SHAPES = {
     "cuda": [(4096, 1024, 4096), (4096, 4096, 11008)],
 }
 KINDS = {"plain_gelu": (False, "gelu"), "gated_silu": (True, "silu")}
-PROVIDERS = ("eager", "torch_matgrad", "compile", "compile_matgrad")
+#: ``matgrad_triton``: the fused block with the Triton backend asked for (its fused
+#: launches); ``torch_matgrad`` runs what "auto" chooses.
+PROVIDERS = ("eager", "torch_matgrad", "matgrad_triton", "compile", "compile_matgrad")
 COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "M", "d", "H", "dtype", "kind",
            "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "saved_mib", "saved_vs_eager", "peak_mem_mib")
 _ACT = {"gelu": nn.GELU, "silu": nn.SiLU}
@@ -53,7 +56,7 @@ class EagerMLP(nn.Module):
 def blocks(d: int, hidden: int, kind: str, device: str, dtype: torch.dtype, providers: Sequence[str]):
     gated, activation = KINDS[kind]
     fused = FusedMLP(d, hidden, activation=activation, gated=gated, device=device, dtype=dtype)
-    made = {"eager": EagerMLP(fused), "torch_matgrad": fused}
+    made = {"eager": EagerMLP(fused), "torch_matgrad": fused, "matgrad_triton": fused}
     if "compile" in providers:
         made["compile"] = torch.compile(made["eager"])
     if "compile_matgrad" in providers:
@@ -73,7 +76,7 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: tor
                 torch.manual_seed(0)
                 torch._dynamo.reset()
                 models = blocks(d, hidden, kind, device, dtype, providers)
-                params = list(models["torch_matgrad"].parameters() if "torch_matgrad" in models else ())
+                params = list(models["eager"].parameters())
                 x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
                 grad = torch.randn(m, d, device=device, dtype=dtype)
 
@@ -82,8 +85,11 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: tor
                         torch.autograd.grad(model(x), [x, *params], grad)
                     return run_step
 
-                steps = {name: step(model) for name, model in models.items()}
-                saved = {name: saved_bytes(model, x, params=params)[1] for name, model in models.items()}
+                steps = {name: in_context(name, step(model)) for name, model in models.items()}
+                saved = {}
+                for name, model in models.items():
+                    with provider_context(name):
+                        saved[name] = saved_bytes(model, x, params=params)[1]
                 timed = timer(steps)
                 base_t, base_s = timed["eager"][0], saved["eager"]
                 for name in models:

@@ -150,9 +150,11 @@ def run_mlp(args, device: str, env: dict, out: Path, timer) -> int:
     """``--mlp``: see :mod:`torch_matgrad.bench.blocks`."""
     dtype_name = (args.dtype or ["bf16" if device == "cuda" else "fp32"])[0]
     print(f"bench --mlp: {len(blocks.SHAPES[device])} shapes on {env['device_name']}; writing {out}/", file=sys.stderr)
-    # --providers narrows the blocks' providers (eager, torch_matgrad, compile): compiling
-    # takes tens of seconds per case, more than a short GPU run can spend.
-    wanted = set(args.providers or blocks.PROVIDERS)
+    # --providers narrows the blocks' providers (eager, torch_matgrad, matgrad_triton,
+    # compile): compiling takes tens of seconds per case, more than a short GPU run can
+    # spend. The Triton kernels run CPU tensors only under the interpreter: asked for there only.
+    default = [p for p in blocks.PROVIDERS if device == "cuda" or p != "matgrad_triton"]
+    wanted = set(args.providers or default)
     providers = [p for p in blocks.PROVIDERS if p in wanted or (p == "compile_matgrad" and "compile" in wanted)]
     if "eager" not in providers:
         providers.insert(0, "eager")  # the baseline of every ratio
