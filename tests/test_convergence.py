@@ -28,8 +28,8 @@ STEPS = 20
 #   running RMS, so an ulp-level gradient difference in a near-zero entry can flip that
 #   entry's update: 1e-2 over a whole tensor bounds what rounding can do in 20 steps at
 #   lr 1e-2, while a wrong formula moves parameters by O(1). Losses: 2^-7, two bf16 ulps.
-# CUDA: Triton tiles sum K in another order than cuBLAS, so the runs differ by rounding
-#   from the first step on, and AdamW turns rounding noise in a gradient that is zero in
+# CUDA, tested on both "auto" (cuBLAS) and "triton": Triton tiles sum K in another order
+#   than cuBLAS, so the runs differ by rounding from the first step on, and AdamW turns rounding noise in a gradient that is zero in
 #   exact arithmetic (the attention's key bias: softmax ignores it) into full lr-sized
 #   steps (seen on an H100: 1e-2 to 0.7 relative in in_proj_bias after 20 steps). So on
 #   CUDA the parameters are not compared after training; instead every parameter's
@@ -103,8 +103,10 @@ def test_bf16_autocast_training_matches_nn_linear():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_cuda_training_matches_nn_linear(autocast_dtype, monkeypatch):
+def test_cuda_training_matches_nn_linear(autocast_dtype, backend, monkeypatch):
     # TF32 in nn.Linear's cuBLAS GEMMs would be a 1e-3 difference unrelated to the layer.
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    _check("cuda", autocast_dtype)
+    with tm.use_backend(backend):  # "auto" is cuBLAS on CUDA; the kernels when asked for
+        _check("cuda", autocast_dtype)

@@ -11,9 +11,13 @@ Backends:
     torch_matgrad's kernels are imported: that is how CI runs them without a GPU).
     Anything else is an error when forced.
 ``"auto"`` (default)
-    ``"triton"`` for CUDA tensors when Triton imports and supports the case (float64
-    and inputs of at most ``AUTO_TORCH_MAX_ROWS`` rows excepted, see
-    :func:`_triton_fallback`), ``"torch"`` for everything else.
+    The backend measured fastest for the case, which today is ``"torch"`` everywhere
+    (:data:`AUTO`): on an H100 (Triton 3.6, bf16) the Triton path took 0.98-1.07x
+    eager's time for inference and 1.06-1.69x for a training step at the four quick
+    shapes (``benchmarks/results/nvidia-h100-80gb-hbm3/quick.md``), and more at
+    decoding shapes. At 4096^3 its three kernels took 0.67 ms of GPU time where
+    cuBLAS's took 0.54, and each launch spent 130-320 us on the host against 20-50 for
+    ``F.linear``. A shape class where the kernels win becomes a rule here.
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
 with the environment variable ``TORCH_MATGRAD_BACKEND`` (read once, when torch_matgrad
@@ -28,7 +32,7 @@ differentiable) and a gradient flowing straight into ``z`` (double backward); so
 gradients the kernels cannot read (tensor subclasses, the batched tensors of
 ``vmap`` over a backward) and a backward that ``torch.compile`` is tracing.
 
-Even when forced, ``"triton"`` hands these forwards to ``"torch"`` (the list is
+When asked for, ``"triton"`` still hands these forwards to ``"torch"`` (the list is
 :func:`_triton_fallback`): tensor subclasses and functorch-wrapped tensors (DTensor,
 the tensors of ``torch.func`` transforms), meta tensors, mixed dtypes, and code that
 ``torch.compile`` or ``torch.jit.trace`` is tracing. Set the logger ``torch_matgrad``
@@ -40,7 +44,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import os
 from typing import Iterator, Optional, Tuple
 
@@ -51,11 +54,10 @@ from . import formulas
 
 ENV_VAR = "TORCH_MATGRAD_BACKEND"
 
-#: Under "auto", inputs of at most this many rows (decoding) run on cuBLAS: on an H100
-#: the Triton kernels matched cuBLAS there within -12%..+10% in CUDA-graph replays, but
-#: each eager call spent ~185 us on the host against ~55 us for the torch path
-#: (``benchmarks/host_overhead.py``), and a decoding step is bound by that host time.
-AUTO_TORCH_MAX_ROWS = 64
+#: What "auto" runs: the backend that measured fastest. No shape class has measured
+#: faster on the Triton kernels than on cuBLAS (module docstring), so every case runs
+#: torch ops; the kernels run when "triton" is asked for.
+AUTO = "torch"
 #: What may be requested.
 BACKENDS = ("auto", "torch", "triton")
 
@@ -166,10 +168,9 @@ def _is_functorch_wrapped(t: Tensor) -> bool:
     )
 
 
-def _triton_fallback(tensors, forced: bool) -> Optional[str]:
-    """Why these tensors go to torch ops instead of the Triton kernels (None: they don't).
-    ``tensors[0]`` has the op's rows (the input, or the output gradient); ``forced``:
-    the Triton backend was asked for by name, so "auto"'s preferences do not apply."""
+def _triton_fallback(tensors) -> Optional[str]:
+    """Why the Triton backend, asked for, hands these tensors to torch ops instead (None:
+    it does not)."""
     for t in tensors:
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             return f"tensor subclass {type(t).__name__}"
@@ -180,16 +181,6 @@ def _triton_fallback(tensors, forced: bool) -> Optional[str]:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or not dtypes <= set(_triton().SUPPORTED_DTYPES):
         return f"unsupported dtype combination {sorted(map(str, dtypes))}"
-    if not forced and torch.float64 in dtypes:
-        # The kernels compile in float64 for sm_80 and sm_90 (fp64 tensor-core mma,
-        # m8n8k4) and pass on an H100 (tests/test_triton_gpu.py), but have not been
-        # timed against cuBLAS's DGEMM, and ptxas reports register spills for every
-        # float64 tile of the GELU backward (1.5-5.6 KB stack frames): "auto" keeps
-        # float64 on cuBLAS.
-        return "float64 runs on Triton only when the triton backend is forced"
-    rows = math.prod(tensors[0].shape[:-1])
-    if not forced and rows <= AUTO_TORCH_MAX_ROWS:
-        return f"{rows} rows (<= AUTO_TORCH_MAX_ROWS = {AUTO_TORCH_MAX_ROWS}): cuBLAS"
     return None
 
 
@@ -199,7 +190,9 @@ def chosen_backend(x: Tensor, *params: Optional[Tensor]) -> str:
     the request, then every fallback. The op records it, and its backward runs the same
     one (see the module docstring for the exceptions)."""
     requested = _forced or _env_backend or _bad_env()
-    if requested == "torch" or (requested == "auto" and not x.is_cuda):
+    if requested == "auto":
+        requested = AUTO
+    if requested == "torch":
         return "torch"
     if torch.compiler.is_compiling() or torch._C._is_tracing():
         # Inductor fuses the GEMM epilogue itself, and tracing an autotuned user kernel
@@ -207,15 +200,12 @@ def chosen_backend(x: Tensor, *params: Optional[Tensor]) -> str:
         # here: logging while tracing breaks the graph. torch.jit.trace (and the legacy
         # ONNX export) records aten ops only: a kernel launch would vanish from the trace.
         return "torch"
-    forced = requested == "triton"
     backend = _triton()
     if backend is None:
-        if forced:
-            raise RuntimeError(
-                f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})"
-            )
-        return _fallback("Triton does not import: " + _triton_import_error)
-    reason = _triton_fallback([t for t in (x, *params) if t is not None], forced)
+        raise RuntimeError(
+            f"torch_matgrad: backend 'triton' needs Triton, which failed to import ({_triton_import_error})"
+        )
+    reason = _triton_fallback([t for t in (x, *params) if t is not None])
     if reason is not None:
         return _fallback(reason)
     if not x.is_cuda and not backend.INTERPRET:
@@ -243,7 +233,7 @@ def _backward_backend(backend: str, grad_out: Optional[Tensor], grad_z: Optional
         return _fallback("backward under create_graph must be differentiable")
     if torch.compiler.is_compiling():  # compiled autograd traces the backward: no log
         return "torch"
-    reason = _triton_fallback([grad_out], forced=True)
+    reason = _triton_fallback([grad_out])
     return "triton" if reason is None else _fallback(f"output gradient: {reason}")
 
 
