@@ -220,10 +220,11 @@ def test_compile_provider_runs_every_mode():
 def test_gpu_check_dry_run(tmp_path):
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
-        env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "STAGES": "all"}, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "DRY RUN" in done.stdout and "gpu_check: all stages passed" in done.stdout
+    assert "not in STAGES" not in done.stdout
     files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     assert {"setup.log", "pytest.log", "bench.log"} <= files
     for run in ("quick", "decode"):
