@@ -277,10 +277,28 @@ def test_rule_needs_triton_support_and_a_configuration(hopper, monkeypatch):
     monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
     monkeypatch.setattr(ops, "_tma_launch", None)  # $TORCH_MATGRAD_TRITON_CONFIGS named none of its configurations
     assert ops.gemm_kernel_for(a, b) == "pointer"
-    # One named configuration (no autotuner pruning) that does not fit the prologue's launch.
-    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
+
+
+def test_rule_with_one_named_configuration_on_cpu_tensors(hopper, monkeypatch):
+    # One configuration named in $TORCH_MATGRAD_TRITON_CONFIGS (an autotuner without a
+    # choice, so no pruning): the rule checks its shared memory on a GPU only. With CPU
+    # tensors it asked the driver about device index None (a TypeError on a GPU machine;
+    # without a GPU there is no driver to ask).
     big = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
     monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([big]))
+    assert len(ops._tma_launch.configs) == 1
+    assert ops.gemm_kernel_for(_bf16(128, 4096), _bf16(4096, 256)) == "tma"
+
+
+@pytest.mark.cuda
+def test_rule_with_one_named_configuration_on_the_gpu(hopper, monkeypatch):
+    # A single named configuration runs only where it fits the launch: 128 x 256 x 64 in
+    # 4 stages with half-tile stores fits an H100 (227 KiB), not with the prologue's tile.
+    a = torch.empty(128, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty(4096, 256, device="cuda", dtype=torch.bfloat16)
+    big = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
+    monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([big]))
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
     assert ops.gemm_kernel_for(a, b) == "tma"
     assert ops.gemm_kernel_for(a, b, saved=a) == "pointer"
     monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher(ops.TMA_CONFIGS))  # the autotuner prunes

@@ -424,7 +424,7 @@ def gemm_kernel_for(
     configuration; the device has TMA (:func:`_tma_hardware`); the dtype is fp16 or bf16;
     there is a product (a launch that only sums has no tensor-core work); every operand
     meets the descriptor rules (:func:`_descriptor_view`) and every output does so with
-    its rows contiguous (the kernel stores them as they are); a single named
+    its rows contiguous (the kernel stores them as they are); on a GPU, a single named
     configuration fits the launch (:func:`tma_config_fits`); and, under
     ``"auto"``, more than ``SMALL_M`` rows: decoding shapes keep the pointer kernel's
     16- and 32-row tiles. ``benchmarks/kernel_choice.py`` times the two on a GPU; where
@@ -444,11 +444,12 @@ def gemm_kernel_for(
     if any(_descriptor_view(t) is None or _descriptor_view(t)[1] for t in outputs if t is not None):
         return "pointer"
     configs = getattr(_tma_launch, "configs", None)  # None: one configuration, no autotuner
-    if configs is not None and len(configs) == 1 and not tma_config_fits(
+    if configs is not None and len(configs) == 1 and a.device.type == "cuda" and not tma_config_fits(
         configs[0], elem=a.element_size(), limit=_shared_memory_limit(a.device), prologue=saved is not None
     ):
         # The autotuner prunes only among several configurations: a single one named in
-        # $TORCH_MATGRAD_TRITON_CONFIGS that does not fit this launch is not run.
+        # $TORCH_MATGRAD_TRITON_CONFIGS that does not fit this GPU is not run. (Only a
+        # CUDA device has a shared-memory limit to ask for; the interpreter has none.)
         return "pointer"
     return "tma"
 
