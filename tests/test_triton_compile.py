@@ -48,38 +48,33 @@ _META = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)
 _OPTIONS = dict(num_warps=4, num_stages=2)
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
-# The descriptor kernel (sm_90 only): the flag sets above in fp16 and bf16, except the
-# launches without a product (they take the pointer kernel), each in the operand
-# layouts the backend gives it for contiguous tensors (A_T, B_T, S_T: which descriptor
-# holds a transpose); "grad_x / grad_W" is both a plain and a transposed launch. Then
-# all 8 layouts on one flag set that uses every operand. Small tiles with the split
-# epilogue keep each compile near 0.5 s; the configurations' own tiles are compiled
-# by the register report.
+# The descriptor kernel (sm_90 only): the flag sets above in fp16 and bf16 that it
+# runs (not those with the act' prologue, without a product or of the MLP block: they
+# take the pointer kernel), each in the operand layouts the backend gives it for
+# contiguous tensors (A_T, B_T: which descriptor holds a transpose); "grad_x / grad_W"
+# is both a plain and a transposed launch. Then all 4 layouts on one flag set that uses
+# every operand. Small tiles with the split epilogue keep each compile near 0.5 s; the
+# configurations' own tiles are compiled by the register report.
 _TMA_LAYOUTS = {
-    "forward": [(False, True, False)],
-    "forward, no bias": [(False, True, False)],
-    "grad_x / grad_W": [(False, False, False), (True, False, True)],
-    "grad_W + grad_b": [(True, False, True)],
+    "forward": [(False, True)],
+    "forward, no bias": [(False, True)],
+    "grad_x / grad_W": [(False, False), (True, False)],
+    "grad_W + grad_b": [(True, False)],
 }
-EXPECTED_TMA = 2 * 5 * sum(len(v) for v in _TMA_LAYOUTS.values()) + 8
+# Per dtype: the forward with and without bias for each of 5 activations, grad_x / grad_W
+# and grad_W + grad_b without act' (the backward's G_z from the pass).
+EXPECTED_TMA = 2 * (2 * 5 + 2 + 1) + 4
 _TMA_META = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, EPILOGUE_SPLIT=2)
 _TMA_SMS = 132  # an H100 SXM's; NUM_SMS is a constexpr
 _H100_SHARED = 227 * 1024  # shared memory per block on an H100 (the autotuner prunes by it)
-# The register report: each autotune configuration, on the launches of the default
-# backward (G_z by a pass, so no prologue) and the forward; the prologue launches only
-# in the configurations that the autotuner keeps for them (ops._tma_fits).
+# The register report: each autotune configuration, on the forward and the launches of
+# the backward (G_z by a pass: the descriptor kernel has no prologue).
 _REPORT_FLAGS = {
     "forward bias+gelu_tanh+z": dict(has_bias=True, activation="gelu_tanh", store_z=True),
     "grad_x": dict(),
     "grad_W + grad_b": dict(rowsum=True),
-    "grad_x, gelu_tanh prologue": dict(grad_activation="gelu_tanh"),
-    "grad_W + grad_b, gelu_tanh prologue": dict(grad_activation="gelu_tanh", rowsum=True),
 }
-_REPORT_LAYOUTS = {
-    "forward bias+gelu_tanh+z": (False, True, False), "grad_x": (False, False, False),
-    "grad_W + grad_b": (True, False, True), "grad_x, gelu_tanh prologue": (False, False, False),
-    "grad_W + grad_b, gelu_tanh prologue": (True, False, True),
-}
+_REPORT_LAYOUTS = {"forward bias+gelu_tanh+z": (False, True), "grad_x": (False, False), "grad_W + grad_b": (True, False)}
 
 
 def _mlp_launches(act):
@@ -145,13 +140,14 @@ def specialisations():
 
 
 def _with_layout(flags, layout):
-    """The descriptor kernel's flags: ``flags`` without the MLP ones (the pointer
-    kernel's only), with the operand layout and the persistent grid."""
-    from torch_matgrad.triton_kernels.ops import MLP_FLAGS
+    """The descriptor kernel's flags: ``flags`` without the pointer kernel's own
+    (``PRO_ACT`` and the MLP ones, all off), with the operand layout and the persistent
+    grid."""
+    from torch_matgrad.triton_kernels.ops import POINTER_ONLY_FLAGS
 
-    assert not any(flags[name] for name in MLP_FLAGS), flags
-    kept = {name: value for name, value in flags.items() if name not in MLP_FLAGS}
-    return {**kept, **dict(zip(("A_T", "B_T", "S_T"), layout)), "NUM_SMS": _TMA_SMS}
+    assert not any(flags[name] for name in POINTER_ONLY_FLAGS), flags
+    kept = {name: value for name, value in flags.items() if name not in POINTER_ONLY_FLAGS}
+    return {**kept, **dict(zip(("A_T", "B_T"), layout)), "NUM_SMS": _TMA_SMS}
 
 
 def tma_specialisations():
@@ -162,13 +158,12 @@ def tma_specialisations():
     variants = [
         (f"{label} layout={layout}", dtype, _with_layout(flags, layout))
         for what, label, dtype, flags in _launches()
-        if dtype in TMA_DTYPES and flags["HAS_C"] and what in _TMA_LAYOUTS  # the MLP's take the pointer kernel
+        # The MLP's launches, the prologue's and those without a product take the pointer kernel.
+        if dtype in TMA_DTYPES and flags["HAS_C"] and not flags["PRO_ACT"] and what in _TMA_LAYOUTS
         for layout in _TMA_LAYOUTS[what]
     ]
-    every = specialisation(
-        torch.bfloat16, grad_activation="gelu", rowsum=True, has_bias=True, activation=ACTIVATIONS[-1], store_z=True
-    )
-    for layout in itertools.product((False, True), repeat=3):
+    every = specialisation(torch.bfloat16, rowsum=True, has_bias=True, activation=ACTIVATIONS[-1], store_z=True)
+    for layout in itertools.product((False, True), repeat=2):
         variants.append((f"bf16 every operand layout={layout}", torch.bfloat16, _with_layout(every, layout)))
     return _distinct(variants)
 
@@ -181,9 +176,7 @@ def _tma_signature(kernel, dtype, flags, meta):
     class Block:  # stands in for a TensorDescriptor: only its block shape is read
         block_shape = None
 
-    descs = {
-        "a_desc": True, "b_desc": True, "c_desc": True, "s_desc": flags["PRO_ACT"] != 0, "z_desc": flags["STORE_Z"],
-    }
+    descs = {"a_desc": True, "b_desc": True, "c_desc": True, "z_desc": flags["STORE_Z"]}
     nargs = {**flags, **meta, **{name: Block() if present else None for name, present in descs.items()}}
     _set_block_shapes(nargs)
     constexprs = {**flags, **meta}
@@ -330,8 +323,7 @@ def register_report() -> int:
     for cfg, name in zip(ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES):
         for what, kwargs in _REPORT_FLAGS.items():
             flags = _with_layout(ops.specialisation(torch.bfloat16, **kwargs), _REPORT_LAYOUTS[what])
-            if not ops.tma_config_fits(cfg, elem=2, limit=_H100_SHARED, prologue=flags["PRO_ACT"] != 0):
-                continue  # the autotuner never runs this configuration for this launch on an H100
+            assert ops.tma_config_fits(cfg, elem=2, limit=_H100_SHARED), name  # what the autotuner runs on an H100
             cases.append((name, what, functools.partial(_compile_tma, target, torch.bfloat16, flags, cfg.kwargs,
                                                         _options(cfg))))
     return _report(cases)

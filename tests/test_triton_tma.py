@@ -7,7 +7,9 @@ persistent grid of 3 programs (``ops.INTERPRETER_TMA_META``), so the test shapes
 several tiles per program with ragged edges. Every output is NaN-filled first
 (``poisoned_outputs``), and every test counts the launches of each kernel: a case
 that should take the descriptor kernel and silently fell back would pass otherwise.
-On a GPU without TMA (before Hopper) only the rule's tests run.
+The backward's ``act'`` prologue is the pointer kernel's only, even when the
+descriptor kernel is asked for. On a GPU without TMA (before Hopper) only the rule's
+tests run.
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ SHAPE = (104, 40, 48)
 @pytest.mark.parametrize("activation", formulas.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
 def test_every_specialisation(launches, dtype, activation, strategy):
-    # Forward (bias, activation, z), grad_x and grad_W + grad_b, with act' in the
-    # prologue or from the elementwise pass: three launches, all of the descriptor kernel.
+    # Forward (bias, activation, z), grad_x and grad_W + grad_b, with G_z from the
+    # elementwise pass: three launches of the descriptor kernel. With act' in the
+    # prologue, the two backward launches take the pointer kernel although the
+    # descriptor kernel is asked for (it has no prologue), and still match.
     with ops.gemm_kernel("tma"), triton_backend.gz_strategy(strategy):
         _check_all(*SHAPE, dtype, activation, bias=True)
-    assert launches == ["tma"] * 3
+    backward = "pointer" if strategy == "prologue" and activation is not None else "tma"
+    assert launches == ["tma"] + [backward] * 2
 
 
 @runs_tma
@@ -76,9 +81,9 @@ def test_every_specialisation(launches, dtype, activation, strategy):
     "needs", [ALL_NEEDS, (True, False, False), (False, True, False), (False, False, True)], ids=str
 )
 def test_layouts_and_partial_needs(launches, needs, bias, layout):
-    # Transposed views flip which descriptor holds a transpose (A_T, B_T, S_T) in every
+    # Transposed views flip which descriptor holds a transpose (A_T, B_T) in every
     # product. grad_b alone is a launch without a product: the pointer kernel's.
-    with ops.gemm_kernel("tma"), triton_backend.gz_strategy("prologue"):
+    with ops.gemm_kernel("tma"), triton_backend.gz_strategy("pass"):
         _check_all(*SHAPE, torch.bfloat16, "gelu", bias, layout, needs)
     need_x, need_w, need_b = needs
     backward = ["tma"] * need_x + (["tma"] if need_w else ["pointer"] if need_b else [])
@@ -119,15 +124,15 @@ _FALLBACKS = {
 @runs_tma
 @pytest.mark.parametrize("case", list(_FALLBACKS))
 def test_views_a_descriptor_cannot_describe_fall_back(launches, case):
-    # act' in the prologue: G itself (not a G_z computed from it) is the GEMMs' operand.
+    # No activation: G itself (not a G_z computed from it) is the GEMMs' operand.
     x, w, b, g = _operands(case)
-    with ops.gemm_kernel("tma"), triton_backend.gz_strategy("prologue"):
-        out, z = triton_backend.forward(x, w, b, "silu")
-        got = [out, *triton_backend.backward(g, None, x, w, z, "silu", ALL_NEEDS)]
+    with ops.gemm_kernel("tma"):
+        out, _ = triton_backend.forward(x, w, b, None)
+        got = [out, *triton_backend.backward(g, None, x, w, None, None, ALL_NEEDS)]
     assert launches == _FALLBACKS[case]
     x64, w64, b64, g64 = (t.double() for t in (x, w, b, g))
-    ref_out, _ = formulas.forward(x64, w64, b64, "silu")
-    want = [ref_out, *formulas.backward(g64, None, x64, w64, z.double(), "silu", ALL_NEEDS)]
+    ref_out, _ = formulas.forward(x64, w64, b64, None)
+    want = [ref_out, *formulas.backward(g64, None, x64, w64, None, None, ALL_NEEDS)]
     for name, u, v in zip(("out", "grad_x", "grad_W", "grad_b"), got, want):
         assert_rel_close(u, v, torch.bfloat16, name)
 
@@ -143,10 +148,12 @@ def test_fp32_and_fp64_keep_the_pointer_kernel(launches):
 # -------------------------------------------------------------------------------------
 # Every autotune configuration of both kernels, in its own tiles, on a shape that spans
 # more than one tile in every dimension of every product (ragged; multiples of 8 for
-# the descriptor kernel): forward with bias, GELU and z; the backward with act' in the
-# prologue (grad_x; grad_W with the grad_b row sums). On a GPU also 4096^3 (the steady
-# state of the software pipeline), with the prologue only where the configuration holds
-# it (a single configuration is not pruned: one that does not fit would not launch).
+# the descriptor kernel): forward with bias, GELU and z; the backward (grad_x; grad_W
+# with the grad_b row sums), for the pointer kernel with act' in the prologue, for the
+# descriptor kernel (which has none) with G_z from the elementwise pass. On a GPU also
+# 4096^3 (the steady state of the software pipeline), with the pointer kernel's
+# prologue only where the configuration holds it (a single configuration is not
+# pruned: one that does not fit would not launch).
 _SWEEP = [("tma", name) for name in ops.TMA_CONFIG_NAMES] + [("pointer", name) for name in ops.CONFIG_NAMES]
 _SIZES = ["ragged"] + (["4096"] if DEVICE == "cuda" else [])
 
@@ -172,9 +179,10 @@ def test_every_autotune_configuration_of_both_kernels(monkeypatch, launches, ker
         m, k, n = wide + 40, max(2 * bk, wide) + 8, wide + 24
     else:
         m, k, n = wide + 37, max(2 * bk, wide) + 5, wide + 11
-    # The backward with act' in the prologue where the autotuner would ever run this
-    # configuration with it (on a GPU; everywhere under the interpreter), else the pass.
-    strategy = "prologue" if _runs_with_prologue(kernel, cfg) else "pass"
+    # The pointer kernel's backward with act' in the prologue where its autotuner would
+    # ever run this configuration with it (on a GPU; everywhere under the interpreter),
+    # else, and for the descriptor kernel always, the pass.
+    strategy = "prologue" if kernel == "pointer" and _runs_with_prologue(cfg) else "pass"
     with ops.gemm_kernel(kernel), triton_backend.gz_strategy(strategy):
         _check_all(m, k, n, torch.bfloat16, "gelu", bias=True)
     assert launches == [kernel] * 3
@@ -185,14 +193,12 @@ def test_every_autotune_configuration_of_both_kernels(monkeypatch, launches, ker
                   f"{getattr(compiled, 'n_spills', '?')} spilled, {compiled.metadata.shared} bytes shared")
 
 
-def _runs_with_prologue(kernel, cfg) -> bool:
-    """Whether the autotuner keeps ``cfg`` for a bf16 launch with the ``act'`` prologue on
-    this GPU (its pruning; under the interpreter nothing is pruned)."""
+def _runs_with_prologue(cfg) -> bool:
+    """Whether the pointer kernel's autotuner keeps ``cfg`` for a bf16 launch with the
+    ``act'`` prologue on this GPU (its pruning; under the interpreter nothing is pruned)."""
     if ops.INTERPRET:
         return True
     t = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
-    if kernel == "tma":
-        return ops._tma_fits([cfg], {"a_desc": ops.TensorDescriptor(t, [64, 64], [64, 1], [16, 16])}, PRO_ACT=2) == [cfg]
     return ops._fits([cfg], {"a_ptr": t, "M_BUCKET": 4096}, PRO_ACT=2) == [cfg]
 
 
@@ -257,10 +263,8 @@ def test_rule_takes_the_descriptor_kernel_only_where_valid(hopper):
     assert ops.gemm_kernel_for(_bf16(128, 4095), _bf16(4095, 256)) == "pointer"
     assert ops.gemm_kernel_for(a, _bf16(4096, 4095)) == "pointer"
     assert ops.gemm_kernel_for(a, b, outputs=(_bf16(128, 4095),)) == "pointer"
-    assert ops.gemm_kernel_for(a, b, saved=_bf16(128, 4095)[:, :4094]) == "pointer"
     assert ops.gemm_kernel_for(_bf16(128 * 4096 + 8)[1:].as_strided((128, 4096), (4096, 1)), b) == "pointer"
     assert ops.gemm_kernel_for(a[:, ::2], b[::2]) == "pointer"
-    assert ops.gemm_kernel_for(a, b, saved=_bf16(1, 1).expand(128, 4096)) == "pointer"
     # Decoding rows keep the pointer kernel's small tiles under "auto", not when asked.
     assert ops.gemm_kernel_for(a[: ops.SMALL_M], b) == "pointer"
     assert ops.gemm_kernel_for(a[: ops.SMALL_M + 8], b) == "tma"
@@ -268,6 +272,22 @@ def test_rule_takes_the_descriptor_kernel_only_where_valid(hopper):
         assert ops.gemm_kernel_for(a[:16], b) == "tma"
     with ops.gemm_kernel("pointer"):
         assert ops.gemm_kernel_for(a, b) == "pointer"
+
+
+def test_rule_sends_the_prologue_to_the_pointer_kernel(hopper):
+    # The act' prologue (a saved tensor, or its flag) is the pointer kernel's only, even
+    # where every operand could be described and the descriptor kernel is asked for.
+    a, b = _bf16(128, 4096), _bf16(4096, 256)
+    prologue = ops.specialisation(torch.bfloat16, grad_activation="gelu")
+    for mode in ("auto", "tma"):
+        with ops.gemm_kernel(mode):
+            assert ops.gemm_kernel_for(a, b) == "tma"
+            assert ops.gemm_kernel_for(a, b, saved=a) == "pointer"
+            assert ops.gemm_kernel_for(a.t(), _bf16(128, 256), saved=a.t()) == "pointer"  # grad_W + grad_b
+            assert ops.gemm_kernel_for(a, b, saved=a, flags=prologue) == "pointer"
+            assert ops.gemm_kernel_for(a, b, flags=prologue) == "pointer"
+    assert "PRO_ACT" not in ops._TMA_AUTOTUNE_KEY
+    assert set(ops.POINTER_ONLY_FLAGS) <= set(ops._AUTOTUNE_KEY)
 
 
 def test_rule_needs_triton_support_and_a_configuration(hopper, monkeypatch):
@@ -292,17 +312,18 @@ def test_rule_with_one_named_configuration_on_cpu_tensors(hopper, monkeypatch):
 
 @pytest.mark.cuda
 def test_rule_with_one_named_configuration_on_the_gpu(hopper, monkeypatch):
-    # A single named configuration runs only where it fits the launch: 128 x 256 x 64 in
-    # 4 stages with half-tile stores fits an H100 (227 KiB), not with the prologue's tile.
+    # A single named configuration runs only where it fits the GPU's shared memory:
+    # 128 x 256 x 64 in 4 stages with half-tile stores needs 224 KiB.
     a = torch.empty(128, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.empty(4096, 256, device="cuda", dtype=torch.bfloat16)
     big = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
     monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([big]))
     monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
     assert ops.gemm_kernel_for(a, b) == "tma"
-    assert ops.gemm_kernel_for(a, b, saved=a) == "pointer"
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 163 * 1024)
+    assert ops.gemm_kernel_for(a, b) == "pointer"
     monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher(ops.TMA_CONFIGS))  # the autotuner prunes
-    assert ops.gemm_kernel_for(a, b, saved=a) == "tma"
+    assert ops.gemm_kernel_for(a, b) == "tma"
 
 
 @pytest.mark.parametrize(
@@ -371,47 +392,46 @@ def test_configuration_names():
         ops.selected_tma_configs("tma_64x64")
 
 
-def _fit_names(limit_kib, prologue):
+def _fit_names(limit_kib):
     return [
         name for cfg, name in zip(ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES)
-        if ops.tma_config_fits(cfg, elem=2, limit=limit_kib * 1024, prologue=prologue)
+        if ops.tma_config_fits(cfg, elem=2, limit=limit_kib * 1024)
     ]
 
 
-def test_configurations_fit_shared_memory_and_registers():
-    # H100 (227 KiB per block): every configuration without the prologue (128 x 256 in
-    # 3 stages with a whole-tile store, or in 4 stages with half-tile stores); under the
-    # prologue only the tiles that compile without spills.
-    assert _fit_names(227, prologue=False) == ops.TMA_CONFIG_NAMES
-    assert _fit_names(227, prologue=True) == ["tma_128x128x64_s4_w8", "tma_64x128x64_s4_w4"]
+def test_configurations_fit_shared_memory():
+    # H100 (227 KiB per block): every configuration (128 x 256 in 3 stages with a
+    # whole-tile store, or in 4 stages with half-tile stores).
+    assert _fit_names(227) == ops.TMA_CONFIG_NAMES
     # 4 stages of 128 x 256 x 64 bf16 are 192 KiB: with a whole-tile staging buffer
     # (64 KiB) they would not fit, with a half tile (32 KiB) they do.
     split = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
     assert split.num_stages == 4 and split.kwargs["EPILOGUE_SPLIT"] == 2
+    whole = triton.Config({**split.kwargs, "EPILOGUE_SPLIT": 1}, num_stages=4, num_warps=8)
+    assert not ops.tma_config_fits(whole, elem=2, limit=227 * 1024)
+    # 163 KiB: the tiles up to 128 x 128 in 4 stages.
+    assert _fit_names(163) == [n for n in ops.TMA_CONFIG_NAMES if "x256x" not in n]
     # 99 KiB (consumer Blackwell, compute capability 12): none; the fallback fits.
-    assert _fit_names(99, prologue=False) == []
-    assert ops.tma_config_fits(ops._TMA_FALLBACK, elem=2, limit=99 * 1024, prologue=True)
+    assert _fit_names(99) == []
+    assert ops.tma_config_fits(ops._TMA_FALLBACK, elem=2, limit=99 * 1024)
 
 
 def test_autotuner_pruning_never_leaves_none(monkeypatch):
     monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 16 * 1024)
     desc = ops.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16])
-    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}, PRO_ACT=0) == [ops._TMA_FALLBACK]
+    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}) == [ops._TMA_FALLBACK]
     monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
-    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}, PRO_ACT=2) == [
-        ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index(n)] for n in _fit_names(227, prologue=True)
-    ]
+    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}) == ops.TMA_CONFIGS
 
 
-@pytest.mark.parametrize("a_t, b_t, s_t", list(itertools.product((False, True), repeat=3)))
-def test_block_shapes_follow_the_configuration(a_t, b_t, s_t):
+@pytest.mark.parametrize("a_t, b_t", list(itertools.product((False, True), repeat=2)))
+def test_block_shapes_follow_the_configuration(a_t, b_t):
     # A descriptor of a transposed operand holds the transposed block; C and z hold one
     # epilogue subtile.
     descs = {name: ops.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16]) for name in
-             ("a_desc", "b_desc", "c_desc", "s_desc", "z_desc")}
+             ("a_desc", "b_desc", "c_desc", "z_desc")}
     cfg = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
-    cfg.pre_hook({**descs, **cfg.kwargs, "A_T": a_t, "B_T": b_t, "S_T": s_t})
+    cfg.pre_hook({**descs, **cfg.kwargs, "A_T": a_t, "B_T": b_t})
     assert descs["a_desc"].block_shape == ([64, 128] if a_t else [128, 64])
     assert descs["b_desc"].block_shape == ([256, 64] if b_t else [64, 256])
-    assert descs["s_desc"].block_shape == ([64, 128] if s_t else [128, 64])
     assert descs["c_desc"].block_shape == descs["z_desc"].block_shape == [128, 128]

@@ -9,9 +9,10 @@ Two kernels compute the same products and fusions: the pointer kernel
 TMA tensor descriptors and a persistent grid, Hopper and later, fp16/bf16 operands that
 meet the descriptor rules). :func:`gemm_kernel_for` is the one place that chooses;
 :func:`gemm_kernel` (or ``$TORCH_MATGRAD_GEMM_KERNEL``) overrides the choice where the
-descriptor kernel is valid, for benchmarks and tests. The MLP block's launches
-(:func:`fused_matmul`'s ``b2``, ``hidden``, ``grad_hidden``, ``colsum``: ``MLP_FLAGS``)
-are the pointer kernel's alone.
+descriptor kernel is valid, for benchmarks and tests. The launches with the ``act'``
+prologue (``grad_activation``) and the MLP block's (:func:`fused_matmul`'s ``b2``,
+``hidden``, ``grad_hidden``, ``colsum``: ``MLP_FLAGS``) are the pointer kernel's alone
+(``POINTER_ONLY_FLAGS``).
 
 Autotuning (compiled kernels only): a few configurations for Ampere and Hopper (the
 small-M ones only for M <= ``SMALL_M`` rows, the others only above), pruned to those that
@@ -86,13 +87,15 @@ CONFIGS_ENV_VAR = "TORCH_MATGRAD_TRITON_CONFIGS"
 INTERPRETER_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
 
 _BASE_KEY = [
-    "M_BUCKET", "N_BUCKET", "K_BUCKET",
-    "PRO_ACT", "ROWSUM", "HAS_C", "HAS_BIAS", "EPI_ACT", "STORE_Z", "INPUT_PRECISION",
+    "M_BUCKET", "N_BUCKET", "K_BUCKET", "ROWSUM", "HAS_C", "HAS_BIAS", "EPI_ACT", "STORE_Z", "INPUT_PRECISION",
 ]
-#: The pointer kernel's flags of the MLP block's launches (``fused_gemm.py``): only that
-#: kernel has them, so :func:`gemm_kernel_for` sends a launch that sets any to it.
+#: The pointer kernel's flags of the MLP block's launches (``fused_gemm.py``).
 MLP_FLAGS = ("DUAL", "HIDDEN", "EPI_GRAD", "COLSUM", "MLP_ACT")
-_AUTOTUNE_KEY = _BASE_KEY + list(MLP_FLAGS)
+#: The flags that only the pointer kernel has: the ``act'`` prologue's (``tma_gemm.py``
+#: says why the descriptor kernel has none) and the MLP block's. :func:`gemm_kernel_for`
+#: sends a launch that sets any to the pointer kernel.
+POINTER_ONLY_FLAGS = ("PRO_ACT",) + MLP_FLAGS
+_AUTOTUNE_KEY = _BASE_KEY + list(POINTER_ONLY_FLAGS)
 
 
 def config_name(config: "triton.Config") -> str:
@@ -117,7 +120,7 @@ CONFIG_NAMES = [config_name(c) for c in CONFIGS]
 # serves M > SMALL_M only (gemm_kernel_for). Compiled for sm_90 with Triton 3.6
 # (bf16; registers / spilled bytes from ptxas): 128 x 256 x 64 in 3 stages stores its
 # whole tile through one 64 KiB staging buffer (forward with bias, GELU-tanh and z:
-# 184 / 0; grad_W with grad_b: 198 / 0); in 4 stages only two half-width subtiles fit
+# 184 / 0; grad_W with grad_b: 188 / 0); in 4 stages only two half-width subtiles fit
 # beside the pipeline (229 KiB), and the split costs registers (forward 255 / 28), so
 # both are here and the autotuner decides. 64 x 128 and 128 x 64 tiles keep the SMs
 # busy when M or N is small.
@@ -138,7 +141,7 @@ def _set_block_shapes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     sub_n = bn // nargs["EPILOGUE_SPLIT"]
     blocks = (
-        ("a_desc", (bm, bk), nargs["A_T"]), ("b_desc", (bk, bn), nargs["B_T"]), ("s_desc", (bm, bk), nargs["S_T"]),
+        ("a_desc", (bm, bk), nargs["A_T"]), ("b_desc", (bk, bn), nargs["B_T"]),
         ("c_desc", (bm, sub_n), False), ("z_desc", (bm, sub_n), False),
     )
     for name, shape, transposed in blocks:
@@ -235,24 +238,19 @@ def launcher(configs: list):
 
 
 # The descriptor kernel when none of its configurations fits (e.g. the 99 KiB of a
-# consumer Blackwell card): 64 x 64 x 64 in three stages, 80 KiB with the prologue's tile.
+# consumer Blackwell card): 64 x 64 x 64 in three stages, 56 KiB with the staging buffer.
 _TMA_FALLBACK = triton.Config(
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=_GROUP_M, EPILOGUE_SPLIT=1),
     num_stages=3, num_warps=4, pre_hook=_set_block_shapes,
 )
 
 
-def tma_config_fits(cfg: "triton.Config", *, elem: int, limit: int, prologue: bool) -> bool:
-    """Whether the descriptor kernel may run ``cfg``: its pipelined tiles (A, the
-    prologue's S, B) plus the epilogue's staging buffer (one output subtile) within
-    ``limit`` bytes of shared memory, and, under the ``act'`` prologue, at most 64
-    accumulator and 32 operand elements per thread (beyond that the sm_90 compile
-    spills: 128 x 128 with 4 warps, 128 x 64 with 4 warps and 128 x 256 all did)."""
+def tma_config_fits(cfg: "triton.Config", *, elem: int, limit: int) -> bool:
+    """Whether the descriptor kernel may run ``cfg``: its pipelined A and B tiles plus
+    the epilogue's staging buffer (one output subtile) within ``limit`` bytes of shared
+    memory."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    threads = 32 * cfg.num_warps
-    if prologue and (bm * bn > 64 * threads or bm * bk > 32 * threads):
-        return False
-    pipeline = ((2 if prologue else 1) * bm * bk + bk * bn) * elem * cfg.num_stages
+    pipeline = (bm * bk + bk * bn) * elem * cfg.num_stages
     return pipeline + bm * (bn // cfg.kwargs["EPILOGUE_SPLIT"]) * elem <= limit
 
 
@@ -262,13 +260,13 @@ def _tma_fits(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     base = args["a_desc"].base
     elem, limit = base.element_size(), _shared_memory_limit(base.device)
-    fitting = [c for c in configs if tma_config_fits(c, elem=elem, limit=limit, prologue=args["PRO_ACT"] != 0)]
+    fitting = [c for c in configs if tma_config_fits(c, elem=elem, limit=limit)]
     return fitting or [_TMA_FALLBACK]
 
 
 # The autotuner keys on the tensors' dtypes by itself, but descriptors have no dtype:
 # fp16 and bf16 launches of one shape share a tuning.
-_TMA_AUTOTUNE_KEY = _BASE_KEY + ["A_T", "B_T", "S_T"]
+_TMA_AUTOTUNE_KEY = _BASE_KEY + ["A_T", "B_T"]
 
 
 def tma_launcher(configs: list):
@@ -418,19 +416,21 @@ def gemm_kernel_for(
     (:func:`specialisation`; None: the linear layer's). The one place that chooses.
 
     The descriptor kernel where all of these hold, the pointer kernel everywhere else:
-    the launch sets none of the MLP block's flags (``MLP_FLAGS``: only the pointer kernel
-    has them); the kernel is not overridden to ``"pointer"`` (:func:`gemm_kernel`); Triton
+    the launch has no ``act'`` prologue (no ``saved``) and sets none of the MLP block's
+    flags (``POINTER_ONLY_FLAGS``: only the pointer kernel has them, whatever
+    :func:`gemm_kernel` asks for; ``tma_gemm.py`` says why there is no prologue); the
+    kernel is not overridden to ``"pointer"`` (:func:`gemm_kernel`); Triton
     supports it (``TMA_AVAILABLE``) and ``$TORCH_MATGRAD_TRITON_CONFIGS`` leaves it a
     configuration; the device has TMA (:func:`_tma_hardware`); the dtype is fp16 or bf16;
     there is a product (a launch that only sums has no tensor-core work); every operand
     meets the descriptor rules (:func:`_descriptor_view`) and every output does so with
     its rows contiguous (the kernel stores them as they are); on a GPU, a single named
-    configuration fits the launch (:func:`tma_config_fits`); and, under
+    configuration fits its shared memory (:func:`tma_config_fits`); and, under
     ``"auto"``, more than ``SMALL_M`` rows: decoding shapes keep the pointer kernel's
     16- and 32-row tiles. ``benchmarks/kernel_choice.py`` times the two on a GPU; where
     the pointer kernel wins a shape class, the rule is the place to say so.
     """
-    if flags is not None and any(flags.get(name) for name in MLP_FLAGS):
+    if saved is not None or (flags is not None and any(flags.get(name) for name in POINTER_ONLY_FLAGS)):
         return "pointer"
     mode = _kernel_mode.get()
     if mode == "pointer" or not TMA_AVAILABLE or _tma_launch is None:
@@ -439,13 +439,14 @@ def gemm_kernel_for(
         return "pointer"
     if mode == "auto" and a.shape[0] <= SMALL_M:
         return "pointer"
-    if any(_descriptor_view(t) is None for t in (a, b, saved) if t is not None):
+    if any(_descriptor_view(t) is None for t in (a, b)):
         return "pointer"
     if any(_descriptor_view(t) is None or _descriptor_view(t)[1] for t in outputs if t is not None):
         return "pointer"
     configs = getattr(_tma_launch, "configs", None)  # None: one configuration, no autotuner
-    if configs is not None and len(configs) == 1 and a.device.type == "cuda" and not tma_config_fits(
-        configs[0], elem=a.element_size(), limit=_shared_memory_limit(a.device), prologue=saved is not None
+    if (
+        configs is not None and len(configs) == 1 and a.device.type == "cuda"
+        and not tma_config_fits(configs[0], elem=a.element_size(), limit=_shared_memory_limit(a.device))
     ):
         # The autotuner prunes only among several configurations: a single one named in
         # $TORCH_MATGRAD_TRITON_CONFIGS that does not fit this GPU is not run. (Only a
@@ -589,7 +590,7 @@ def fused_matmul(
     # Triton launches on the current device: make it the tensors' (cuda:1 from cuda:0).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if kernel == "tma":
-            _run_tma_kernel(a, b, c_view, saved, bias, z_view, rowsums, flags)
+            _run_tma_kernel(a, b, c_view, bias, z_view, rowsums, flags)
         elif dual and not _same_strides((b, b2), (bias, bias2)):
             # The kernel reads B2 and bias2 through B's and bias's strides: one launch a half.
             one = dict(flags, DUAL=False)
@@ -660,32 +661,30 @@ def _run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, mlp) -> None:
     )
 
 
-def _run_tma_kernel(a, b, c, saved, bias, z, sums, flags) -> None:
+def _run_tma_kernel(a, b, c, bias, z, sums, flags) -> None:
     """One launch of ``tma_gemm_kernel`` over operands that :func:`gemm_kernel_for`
     accepted. Each descriptor's block shape comes from the configuration that runs
     (``_set_block_shapes``); ``[1, 1]`` until then."""
     m, k = a.shape
     n = b.shape[1]
     (a_view, a_t), (b_view, b_t) = _descriptor_view(a), _descriptor_view(b)
-    s_view, s_t = _descriptor_view(saved) if saved is not None else (None, False)
 
     def describe(t):
         return None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
 
-    descs = dict(a_desc=describe(a_view), b_desc=describe(b_view), c_desc=describe(c),
-                 s_desc=describe(s_view), z_desc=describe(z))
-    meta = dict(A_T=a_t, B_T=b_t, S_T=s_t, NUM_SMS=_num_sms(a.device))
+    descs = dict(a_desc=describe(a_view), b_desc=describe(b_view), c_desc=describe(c), z_desc=describe(z))
+    meta = dict(A_T=a_t, B_T=b_t, NUM_SMS=_num_sms(a.device))
     if _TMA_META:  # one configuration, no autotuner (the interpreter; tests)
         _set_block_shapes({**descs, **meta, **_TMA_META})
     grid = lambda meta: (  # noqa: E731
         min(meta["NUM_SMS"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),
     )
     _tma_launch[grid](
-        descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["s_desc"], descs["z_desc"], bias, sums,
+        descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["z_desc"], bias, sums,
         m, n, k,
         bias.stride(0) if bias is not None else 0, sums.stride(0) if sums is not None else 0,
         _bucket(m), _bucket(n), _bucket(k),
-        **{name: v for name, v in flags.items() if name not in MLP_FLAGS},  # all off (gemm_kernel_for)
+        **{name: v for name, v in flags.items() if name not in POINTER_ONLY_FLAGS},  # all off (gemm_kernel_for)
         **meta,
         **_TMA_META,
     )

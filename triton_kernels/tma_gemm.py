@@ -1,20 +1,20 @@
-"""The fused GEMM of :mod:`.fused_gemm` for Hopper and later: the same products and
-fusions, with every tile moved by the Tensor Memory Accelerator (TMA) through tensor
-descriptors, and a persistent grid.
+"""The fused GEMM of :mod:`.fused_gemm` for Hopper and later: the linear layer's
+products with their bias/activation epilogue and ``grad_b`` row sums (not the ``act'``
+prologue, nor the MLP block's fusions), with every tile moved by the Tensor Memory
+Accelerator (TMA) through tensor descriptors, and a persistent grid.
 
-``C = prologue(A) @ B``, then the epilogue ``act(C + bias)``, exactly as
-``fused_gemm_kernel`` (MATH.md items 1, 3, 6, 9-11; the shared ``@triton.jit`` helpers
-of ``fused_gemm.py`` do the arithmetic), with three differences:
+``C = A @ B``, then the epilogue ``act(C + bias)``, exactly as ``fused_gemm_kernel``
+without ``PRO_ACT`` (MATH.md items 6, 9-11; the shared ``@triton.jit`` helpers of
+``fused_gemm.py`` do the arithmetic), with three differences:
 
-* **Descriptors, not pointers.** A, B and the prologue's saved tensor S are read, and C
-  and z written, through host-side tensor descriptors (``TensorDescriptor``): each tile
-  is one bulk copy (``cp.async.bulk.tensor``) into shared memory that Hopper's ``wgmma``
-  reads directly, with no address arithmetic in the threads. A descriptor needs its
-  last dimension contiguous, so an operand whose *rows* are contiguous (``W^T`` in the
-  forward, ``G^T`` and ``S^T`` in ``grad_W``) is described as its transpose, which is
-  contiguous, and the loaded block is transposed in shared memory (``A_T``, ``B_T``,
-  ``S_T``: a view, not a copy). Blocks past the edges read as zeros and stores past
-  them are clipped, so there are no masks.
+* **Descriptors, not pointers.** A and B are read, and C and z written, through
+  host-side tensor descriptors (``TensorDescriptor``): each tile is one bulk copy
+  (``cp.async.bulk.tensor``) into shared memory that Hopper's ``wgmma`` reads directly,
+  with no address arithmetic in the threads. A descriptor needs its last dimension
+  contiguous, so an operand whose *rows* are contiguous (``W^T`` in the forward, ``G^T``
+  in ``grad_W``) is described as its transpose, which is contiguous, and the loaded
+  block is transposed in shared memory (``A_T``, ``B_T``: a view, not a copy). Blocks
+  past the edges read as zeros and stores past them are clipped, so there are no masks.
 * **A persistent grid.** One program per SM (``NUM_SMS``), each looping over the
   output tiles ``start, start + NUM_SMS, ...`` in the grouped order of ``fused_gemm``
   (``_tile_coords``), so the launch, the descriptors' prefetch and the program's setup
@@ -28,17 +28,23 @@ of ``fused_gemm.py`` do the arithmetic), with three differences:
   ``z``), while splitting the accumulator costs registers (255, a few bytes spilled), so
   both are autotune configurations (``ops.TMA_CONFIGS``).
 
+No ``act'`` prologue (``G_z = G * act'(S)`` formed where the ``G`` tile loads): a launch
+with one takes ``fused_gemm_kernel``. Here, on an H100 (Triton 3.6), it computed a
+wrong ``grad_x`` at 4096^3 in ``tma_128x128x64_s4_w8`` (relative error 0.112; the ragged
+size passed), the same pattern that broke the row sums below (registers reading a
+TMA-loaded tile inside the pipelined ``wgmma`` loop), and the backward with it ran
+3.4-5.7x slower than with ``G_z`` from the elementwise pass, the backend's default.
+
 The ``grad_b`` row sums are reduced, without atomics, by the program that owns each
 tile of the first block column (``pid_n == 0``), as in ``fused_gemm``, but in a loop of
 their own after the product's. Summed inside the pipelined loop, from the shared-memory
 tiles that ``wgmma`` reads, the launch came out wrong on an H100 (Triton 3.6: relative
 error 0.1-0.66 over ``grad_W`` and ``grad_b`` at the quick shapes, where the interpreter
-agreed with torch). The second pass reads the A row block (and S) once more: one extra read of
-``G`` (``M x N``), spread over the first block column's programs. A launch that
-only sums (no product: ``HAS_C = False``) is not this kernel's: without a product there
-is no tensor-core work for the descriptors to feed, and ``ops`` sends it to
-``fused_gemm_kernel``. Which kernel runs is decided in one place,
-``ops.gemm_kernel_for``.
+agreed with torch). The second pass reads the A row block once more: one extra read of
+the ``M x N`` gradient, spread over the first block column's programs. A launch that only
+sums (no product: ``HAS_C = False``) is not this kernel's either: without a product
+there is no tensor-core work for the descriptors to feed. Which kernel runs is decided
+in one place, ``ops.gemm_kernel_for``.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_gemm import _activation, _add_bias, _dot, _prologue, _store_rowsum, _tile_coords
+from .fused_gemm import _activation, _add_bias, _dot, _store_rowsum, _tile_coords
 
 
 @triton.jit
@@ -57,17 +63,6 @@ def _load_block(desc, off_r, off_c, TRANSPOSED: tl.constexpr):
         return desc.load([off_c, off_r]).T
     else:
         return desc.load([off_r, off_c])
-
-
-@triton.jit
-def _a_tile(a_desc, s_desc, off_m, off_k, PRO_ACT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-            A_T: tl.constexpr, S_T: tl.constexpr):
-    """The A tile at ``(off_m, off_k)`` after the prologue: ``(for the dot, in the
-    accumulator's precision)`` (``fused_gemm._prologue``)."""
-    s = None
-    if PRO_ACT != 0:
-        s = _load_block(s_desc, off_m, off_k, S_T)
-    return _prologue(_load_block(a_desc, off_m, off_k, A_T), s, PRO_ACT, ACC_DTYPE)
 
 
 @triton.jit
@@ -84,8 +79,8 @@ def _store_subtile(acc, c_desc, z_desc, bias_ptr, off_m, off_n, N, stride_bias,
 
 @triton.jit
 def tma_gemm_kernel(
-    # Descriptors: A (or A^T), B (or B^T), C, the prologue's S (or S^T), z; absent: None
-    a_desc, b_desc, c_desc, s_desc, z_desc,
+    # Descriptors: A (or A^T), B (or B^T), C, z; absent: None
+    a_desc, b_desc, c_desc, z_desc,
     # Pointers: bias, row sums
     bias_ptr, rowsum_ptr,
     # Matrix dimensions: C (M x N) = A (M x K) @ B (K x N)
@@ -93,12 +88,12 @@ def tma_gemm_kernel(
     stride_bias, stride_rowsum,
     # Coarse shape buckets: only the autotuner's key reads them
     M_BUCKET, N_BUCKET, K_BUCKET,
-    # Specialisation flags (as fused_gemm_kernel's; HAS_C must be true)
-    PRO_ACT: tl.constexpr, ROWSUM: tl.constexpr, HAS_C: tl.constexpr,
+    # Specialisation flags (fused_gemm_kernel's without PRO_ACT; HAS_C must be true)
+    ROWSUM: tl.constexpr, HAS_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    # Layouts: whether a_desc, b_desc, s_desc describe the transposed operand
-    A_T: tl.constexpr, B_T: tl.constexpr, S_T: tl.constexpr,
+    # Layouts: whether a_desc, b_desc describe the transposed operand
+    A_T: tl.constexpr, B_T: tl.constexpr,
     # Programs of the persistent grid
     NUM_SMS: tl.constexpr,
     # Meta-parameters
@@ -120,11 +115,11 @@ def tma_gemm_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
 
-        # Iterate over K: prologue on the A tile, then the dot.
+        # Iterate over K.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
-            a, _ = _a_tile(a_desc, s_desc, off_m, off_k, PRO_ACT, ACC_DTYPE, A_T, S_T)
+            a = _load_block(a_desc, off_m, off_k, A_T)
             b = _load_block(b_desc, off_k, off_n, B_T)
             acc = _dot(a, b, acc, ACC_DTYPE, INPUT_PRECISION, UPCAST)
 
@@ -134,8 +129,8 @@ def tma_gemm_kernel(
             if pid_n == 0:
                 rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
                 for ki in range(k_tiles):
-                    _, a_acc = _a_tile(a_desc, s_desc, off_m, ki * BLOCK_K, PRO_ACT, ACC_DTYPE, A_T, S_T)
-                    rowsum += tl.sum(a_acc, axis=1)
+                    a = _load_block(a_desc, off_m, ki * BLOCK_K, A_T)
+                    rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
                 _store_rowsum(rowsum_ptr, rowsum, off_m + tl.arange(0, BLOCK_M), M, stride_rowsum)
 
         # -------------------------------------------------------
