@@ -128,7 +128,7 @@ def _activation_grad(g, s, ACT: tl.constexpr):
 
 
 # Pieces of the kernels shared with the descriptor kernel (``tma_gemm.py``): the same
-# tile order, prologue, product and epilogue arithmetic, whatever loads the tiles.
+# tile order, product and epilogue arithmetic, whatever loads the tiles.
 
 
 @triton.jit

@@ -33,7 +33,7 @@ with one takes ``fused_gemm_kernel``. Here, on an H100 (Triton 3.6), it computed
 wrong ``grad_x`` at 4096^3 in ``tma_128x128x64_s4_w8`` (relative error 0.112; the ragged
 size passed), the same pattern that broke the row sums below (registers reading a
 TMA-loaded tile inside the pipelined ``wgmma`` loop), and the backward with it ran
-3.4-5.7x slower than with ``G_z`` from the elementwise pass, the backend's default.
+2.6-5.2x slower than with ``G_z`` from the elementwise pass, the backend's default.
 
 The ``grad_b`` row sums are reduced, without atomics, by the program that owns each
 tile of the first block column (``pid_n == 0``), as in ``fused_gemm``, but in a loop of
