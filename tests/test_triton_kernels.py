@@ -226,6 +226,12 @@ def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, large, small
             assert fits or len(with_prologue) == 1
 
 
+def test_shape_buckets_are_triton_powers_of_two():
+    # The autotune key's buckets, in integer arithmetic, equal triton.next_power_of_2.
+    for n in [*range(0, 1100), 4095, 4096, 4097, 11008, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert ops._bucket(n) == triton.next_power_of_2(max(n, 1)), n
+
+
 def test_float64_never_gets_a_large_tile(monkeypatch):
     # fp64 accumulators of 128 x 128 and up spill; a one-configuration list that holds
     # only such a tile falls back to a small one rather than running it.

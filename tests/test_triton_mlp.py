@@ -31,8 +31,8 @@ class Launch:
     """One kernel launch: which kernel, its flags, and the tensors it writes."""
 
     def __init__(self, kernel, args):
-        if kernel == "tma":  # no prologue, so no saved tensor
-            args = (*args[:3], None, *args[3:])
+        if kernel == "tma":  # (plan, c, bias, z, sums, flags): A and B are in the plan
+            args = (None, None, *args[1:2], None, *args[2:])
         a, b, c, saved, bias, z, sums, flags = args[:8]
         self.kernel, self.flags = kernel, flags
         mlp = args[8] if len(args) > 8 else ops.MLPOperands()

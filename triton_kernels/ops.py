@@ -323,7 +323,10 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
+    """The power of two at or above ``n`` (at least 1): ``triton.next_power_of_2``, in
+    integer arithmetic (that one is a Triton function object, ~10x slower to call, and
+    each launch calls this three times)."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -389,13 +392,14 @@ def _descriptor_view(t: Tensor) -> Optional[Tuple[Tensor, bool]]:
     elem = t.element_size()
     if t.data_ptr() % 16:
         return None
-    for view, transposed in ((t, False), (t.t(), True)):
-        (rows, cols), (row_stride, col_stride) = view.shape, view.stride()
+    (m, n), (s0, s1) = t.shape, t.stride()
+    # The transposed view is built only when it is the answer (a view costs microseconds).
+    for transposed, (rows, cols, row_stride, col_stride) in ((False, (m, n, s0, s1)), (True, (n, m, s1, s0))):
         if (
             col_stride == 1 and row_stride >= cols and (row_stride * elem) % 16 == 0
             and row_stride * elem < 2**40 and max(rows, cols) < 2**31
         ):
-            return view, transposed
+            return (t.t() if transposed else t), transposed
     return None
 
 
@@ -430,19 +434,29 @@ def gemm_kernel_for(
     16- and 32-row tiles. ``benchmarks/kernel_choice.py`` times the two on a GPU; where
     the pointer kernel wins a shape class, the rule is the place to say so.
     """
+    return "pointer" if _descriptor_plan(a, b, saved, outputs, flags) is None else "tma"
+
+
+def _descriptor_plan(a, b, saved, outputs, flags):
+    """:func:`gemm_kernel_for`'s rule, answered with what the descriptor launch needs:
+    the descriptor views ``((a_view, A_T), (b_view, B_T))`` of ``a`` and ``b``, or None
+    for the pointer kernel."""
     if saved is not None or (flags is not None and any(flags.get(name) for name in POINTER_ONLY_FLAGS)):
-        return "pointer"
+        return None
     mode = _kernel_mode.get()
     if mode == "pointer" or not TMA_AVAILABLE or _tma_launch is None:
-        return "pointer"
+        return None
     if a.dtype not in TMA_DTYPES or b is None or b.shape[1] == 0 or not _tma_hardware(a.device):
-        return "pointer"
+        return None
     if mode == "auto" and a.shape[0] <= SMALL_M:
-        return "pointer"
-    if any(_descriptor_view(t) is None for t in (a, b)):
-        return "pointer"
-    if any(_descriptor_view(t) is None or _descriptor_view(t)[1] for t in outputs if t is not None):
-        return "pointer"
+        return None
+    views = _descriptor_view(a), _descriptor_view(b)
+    if None in views:
+        return None
+    for t in outputs:
+        view = None if t is None else _descriptor_view(t)
+        if t is not None and (view is None or view[1]):
+            return None
     configs = getattr(_tma_launch, "configs", None)  # None: one configuration, no autotuner
     if (
         configs is not None and len(configs) == 1 and a.device.type == "cuda"
@@ -451,8 +465,8 @@ def gemm_kernel_for(
         # The autotuner prunes only among several configurations: a single one named in
         # $TORCH_MATGRAD_TRITON_CONFIGS that does not fit this GPU is not run. (Only a
         # CUDA device has a shared-memory limit to ask for; the interpreter has none.)
-        return "pointer"
-    return "tma"
+        return None
+    return views
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,11 +600,11 @@ def fused_matmul(
         b2=b2, bias2=bias2, e=u if epi_grad else None, e2=g if epi_grad else None, colsum=sums if colsum else None
     )
     rowsums = sums if rowsum else None
-    kernel = gemm_kernel_for(a, b if has_c else None, saved, (c_view, z_view) if has_c else (), flags)
+    plan = _descriptor_plan(a, b if has_c else None, saved, (c_view, z_view) if has_c else (), flags)
     # Triton launches on the current device: make it the tensors' (cuda:1 from cuda:0).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if kernel == "tma":
-            _run_tma_kernel(a, b, c_view, bias, z_view, rowsums, flags)
+        if plan is not None:
+            _run_tma_kernel(plan, c_view, bias, z_view, rowsums, flags)
         elif dual and not _same_strides((b, b2), (bias, bias2)):
             # The kernel reads B2 and bias2 through B's and bias's strides: one launch a half.
             one = dict(flags, DUAL=False)
@@ -661,19 +675,19 @@ def _run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, mlp) -> None:
     )
 
 
-def _run_tma_kernel(a, b, c, bias, z, sums, flags) -> None:
-    """One launch of ``tma_gemm_kernel`` over operands that :func:`gemm_kernel_for`
-    accepted. Each descriptor's block shape comes from the configuration that runs
-    (``_set_block_shapes``); ``[1, 1]`` until then."""
-    m, k = a.shape
-    n = b.shape[1]
-    (a_view, a_t), (b_view, b_t) = _descriptor_view(a), _descriptor_view(b)
+def _run_tma_kernel(plan, c, bias, z, sums, flags) -> None:
+    """One launch of ``tma_gemm_kernel`` with the descriptor views of A and B that
+    :func:`_descriptor_plan` gave. Each descriptor's block shape comes from the
+    configuration that runs (``_set_block_shapes``); ``[1, 1]`` until then."""
+    (a_view, a_t), (b_view, b_t) = plan
+    m, n = c.shape
+    k = a_view.shape[0] if a_t else a_view.shape[1]
 
     def describe(t):
         return None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
 
     descs = dict(a_desc=describe(a_view), b_desc=describe(b_view), c_desc=describe(c), z_desc=describe(z))
-    meta = dict(A_T=a_t, B_T=b_t, NUM_SMS=_num_sms(a.device))
+    meta = dict(A_T=a_t, B_T=b_t, NUM_SMS=_num_sms(c.device))
     if _TMA_META:  # one configuration, no autotuner (the interpreter; tests)
         _set_block_shapes({**descs, **meta, **_TMA_META})
     grid = lambda meta: (  # noqa: E731
