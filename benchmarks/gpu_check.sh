@@ -16,7 +16,8 @@
 #                where (benchmarks/kernel_choice.py: kernel_choice.csv, kernel_choice.md)
 #   decode/      bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels
 #   profile.log  the kernels of one training step (the layer at 4096^3, and the MLP blocks),
-#                torch_matgrad against eager, and a host profile of the slowest layer call
+#                torch_matgrad ("auto"), the Triton backend and eager, and a host profile of
+#                the slowest layer call
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the

@@ -1,8 +1,9 @@
 """Where a training step's device time goes: the kernels of one full step, per provider.
 
 For each activation, bf16 on CUDA, one shape (default 4096^3), runs the bench's full step
-(forward, then ``torch.autograd.grad`` into x, W and b) of ``torch_matgrad`` ("auto") and
-of ``eager`` under ``torch.profiler`` and prints, per provider, the device time of each
+(forward, then ``torch.autograd.grad`` into x, W and b) of ``torch_matgrad`` ("auto"),
+``matgrad_triton`` (the Triton backend asked for; CUDA only) and ``eager`` under
+``torch.profiler`` and prints, per provider, the device time of each
 kernel per step and their sum, beside the step's wall time. A step whose wall time
 exceeds its kernels' sum by much waits on the host (launch overhead, synchronisation);
 a kernel the provider should not launch (a copy, a fallback GEMM) shows by name.
@@ -24,10 +25,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from torch_matgrad.bench import blocks
-from torch_matgrad.bench.providers import provider_fn
+from torch_matgrad.bench.providers import in_context, provider_fn
 
-PROVIDERS = ("torch_matgrad", "eager")
-PROVIDERS_MLP = ("eager", "torch_matgrad")
+
+def _providers(device):
+    """The bench's providers profiled: the kernels' own only where they run compiled."""
+    return ("torch_matgrad", "matgrad_triton", "eager") if device == "cuda" else ("torch_matgrad", "eager")
 
 
 def _inputs(m, k, n, device, dtype):
@@ -90,22 +93,23 @@ def _linear_steps(m, k, n, activations, device, dtype):
     """(label, full step) of each provider and activation."""
     x, w, b, g = _inputs(m, k, n, device, dtype)
     for act in activations.split(","):
-        for name in PROVIDERS:
+        for name in _providers(device):
             fn = provider_fn(name)
-            yield (f"{name}, {m} x {k} x {n} {dtype}, {act}",
-                   lambda fn=fn, act=None if act == "none" else act: torch.autograd.grad(fn(x, w, b, act), (x, w, b), g))
+            yield (f"{name}, {m} x {k} x {n} {dtype}, {act}", in_context(
+                name, lambda fn=fn, act=None if act == "none" else act: torch.autograd.grad(fn(x, w, b, act), (x, w, b), g)
+            ))
 
 
 def _mlp_steps(m, d, hidden, _activations, device, dtype):
     """(label, training step) of each MLP block kind and provider of ``bench --mlp``."""
     for kind in blocks.KINDS:
-        made = blocks.blocks(d, hidden, kind, device, dtype, PROVIDERS_MLP)
+        made = blocks.blocks(d, hidden, kind, device, dtype, _providers(device))
         x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(m, d, device=device, dtype=dtype)
         for name, block in made.items():
             params = (x, *block.parameters())
             yield (f"{name} MLP {kind}, {m} x {d} x {hidden} {dtype}",
-                   lambda block=block, params=params: torch.autograd.grad(block(x), params, g))
+                   in_context(name, lambda block=block, params=params: torch.autograd.grad(block(x), params, g)))
 
 
 if __name__ == "__main__":
