@@ -12,18 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_imports_and_runs_without_triton():
-    # A meta-path blocker makes `import triton` fail as on a machine without it.
+    # None in sys.modules is how Python spells "not installed" to both `import triton`
+    # (ImportError) and importlib.util.find_spec (None), which torch >= 2.14 asks on import.
     code = """
 import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ImportError("no triton here")
-sys.meta_path.insert(0, Block())
+sys.modules["triton"] = None
 import torch, torch_matgrad as mg
 x, w = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
 mg.linear(x, w, None, "gelu").sum().backward()
-assert x.grad.shape == (5, 3) and "triton" not in sys.modules
+assert x.grad.shape == (5, 3) and sys.modules["triton"] is None
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

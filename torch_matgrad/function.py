@@ -92,6 +92,23 @@ class ForwardModeLinearFunction(LinearFunction):
         return _vmap_rule(ForwardModeLinearFunction, info, in_dims, x, weight, bias, activation, backend)
 
 
+class EagerLinearFunction(torch.autograd.Function):
+    """:class:`LinearFunction` in the combined style (``forward`` takes ``ctx``), which
+    :func:`linear` applies outside functorch transforms and ``torch.compile``: the same
+    forward, saved tensors and backward. ``apply`` of a Function that defines
+    ``setup_context`` binds its arguments through ``inspect.signature`` on every call (in
+    Python up to torch 2.13, in C++ from 2.14): ~100 us on a 2-core CPU, six times
+    ``F.linear`` on small inputs. A combined ``forward`` is never bound."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, backend):
+        output = LinearFunction.forward(x, weight, bias, activation, backend)
+        LinearFunction.setup_context(ctx, (x, weight, bias, activation, backend), output)
+        return output
+
+    backward = LinearFunction.backward
+
+
 def _vmap_rule(function, info, in_dims, x, weight, bias, activation, backend):
     """The ``vmap`` rule of both Functions; ``function`` applies the batched op."""
     x_dim, w_dim, b_dim, _, _ = in_dims
@@ -277,7 +294,7 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
         function = ForwardModeLinearFunction if _fw_ad._current_level >= 0 else LinearFunction
         out, _ = function.apply(x2, weight, bias, activation, backend)
     else:
-        out, _ = _function_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))
+        out, _ = EagerLinearFunction.apply(x2, weight, bias, activation, backend)
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
 
@@ -297,19 +314,3 @@ warnings.filterwarnings(
 torch.fx.wrap("linear")
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
-
-# ``torch.autograd.Function.apply`` of a Function with ``setup_context`` binds its
-# arguments through ``inspect.signature`` on every call: ~100 us on a 2-core Xeon, six
-# times ``F.linear`` on small inputs. Outside functorch transforms and torch.compile it
-# then only unwraps dead functorch wrappers and calls the C++ ``apply``; ``_apply``
-# passes every argument positionally, so the binding changes nothing and is skipped.
-try:
-    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
-
-    _function_apply = super(torch.autograd.Function, LinearFunction).apply
-except (ImportError, AttributeError):  # pragma: no cover - a torch without these internals
-
-    def _unwrap_dead_wrappers(args):
-        return args
-
-    _function_apply = LinearFunction.apply
