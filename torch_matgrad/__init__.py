@@ -7,6 +7,7 @@ The backward is written out from matrix-calculus identities (``docs/MATH.md``) i
 import torch as _torch
 
 from . import dispatch, formulas, jacobian
+from .cross_entropy import LinearCrossEntropy, LinearCrossEntropyFunction, linear_cross_entropy
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
@@ -25,6 +26,8 @@ __all__ = [
     "FusedMLP",
     "Linear",
     "LinearAct",
+    "LinearCrossEntropy",
+    "LinearCrossEntropyFunction",
     "LinearFunction",
     "MLPFunction",
     "dispatch",
@@ -33,6 +36,7 @@ __all__ = [
     "fuse_mlps",
     "jacobian",
     "linear",
+    "linear_cross_entropy",
     "mlp",
     "replace_linear",
     "restore_linear",

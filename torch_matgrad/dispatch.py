@@ -292,3 +292,28 @@ def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activa
     return _implementation(backend).mlp_backward(
         grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs
     )
+
+
+def _products(backend: str):
+    """What computes the linear cross-entropy's chunk products: torch ops (None), or the
+    Triton backend's fused GEMMs (:func:`formulas.linear_cross_entropy`'s ``linear``)."""
+    return None if backend == "torch" else _triton()
+
+
+def cross_entropy_forward(x, weight, bias, target, options, row_weight, needs, backend: str):
+    """``(loss, grad_x, grad_W, grad_b)`` of the linear cross-entropy on ``backend``: the
+    chunked rows of :func:`formulas.linear_cross_entropy`, whose products run there."""
+    if _ran is not None:
+        _ran["forward", backend] += 1
+    return formulas.linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, _products(backend))
+
+
+def cross_entropy_backward(grad_loss, stored, x, weight, bias, target, options, needs, backend: str):
+    """The linear cross-entropy's gradients on the backend its forward ran (the same
+    exceptions as :func:`backward`); see :func:`formulas.linear_cross_entropy_backward`."""
+    backend = _backward_backend(backend, grad_loss, None)
+    if _ran is not None and grad_loss is not None:
+        _ran["backward", backend] += 1
+    return formulas.linear_cross_entropy_backward(
+        grad_loss, stored, x, weight, bias, target, options, needs, _products(backend)
+    )

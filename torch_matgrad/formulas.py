@@ -31,7 +31,7 @@ to nn.Linear").
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -291,3 +291,206 @@ def mlp_backward(
         grad_down_w,
         grad_down_b,
     )
+
+
+# ------------------------------------------------------- softmax cross-entropy (LM head)
+#
+# The language-model head and its loss as one op: ``z = x W^T + b``, the logits the
+# softmax sees ``s = c tanh(z / c)`` (Gemma 2's soft cap; ``s = z`` without one), and
+# per row ``i`` with target class ``y_i``, ``lse_i = log sum_j exp(s_ij)``,
+#
+#     loss_i = lse_i - (1 - eps) s_{i,y_i} - (eps / V) sum_j s_ij + zl lse_i^2
+#
+# (label smoothing ``eps``, z-loss ``zl``; rows whose target is ``ignore_index`` give 0).
+# Its gradient (MATH.md item 12) is, with ``p_i = softmax(s_i)``, one-hot ``Y`` and
+# ``w_i`` the row's weight in the reduced loss (0 for an ignored row),
+#
+#     G_z = w_i ((1 + 2 zl lse_i) p_i - (1 - eps) Y_i - eps / V) * (1 - (s_i / c)^2),
+#
+# after which the weight, input and bias gradients are items 9-11 as for one layer.
+# The logits are never formed whole: :func:`linear_cross_entropy` walks the rows in
+# chunks and turns each chunk's ``G_z`` into its share of the three gradients.
+
+#: The reductions of ``linear_cross_entropy``, as ``F.cross_entropy`` names them.
+REDUCTIONS = ("mean", "sum", "none")
+
+#: Bytes of one chunk's logits (fp32) that sets the default rows per chunk: the chunk's
+#: working set is a few tensors of this size (see docs/lm_head.md for the measurement).
+CHUNK_BYTES = 32 << 20
+
+
+class CrossEntropyOptions(NamedTuple):
+    """What ``linear_cross_entropy`` computes besides its tensors."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    chunk_rows: Optional[int] = None
+
+
+def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None) -> int:
+    """Rows per chunk: ``requested``, else as many as keep one chunk's fp32 logits
+    within :data:`CHUNK_BYTES` (at least one, at most every row)."""
+    return max(1, min(rows, requested or CHUNK_BYTES // (4 * max(vocab, 1))))
+
+
+def softcapped(z: Tensor, softcap: Optional[float]) -> Tensor:
+    """``s = c tanh(z / c)``, or ``z`` without a soft cap."""
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def cross_entropy_rows(
+    s: Tensor, target: Tensor, label_smoothing: float, z_loss: float
+) -> Tuple[Tensor, Tensor]:
+    """``(loss, lse)`` per row of the logits ``s`` (rows, V) against class indices
+    ``target`` (rows,), all in range: ``loss_i = lse_i - (1 - eps) s_{i,y_i} -
+    (eps / V) sum_j s_ij + zl lse_i^2``, which is ``F.cross_entropy``'s
+    ``-(1 - eps) log p_{i,y_i} - (eps / V) sum_j log p_ij`` (``log p = s - lse``) plus
+    the z-loss."""
+    lse = torch.logsumexp(s, -1)
+    loss = lse - (1 - label_smoothing) * s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing:
+        loss = loss - (label_smoothing / s.shape[-1]) * s.sum(-1)
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    return loss, lse
+
+
+def cross_entropy_grad_logits(
+    s: Tensor, lse: Tensor, target: Tensor, weight: Tensor, label_smoothing: float, z_loss: float,
+    softcap: Optional[float],
+) -> Tensor:
+    """``G_z = dL/dz`` for ``L = sum_i w_i loss_i`` (MATH.md item 12):
+    ``w_i ((1 + 2 zl lse_i) p_i - (1 - eps) Y_i - eps / V)`` with ``p_i = exp(s_i -
+    lse_i)`` and ``Y`` one-hot (item 2 on ``lse``'s derivative ``p``; the rest is linear
+    in ``s``), times the soft cap's derivative ``1 - (s / c)^2`` (items 1, 3: elementwise,
+    ``tanh' = 1 - tanh^2``). ``weight`` (rows,) is ``w``: 0 on ignored rows.
+
+    Out-of-place torch ops throughout, so that the result is differentiable (double
+    backward) and nothing the caller holds is overwritten."""
+    coef = weight if not z_loss else weight * (1 + 2 * z_loss * lse)
+    g = torch.exp(s - lse.unsqueeze(-1)) * coef.unsqueeze(-1)
+    g = g.scatter_add(-1, target.unsqueeze(-1), (-(1 - label_smoothing) * weight).unsqueeze(-1).to(g.dtype))
+    if label_smoothing:
+        g = g - (label_smoothing / s.shape[-1]) * weight.unsqueeze(-1)
+    if softcap is not None:
+        g = g * (1 - (s / softcap).square())
+    return g
+
+
+def kept_rows(target: Tensor, options: CrossEntropyOptions) -> Tensor:
+    """The rows whose target is a class: every row but those equal to ``ignore_index``."""
+    return target != options.ignore_index
+
+
+def reduction_weight(target: Tensor, options: CrossEntropyOptions, dtype: torch.dtype) -> Tensor:
+    """``w`` of item 12 for a reduced loss, before ignored rows are zeroed: ``1 / n_kept``
+    for ``"mean"`` (``F.cross_entropy``'s mean over the rows that count), ``1`` for
+    ``"sum"``; a 0-dim tensor."""
+    if options.reduction == "sum":
+        return torch.ones((), dtype=dtype, device=target.device)
+    return 1 / kept_rows(target, options).sum().to(dtype)
+
+
+def reduce_loss(loss: Tensor, target: Tensor, options: CrossEntropyOptions) -> Tensor:
+    """The per-row losses reduced as ``F.cross_entropy`` does: ``"none"`` as they are,
+    ``"sum"``, or ``"mean"`` over the rows that count (NaN when none does)."""
+    if options.reduction == "none":
+        return loss
+    if options.reduction == "sum":
+        return loss.sum()
+    return loss.sum() / kept_rows(target, options).sum()
+
+
+def linear_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    options: CrossEntropyOptions,
+    row_weight: Optional[Tensor],
+    needs: Tuple[bool, bool, bool],
+    linear=None,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(loss, grad_x, grad_W, grad_b)`` chunk by chunk of rows, never forming the
+    whole ``(rows, V)`` logits.
+
+    ``loss`` is per row (0 on ignored rows), in float32 (float64 for float64 inputs).
+    With ``row_weight`` (a 0-dim or ``(rows,)`` tensor: ``w`` of item 12 before
+    ignored rows are zeroed) the gradients of ``sum_i w_i loss_i`` flagged in ``needs``
+    come too: each chunk's ``G_z`` (:func:`cross_entropy_grad_logits`) gives its rows of
+    ``grad_x = G_z W`` (item 11) and its share of ``grad_W = G_z^T x`` (items 9, 10) and
+    ``grad_b = G_z^T 1`` (item 10).
+
+    ``linear`` computes the chunk's products: None for torch ops (``grad_W`` and
+    ``grad_b`` accumulated in place), or a backend with this module's linear-layer
+    interface, :func:`forward` and :func:`backward` (the Triton backend's fused GEMMs).
+    A single chunk runs only out-of-place ops: differentiable, as double backward needs.
+    """
+    rows, vocab = x.shape[0], weight.shape[0]
+    step = chunk_rows(rows, vocab, options.chunk_rows)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    need_x, need_w, need_b = needs if row_weight is not None else (False, False, False)
+    losses, grads_x = [], []
+    grad_w = grad_b = None
+    for start in range(0, max(rows, 1), step):
+        x_c, t_c = x[start : start + step], target[start : start + step]
+        z = (forward(x_c, weight, bias, None) if linear is None else linear.forward(x_c, weight, bias, None))[0]
+        s = softcapped(z.to(compute), options.softcap)
+        kept = kept_rows(t_c, options)
+        t_safe = torch.where(kept, t_c, 0)
+        loss, lse = cross_entropy_rows(s, t_safe, options.label_smoothing, options.z_loss)
+        losses.append(torch.where(kept, loss, 0))
+        if not (need_x or need_w or need_b):
+            continue
+        w_c = row_weight if row_weight.dim() == 0 else row_weight[start : start + step]
+        w_c = torch.where(kept, w_c.to(compute), 0)
+        g = cross_entropy_grad_logits(s, lse, t_safe, w_c, options.label_smoothing, options.z_loss, options.softcap)
+        g = g.to(x.dtype)
+        del z, s
+        if linear is None:
+            if need_x:
+                grads_x.append(grad_input(g, weight))
+            if need_w:
+                grad_w = grad_weight(g, x_c) if grad_w is None else grad_w.addmm_(g.t(), x_c)
+            if need_b:
+                grad_b = grad_bias(g) if grad_b is None else grad_b.add_(grad_bias(g))
+        else:
+            gx, gw, gb = linear.backward(g, None, x_c, weight, None, None, (need_x, need_w, need_b))
+            grads_x.append(gx)
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+            grad_b = gb if grad_b is None else grad_b.add_(gb)
+    loss = losses[0] if len(losses) == 1 else torch.cat(losses)
+    grad_x = None if not need_x else (grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x))
+    return loss, grad_x, grad_w, grad_b
+
+
+def linear_cross_entropy_backward(
+    grad_loss: Tensor,
+    stored: Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]],
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    options: CrossEntropyOptions,
+    needs: Tuple[bool, bool, bool],
+    linear=None,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(grad_x, grad_W, grad_b)`` of the reduced loss, ``grad_loss`` being its upstream
+    gradient (0-dim for ``"mean"`` and ``"sum"``, ``(rows,)`` for ``"none"``).
+
+    ``stored``: the gradients the forward computed for the reduced loss; the loss's
+    gradient is linear in its upstream gradient, so they are scaled by ``grad_loss``.
+    Without them (``"none"``, whose upstream gradient differs per row), or when the
+    backward must itself be differentiable (grad mode on: double backward), the chunks are
+    recomputed with the row weights ``w_i = grad_loss_i`` (``"none"``) or
+    ``grad_loss * reduction_weight`` (item 12), in one chunk under grad mode."""
+    if stored is not None and not torch.is_grad_enabled():
+        return tuple(None if g is None else g * grad_loss for g in stored)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    row_weight = grad_loss if options.reduction == "none" else grad_loss * reduction_weight(target, options, compute)
+    if torch.is_grad_enabled():
+        options = options._replace(chunk_rows=max(x.shape[0], 1))
+    return linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, linear)[1:]
