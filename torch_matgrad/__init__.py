@@ -13,7 +13,14 @@ from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
 from .mlp import FusedMLP, MLPFunction, mlp
 from .modules import Linear, LinearAct
-from .surgery import fuse_activations, fuse_mlps, replace_linear, restore_linear
+from .surgery import (
+    fuse_activations,
+    fuse_lm_head_loss,
+    fuse_mlps,
+    replace_linear,
+    restore_linear,
+    restore_lm_head_loss,
+)
 
 # torch.fx.symbolic_trace records ``torch_matgrad.linear(...)`` as one node (see
 # torch_matgrad.function); free outside symbolic tracing.
@@ -33,6 +40,7 @@ __all__ = [
     "dispatch",
     "formulas",
     "fuse_activations",
+    "fuse_lm_head_loss",
     "fuse_mlps",
     "jacobian",
     "linear",
@@ -40,5 +48,6 @@ __all__ = [
     "mlp",
     "replace_linear",
     "restore_linear",
+    "restore_lm_head_loss",
     "use_backend",
 ]
