@@ -1,0 +1,272 @@
+"""The LM head and its loss as one op (``torch_matgrad.linear_cross_entropy``,
+``LinearCrossEntropy``): the numbers of ``F.linear`` + ``F.cross_entropy`` (label
+smoothing, z-loss and soft cap added by hand), the explicit gradient of MATH.md item 12,
+float64 gradcheck and gradgradcheck, logits never formed whole, clear errors, autocast,
+torch.func, torch.compile, the module."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torch_matgrad as mg
+from torch_matgrad import formulas
+
+from _backends import backend  # noqa: F401  (fixture)
+from _util import REL_TOL, assert_rel_close, rel_err
+
+# (label_smoothing, z_loss, softcap): plain, and everything switched on at once.
+VARIANTS = {"plain": (0.0, 0.0, None), "smooth_zloss_softcap": (0.1, 1e-2, 3.0)}
+
+
+def reference(x, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+              softcap=None):
+    """The eager head and loss: F.linear, the soft cap, F.cross_entropy and the z-loss
+    (``z_loss * lse^2`` reduced like the loss) from torch ops alone."""
+    z = F.linear(x, weight, bias)
+    s = z if softcap is None else softcap * torch.tanh(z / softcap)
+    s, t = s.reshape(-1, s.shape[-1]), target.reshape(-1)
+    loss = F.cross_entropy(s, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    kept = t != ignore_index
+    loss = loss + z_loss * torch.where(kept, torch.logsumexp(s, -1).square(), 0)
+    if reduction == "none":
+        return loss.view(target.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / kept.sum()
+
+
+def _targets(shape, vocab, ignore_every=4):
+    t = torch.randint(0, vocab, shape)
+    t.view(-1)[1::ignore_every] = -100  # some rows count for nothing
+    return t
+
+
+def _call(fn, x, w, t, b, reduction, variant, **kw):
+    eps, zl, cap = VARIANTS[variant]
+    return fn(x, w, t, b, reduction=reduction, label_smoothing=eps, z_loss=zl, softcap=cap, **kw)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_and_gradgradcheck(variant, reduction, bias):
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)  # leading dims
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True) if bias else None
+    t = _targets((2, 3), 7)
+    inputs = [v for v in (x, w, b) if v is not None]
+
+    def fn(x, w, b=None):
+        return _call(mg.linear_cross_entropy, x, w, t, b, reduction, variant, chunk_size=2)  # three chunks
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1,), (5, 13), (0,)], ids=lambda r: "x".join(map(str, r)))
+def test_matches_eager_and_float64(backend, variant, reduction, dtype, rows):  # noqa: F811
+    vocab, hidden = 67, 33  # ragged: two interpreter tiles and a tail each way
+    x64 = torch.randn(*rows, hidden, dtype=torch.float64)
+    w64 = torch.randn(vocab, hidden, dtype=torch.float64) / hidden ** 0.5
+    b64 = torch.randn(vocab, dtype=torch.float64)
+    t = _targets(rows, vocab)
+    leaves64 = [v.requires_grad_() for v in (x64, w64, b64)]
+    ref = _call(reference, x64, w64, t, b64, reduction, variant)
+    leaves = [v.detach().to(dtype).requires_grad_() for v in leaves64]
+    got = _call(mg.linear_cross_entropy, *leaves[:2], t, leaves[2], reduction, variant, chunk_size=32)
+    assert got.dtype == dtype and got.shape == ref.shape
+    if ref.numel() == 0 or (reduction == "mean" and rows == (0,)):
+        assert torch.equal(got.isnan(), ref.isnan())  # the mean of nothing is NaN, as PyTorch's
+        return
+    grad = torch.randn_like(ref)
+    got_grads = torch.autograd.grad(got, leaves, grad.to(dtype))
+    ref_grads = torch.autograd.grad(ref, leaves64, grad)
+    # The eager head and loss in the same dtype set the bar (at least the dtype's own).
+    eager_leaves = [v.detach().to(dtype).requires_grad_() for v in leaves64]
+    eager = _call(reference, *eager_leaves[:2], t, eager_leaves[2], reduction, variant)
+    eager_grads = torch.autograd.grad(eager, eager_leaves, grad.to(dtype))
+    for name, a, b, e in zip(["loss", "x", "w", "b"], [got, *got_grads], [ref, *ref_grads], [eager, *eager_grads]):
+        tol = max(REL_TOL[dtype], 2 * rel_err(e, b))
+        assert rel_err(a, b) <= tol, f"{name} ({backend}): {rel_err(a, b):.2e} > {tol:.2e}"
+
+
+def test_grad_logits_is_autograd_of_the_rows_loss():
+    """Item 12 evaluated on its own: G_z against autograd of sum_i w_i loss_i."""
+    z = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    t, w = torch.randint(0, 9, (6,)), torch.rand(6, dtype=torch.float64)
+    for eps, zl, cap in VARIANTS.values():
+        s = formulas.softcapped(z, cap)
+        loss, lse = formulas.cross_entropy_rows(s, t, eps, zl)
+        want = torch.autograd.grad((w * loss).sum(), z)[0]
+        got = formulas.cross_entropy_grad_logits(s, lse, t, w, eps, zl, cap)
+        assert_rel_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_target_ignored_gives_what_pytorch_gives(reduction):
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    t = torch.full((5,), 3)
+    t[:] = 7
+    got = mg.linear_cross_entropy(x, w, t, reduction=reduction, ignore_index=7)
+    want = F.cross_entropy(F.linear(x, w), t, reduction=reduction, ignore_index=7)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    g = torch.ones_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x, w], g), torch.autograd.grad(want, [x, w], g)):
+        assert torch.equal(a, b)  # zeros
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_are_never_formed_whole(reduction):
+    rows, vocab, hidden, chunk = 64, 300, 8, 16
+    x = torch.randn(rows, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    t = torch.randint(0, vocab, (rows,))
+    with _LargestTensor() as seen:
+        loss = mg.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=chunk)
+        torch.autograd.grad(loss.sum(), [x, w])
+    assert seen.largest == chunk * vocab  # a chunk's logits, never more (W is vocab x 8)
+    default = formulas.chunk_rows(10**6, 32000)
+    assert default * 32000 * 4 <= formulas.CHUNK_BYTES < (default + 1) * 32000 * 4
+
+
+def test_what_is_saved_is_the_inputs_and_the_gradients():
+    x = torch.randn(64, 16, requires_grad=True)
+    w = nn.Parameter(torch.randn(100, 16))
+    t = torch.randint(0, 100, (64,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        loss = mg.linear_cross_entropy(x, w, t, chunk_size=8)
+    assert {s.shape for s in saved if s.dim() == 2} == {x.shape, w.shape}  # x, W, grad_x, grad_W
+    assert sum(s.numel() for s in saved) == 2 * (x.numel() + w.numel()) + t.numel()
+    loss.backward()
+
+
+def test_backend_of_the_forward_runs_the_backward(backend):  # noqa: F811
+    x = torch.randn(33, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    for reduction in ("mean", "none"):  # gradients in the forward, or recomputed
+        with mg.dispatch.recording() as ran:
+            mg.linear_cross_entropy(x, w, torch.randint(0, 40, (33,)), reduction=reduction).sum().backward()
+        assert ran == {("forward", backend): 1, ("backward", backend): 1}
+
+
+def test_inputs_not_modified_and_views():
+    x = torch.randn(16, 10).t()  # a transposed view
+    w, b = torch.randn(12, 16, requires_grad=True), torch.randn(12, requires_grad=True)
+    t = _targets((10,), 12).int()  # int32 targets too
+    before = [v.detach().clone() for v in (x, w, b, t)]
+    loss = mg.linear_cross_entropy(x, w, t, b, label_smoothing=0.2, chunk_size=3)
+    assert_rel_close(loss, reference(x, w, t.long(), b, label_smoothing=0.2), torch.float32)
+    loss.backward()
+    assert all(torch.equal(a, v) for a, v in zip(before, (x, w, b, t)))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(t=torch.tensor([0, 5, 6, 1])), ValueError,
+         r"target 6 at \(2,\) is not a class index in \[0, 6\) .*ignore_index=-100"),
+        (dict(t=torch.tensor([0, -1, 2, 1])), ValueError, r"target -1 at \(1,\)"),
+        (dict(t=torch.rand(4)), TypeError, r"target must hold integer class indices, got shape \(4,\), torch.float32"),
+        (dict(t=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"target must have input's shape .* \(4,\), got \(4, 1\)"),
+        (dict(t=torch.zeros(4, dtype=torch.long, device="meta")), RuntimeError, r"one device.* target on meta"),
+        (dict(w=torch.randn(6, 5)), ValueError, r"linear_cross_entropy: input has 3 features .* weight of shape \(6, 5\)"),
+        (dict(b=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
+        (dict(w=torch.randn(6, 3, dtype=torch.float64)), TypeError, r"one dtype .* weight torch.float64"),
+        (dict(reduction="avg"), ValueError, r"unknown reduction 'avg'; choose one of 'mean', 'sum', 'none'"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+        (dict(z_loss=-1.0), ValueError, r"z_loss must be >= 0"),
+        (dict(softcap=0.0), ValueError, r"softcap must be None or > 0"),
+        (dict(chunk_size=0), ValueError, r"chunk_size must be None or a positive int"),
+    ],
+)
+def test_bad_input_errors(change, error, match):
+    args = dict(x=torch.randn(4, 3), w=torch.randn(6, 3), t=torch.tensor([0, 5, -100, 1]), b=None)
+    kw = {k: change.pop(k) for k in list(change) if k not in args}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        mg.linear_cross_entropy(args["x"], args["w"], args["t"], args["b"], **kw)
+
+
+def test_autocast_behaves_like_the_eager_head_and_loss():
+    head = mg.LinearCrossEntropy(16, 50, bias=True)
+    x, t = torch.randn(2, 9, 16), _targets((2, 9), 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(x, t)
+        want = F.cross_entropy(F.linear(x, head.weight, head.bias).flatten(0, 1), t.flatten())
+    assert got.dtype == want.dtype == torch.float32
+    assert_rel_close(got, want, torch.bfloat16)
+    got.backward()
+    assert head.weight.grad.dtype == torch.float32
+
+
+def test_torch_func_grad_and_vmap():
+    x, t = torch.randn(5, 6, dtype=torch.float64), _targets((5,), 9)
+    w = torch.randn(9, 6, dtype=torch.float64)
+
+    def loss(w, x, t):
+        return mg.linear_cross_entropy(x, w, t, z_loss=1e-2, chunk_size=2)
+
+    def loss_ref(w, x, t):
+        return reference(x, w, t, z_loss=1e-2)
+
+    assert_rel_close(torch.func.grad(loss)(w, x, t), torch.func.grad(loss_ref)(w, x, t), torch.float64)
+    kept = t != -100
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, x[kept, None], t[kept, None])
+    want = torch.stack([torch.func.grad(loss_ref)(w, x[i : i + 1], t[i : i + 1]) for i in kept.nonzero()[:, 0]])
+    assert_rel_close(per_sample, want, torch.float64)
+
+
+def test_compile_gives_the_same_loss_and_gradients():
+    torch._dynamo.reset()
+    head = mg.LinearCrossEntropy(16, 40, bias=False, label_smoothing=0.1, chunk_size=8)
+    x, t = torch.randn(30, 16, requires_grad=True), _targets((30,), 40)
+    compiled = torch.compile(head, backend="aot_eager")
+    got = compiled(x, t)
+    want = reference(x, head.weight, t, label_smoothing=0.1)
+    assert_rel_close(got, want, torch.float32)
+    for a, b in zip(torch.autograd.grad(got, [x, head.weight]), torch.autograd.grad(want, [x, head.weight])):
+        assert_rel_close(a, b, torch.float32)
+
+
+def test_module_has_the_linear_heads_parameters_and_keys():
+    torch.manual_seed(1)
+    linear = nn.Linear(16, 30, bias=False)
+    torch.manual_seed(1)
+    head = mg.LinearCrossEntropy(16, 30, bias=False, z_loss=1e-4)
+    assert torch.equal(head.weight, linear.weight)  # nn.Linear's initialisation
+    assert list(head.state_dict()) == list(linear.state_dict()) == ["weight"]
+    assert not isinstance(head, nn.Linear)
+    assert repr(head) == "LinearCrossEntropy(in_features=16, out_features=30, bias=False, z_loss=0.0001)"
+    shared = mg.LinearCrossEntropy.from_linear(linear, softcap=30.0)
+    assert shared.weight is linear.weight and shared.bias is None
+    x, t = torch.randn(3, 4, 16), torch.randint(0, 30, (3, 4))
+    assert_rel_close(shared(x, t), reference(x, linear.weight, t, softcap=30.0), torch.float32)
+    assert_rel_close(shared.logits(x), 30.0 * torch.tanh(linear(x) / 30.0), torch.float32)
+    copied = copy.deepcopy(head)
+    copied.load_state_dict(nn.Linear(16, 30, bias=False).state_dict())
+    with pytest.raises(TypeError, match="expects an nn.Linear"):
+        mg.LinearCrossEntropy.from_linear(head)
