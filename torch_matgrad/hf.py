@@ -135,7 +135,7 @@ class LMHeadLossForward:
         reason = lm_head_refusal(model)
         if reason is not None:
             warnings.warn(f"torch_matgrad.fuse_lm_head_loss: {type(model).__name__} computes its own loss: {reason}",
-                          stacklevel=3)
+                          stacklevel=4)
             return stock(*args, **kwargs)
         if len(args) > at:
             args = (*args[:at], None, *args[at + 1 :])
