@@ -418,9 +418,157 @@ def test_descriptor_kernel_registers_at_real_tiles():
         assert {"forward bias+gelu_tanh+z", "grad_x", "grad_W + grad_b"} <= set(launches), (name, table)
 
 
+# ------------------------------------------------- linear cross-entropy kernels
+# ``triton_kernels/cross_entropy.py``: the forward (its four flags), the combining kernel
+# and the backward (its three loss flags and the gradients needed; grad_b only with a
+# bias). CI compiles each flag both ways in bf16 (every flag on, then each one off, plus
+# each gradient alone) and the other dtypes with every flag on: 22 per target. The whole
+# matrix with TORCH_MATGRAD_COMPILE_ALL=1 (225).
+_CE_POINTER_TYPES = {
+    "target_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "part_ptr": "*fp32", "d_ptr": "*fp32",
+    "grad_x_ptr": "*fp32", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32",
+}
+_CE_FLOATS = ("smoothing", "z_loss", "softcap", "filter_eps")
+_CE_FLAGS = {
+    "lce_forward_kernel": ("HAS_BIAS", "SOFTCAP", "SMOOTHING", "SPLIT"),
+    "lce_backward_kernel": ("HAS_BIAS", "SOFTCAP", "SMOOTHING", "NEED_X", "NEED_W", "NEED_B"),
+}
+EXPECTED_CE, EXPECTED_CE_CI = 225, 22
+_CE_META = {  # small tiles (64 rows for 4 warps still takes Hopper's wgmma path)
+    "lce_forward_kernel": dict(BLOCK_M=64, BLOCK_V=32, BLOCK_K=16),
+    "lce_backward_kernel": dict(BLOCK_M=64, BLOCK_V=32, BLOCK_K=16, GROUP_M=8),
+    "lce_combine_kernel": dict(BLOCK_N=128),
+}
+
+
+def _ce_valid(kernel, flags):
+    """The backward needs some gradient, and grad_b a bias."""
+    if kernel == "lce_forward_kernel":
+        return True
+    return (flags["NEED_X"] or flags["NEED_W"] or flags["NEED_B"]) and (flags["HAS_BIAS"] or not flags["NEED_B"])
+
+
+def ce_specialisations(every: bool = COMPILE_ALL):
+    """``(kernel name, label, dtype, flags)`` of the cross-entropy kernels' launches."""
+    from torch_matgrad.triton_kernels.ops import input_precision
+
+    dtypes = []  # (dtype, the precision setting of fp32 products): bf16 first
+    for precision, dtype in (("highest", torch.bfloat16), ("highest", torch.float16), ("highest", torch.float32),
+                             ("high", torch.float32)):
+        with float32_matmul_precision(precision):
+            dtypes.append((dtype, input_precision(dtype)))
+    variants = [("lce_combine_kernel", "combine", torch.bfloat16, {})]  # no operand: any dtype
+    for kernel, names in _CE_FLAGS.items():
+        every_on = dict.fromkeys(names, True)
+        if every:
+            sets = [dict(zip(names, values)) for values in itertools.product((False, True), repeat=len(names))]
+        else:
+            sets = [every_on] + [{**every_on, name: False} for name in names]
+            if kernel == "lce_backward_kernel":
+                sets.append({**every_on, "HAS_BIAS": False, "NEED_B": False})
+                sets += [{**every_on, **{n: n == need for n in ("NEED_X", "NEED_W", "NEED_B")}}
+                         for need in ("NEED_X", "NEED_W", "NEED_B")]
+        for i, (dtype, precision) in enumerate(dtypes):
+            for flags in sets if every or i == 0 else [every_on]:
+                if _ce_valid(kernel, flags):
+                    flags = {**flags, "INPUT_PRECISION": precision, "UPCAST": False}
+                    on = ",".join(name for name in names if flags[name]) or "-"
+                    variants.append((kernel, f"{_TYPE[dtype]} {precision} {kernel} {on}", dtype, flags))
+    return variants
+
+
+def _compile_ce(target, kernel_name, dtype, flags, meta, options, unit_strides=None):
+    """One cross-entropy kernel compiled to a cubin; absent tensors are constexpr None,
+    as at launch (``unit_strides``: see :func:`_signature`)."""
+    import triton
+
+    from torch_matgrad.triton_kernels import cross_entropy
+
+    kernel = getattr(cross_entropy, kernel_name)
+    absent = {
+        "bias_ptr": not flags.get("HAS_BIAS", True), "part_ptr": not flags.get("SPLIT", True),
+        "grad_x_ptr": not flags.get("NEED_X", True), "grad_w_ptr": not flags.get("NEED_W", True),
+        "grad_b_ptr": not flags.get("NEED_B", True),
+    }
+    constexprs = {**flags, **meta, **{name: None for name, none in absent.items() if none}}
+    constexprs.update({name: 1 for name in unit_strides or ()})
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = _CE_POINTER_TYPES.get(name, "*" + _TYPE[dtype])
+        else:
+            signature[name] = "fp32" if name in _CE_FLOATS else "i32"
+    attrs = {} if unit_strides is None else {
+        (i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+        if signature[name] not in ("constexpr", "fp32") and name not in ("ignore_index", "TILES_PER_SPLIT")
+    }
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=target, options=options)
+    assert compiled.asm.get("cubin"), "no cubin"
+    return compiled
+
+
+def compile_cross_entropy(capability: int) -> int:
+    """:func:`ce_specialisations` compiled for ``sm_<capability>``; returns the failures."""
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", capability, 32)
+    variants = ce_specialisations()
+    print(f"compiling {len(variants)} cross-entropy specialisations")
+    failures = 0
+    for kernel, label, dtype, flags in variants:
+        try:
+            _compile_ce(target, kernel, dtype, flags, _CE_META[kernel], _OPTIONS)
+        except Exception as e:
+            failures += 1
+            print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
+    return failures
+
+
+def ce_register_report() -> int:
+    """The cross-entropy kernels at their GPU tiles (``cross_entropy.FORWARD_META``,
+    ``BACKWARD_META``), bf16 with every flag on and contiguous operands, for sm_90 and
+    sm_80 (``python test_triton_compile.py 90 ce-report``): a :func:`_report` table."""
+    from triton.backends.compiler import GPUTarget
+
+    from torch_matgrad.triton_kernels import cross_entropy
+
+    units = ("stride_xh", "stride_wh", "stride_bias", "stride_target", "stride_loss", "stride_lse", "stride_d",
+             "stride_gxh", "stride_gwh", "stride_gb")
+    cases = []
+    for capability in (90, 80):
+        target = GPUTarget("cuda", capability, 32)
+        for kernel, label, dtype, flags in ce_specialisations(every=False):
+            if dtype != torch.bfloat16 or not all(flags.get(name, True) for name in _CE_FLAGS.get(kernel, ())):
+                continue
+            meta = dict(getattr(cross_entropy, {"lce_forward_kernel": "FORWARD_META",
+                                                "lce_combine_kernel": "COMBINE_META"}.get(kernel, "BACKWARD_META")))
+            options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+            kernel_units = [u for u in units if u in getattr(cross_entropy, kernel).arg_names]
+            cases.append((f"sm_{capability}", label, functools.partial(_compile_ce, target, kernel, dtype, flags, meta,
+                                                                        options, kernel_units)))
+    return _report(cases)
+
+
+@pytest.mark.slow
+def test_cross_entropy_kernels_compile_for_sm80_and_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    procs = [_compiler(str(cc), "cross-entropy") for cc in TARGETS]
+    for cc, p in zip(TARGETS, procs):
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
+        assert f"compiling {EXPECTED_CE if COMPILE_ALL else EXPECTED_CE_CI} cross-entropy specialisations" in out, out
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["report"]:
         sys.exit(1 if register_report() else 0)
     if sys.argv[2:] == ["mlp-report"]:
         sys.exit(1 if mlp_register_report() else 0)
+    if sys.argv[2:] == ["cross-entropy"]:
+        sys.exit(1 if compile_cross_entropy(int(sys.argv[1])) else 0)
+    if sys.argv[2:] == ["ce-report"]:
+        sys.exit(1 if ce_register_report() else 0)
     sys.exit(1 if compile_all(int(sys.argv[1])) else 0)

@@ -51,11 +51,13 @@ from typing import Iterator, Optional, Tuple
 from torch import Tensor
 
 from .formulas import NEEDS_PREACTIVATION, grad_preactivation
+from .triton_kernels.cross_entropy import CE_DTYPES, linear_cross_entropy_backward, linear_cross_entropy_forward
 from .triton_kernels.fused_gemm import INTERPRET
 from .triton_kernels.ops import SUPPORTED_DTYPES, fused_matmul
 
 __all__ = [
-    "GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy", "mlp_backward", "mlp_forward",
+    "CE_DTYPES", "GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy", "lce_backward",
+    "lce_forward", "mlp_backward", "mlp_forward",
 ]
 
 #: Ways to form ``G_z = G * act'(z)`` in the backward; see the module docstring.
@@ -178,3 +180,34 @@ def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activa
             gx, grad_gate_w, grad_gate_b = backward(g_g, None, x, gate_w, None, None, gate_needs)
             grad_x = gx if grad_x is None else grad_x.add_(gx)
     return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b
+
+
+# ------------------------------------------------------- linear cross-entropy (LM head)
+
+
+def lce_forward(x, weight, bias, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """``(loss, lse)`` per row (fp32, ``(N,)``) of ``cross_entropy(x W^T + b, target)``
+    with :mod:`torch_matgrad.formulas`'s softmax cross-entropy conventions (label
+    smoothing, z-loss, soft cap), the ``(N, V)`` logits never written
+    (``triton_kernels/cross_entropy.py``). ``loss`` is 0 on ignored rows and NaN on a row
+    whose target is out of range; ``lse`` (0 on ignored rows) is what
+    :func:`lce_backward` needs. fp16, bf16 and fp32 operands (``CE_DTYPES``)."""
+    return linear_cross_entropy_forward(
+        x, weight, bias, target,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )
+
+
+def lce_backward(grad_rows, x, weight, bias, target, lse, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                 softcap=None, needs=(True, True, True)):
+    """``(grad_x, grad_W, grad_b)`` (those flagged in ``needs``, else None; ``grad_b`` None
+    without a bias) of ``sum_i w_i loss_i`` with ``w = grad_rows`` (a ``(N,)`` or 0-dim
+    float tensor: the rows' weights of MATH.md item 12, which the kernel zeroes on ignored
+    rows itself) and :func:`lce_forward`'s ``lse``; ``G_z`` never written. Sums in fp32
+    atomics: not bitwise reproducible from run to run."""
+    if grad_rows.dim() == 0:
+        grad_rows = grad_rows.expand(x.shape[0])
+    return linear_cross_entropy_backward(
+        grad_rows, x, weight, bias, target, lse,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, needs=needs,
+    )
