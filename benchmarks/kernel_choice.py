@@ -55,7 +55,7 @@ from torch_matgrad.bench.environment import environment  # noqa: E402
 from torch_matgrad.bench.plans import SHAPE_SETS  # noqa: E402
 from torch_matgrad.bench.report import format_table  # noqa: E402
 from torch_matgrad.formulas import grad_bias  # noqa: E402
-from torch_matgrad.triton_kernels import ops  # noqa: E402
+from torch_matgrad.triton_kernels import launch, ops  # noqa: E402
 
 KERNELS = ("pointer", "tma")
 PRODUCTS = ("forward", "forward gelu_tanh", "grad_x", "grad_W + grad_b")
@@ -119,8 +119,8 @@ def _time(call, device, rep_ms):
 
 
 def _best_config(kernel: str) -> str:
-    launch = ops._tma_launch if kernel == "tma" else ops._launch
-    best = getattr(launch, "best_config", None)
+    cached = launch.TMA if kernel == "tma" else launch.POINTER
+    best = getattr(cached.tuner, "best_config", None)  # the autotuner's choice at the key's first launch
     return ops.config_name(best) if best is not None else "interpreter"
 
 
@@ -128,7 +128,7 @@ def measure(shapes, device, rep_ms, warm_only=False):
     env = {c: v for c, v in environment(device).items() if c in COLUMNS}
     # Warming up, a process whose $TORCH_MATGRAD_TRITON_CONFIGS names configurations of
     # one kernel only runs that kernel (the other would compile its fallback for nothing).
-    kernels = [k for k in KERNELS if not warm_only or (ops._tma_launch if k == "tma" else ops.selected_configs())]
+    kernels = [k for k in KERNELS if not warm_only or (launch.TMA if k == "tma" else ops.selected_configs())]
     rows = []
     for m, k, n in shapes:
         x, w, b, gz = _operands(m, k, n, device)

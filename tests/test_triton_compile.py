@@ -170,8 +170,8 @@ def tma_specialisations():
 
 def _tma_signature(kernel, dtype, flags, meta):
     """The descriptor kernel's argument types: descriptors as ``tensordesc<type[block]>``
-    with the block shapes that ``ops._set_block_shapes`` gives them."""
-    from torch_matgrad.triton_kernels.ops import _set_block_shapes
+    with the block shapes that ``configs._set_block_shapes`` gives them."""
+    from torch_matgrad.triton_kernels.configs import _set_block_shapes
 
     class Block:  # stands in for a TensorDescriptor: only its block shape is read
         block_shape = None
@@ -354,9 +354,9 @@ def mlp_register_report() -> int:
     test_triton_compile.py 90 mlp-report``; not a test: ~60 compiles at real tiles)."""
     from triton.backends.compiler import GPUTarget
 
-    from torch_matgrad.triton_kernels import ops
+    from torch_matgrad.triton_kernels import configs, ops
 
-    ops._shared_memory_limit = lambda device: _H100_SHARED  # the pruning, without a GPU
+    configs._shared_memory_limit = lambda device: _H100_SHARED  # the pruning, without a GPU
     target = GPUTarget("cuda", 90, 32)
     a = torch.empty(1, 1, dtype=torch.bfloat16)
     cases = []
@@ -364,7 +364,7 @@ def mlp_register_report() -> int:
         for what, (kwargs, units) in _MLP_REPORT_FLAGS.items():
             flags = ops.specialisation(torch.bfloat16, **kwargs)
             m_bucket = 4096 if cfg.kwargs["BLOCK_M"] >= ops.SMALL_M else 16  # the side of SMALL_M it serves
-            if ops._fits([cfg], {"a_ptr": a, "M_BUCKET": m_bucket}, **flags) != [cfg]:
+            if configs._fits([cfg], {"a_ptr": a, "M_BUCKET": m_bucket}, **flags) != [cfg]:
                 continue
             cases.append((name, what, functools.partial(_compile_pointer, target, torch.bfloat16, flags, cfg.kwargs,
                                                         _options(cfg), units)))

@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton")
 
 import torch_matgrad  # noqa: E402
 from torch_matgrad import dispatch, formulas, triton_backend  # noqa: E402
-from torch_matgrad.triton_kernels import ops  # noqa: E402
+from torch_matgrad.triton_kernels import launch, ops  # noqa: E402
+from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -171,20 +172,20 @@ def test_autotune_key_is_coarse(monkeypatch, kernel):
     if kernel == "tma":
         if not _DESCRIPTOR_GPU:
             pytest.skip("the descriptor kernel needs compute capability 9.0")
-        launch = ops.tma_launcher([c for c in ops.TMA_CONFIGS if c.kwargs["BLOCK_N"] == 128][-2:])
-        monkeypatch.setattr(ops, "_tma_launch", launch)
+        cached = launch.tma_kernel([c for c in ops.TMA_CONFIGS if c.kwargs["BLOCK_N"] == 128][-2:])
     else:
-        launch = ops.launcher([c for c in ops.CONFIGS if c.kwargs["BLOCK_M"] == 64][:2])
-        monkeypatch.setattr(ops, "_launch", launch)
+        cached = launch.pointer_kernel([c for c in ops.CONFIGS if c.kwargs["BLOCK_M"] == 64][:2])
+    monkeypatch.setattr(launch, kernel.upper(), cached)
+    tuned = cached.tuner.cache  # the autotuner's: one entry per tuning
     w = torch.randn(256, 512, device="cuda", dtype=torch.float16)
     with ops.gemm_kernel(kernel):
         triton_backend.forward(torch.randn(1000, 512, device="cuda", dtype=torch.float16), w, None, None)
-        assert len(launch.cache) == 1
+        assert len(tuned) == 1
         for rows in (999, 1010, 1024):
             triton_backend.forward(torch.randn(rows, 512, device="cuda", dtype=torch.float16), w, None, None)
-        assert len(launch.cache) == 1
+        assert len(tuned) == 1
         triton_backend.forward(torch.randn(1025, 512, device="cuda", dtype=torch.float16), w, None, None)
-        assert len(launch.cache) == 2
+        assert len(tuned) == 2
 
 
 def test_auto_takes_the_descriptor_kernel_on_hopper():
@@ -289,7 +290,7 @@ def test_mlp_every_autotune_configuration(monkeypatch, config, size):
     # steady state). A configuration the autotuner would prune for a launch is still
     # run here: a single configuration is never pruned.
     cfg = ops.CONFIGS[ops.CONFIG_NAMES.index(config)]
-    monkeypatch.setattr(ops, "_launch", ops.launcher([cfg]))
+    monkeypatch.setattr(launch, "POINTER", launch.pointer_kernel([cfg]))
     bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
     wide = max(bm, bn)
     m, d, hidden, d_out = (wide + 37, max(2 * bk, wide) + 5, wide + 11, wide + 29) if size == "ragged" else (4096,) * 4
@@ -302,7 +303,7 @@ def test_mlp_every_autotune_configuration(monkeypatch, config, size):
                 assert_rel_close(a, b, torch.bfloat16, f"{name}, gated={gated}")
     from test_triton_tma import _compiled
 
-    for compiled in _compiled(ops.fused_gemm_kernel, cfg):  # registers and spills (pytest -rP prints them)
+    for compiled in _compiled(fused_gemm_kernel, cfg):  # registers and spills (pytest -rP prints them)
         print(f"{config} {size}: {compiled.metadata.name}: {getattr(compiled, 'n_regs', '?')} registers, "
               f"{getattr(compiled, 'n_spills', '?')} spilled, {compiled.metadata.shared} bytes shared")
 
@@ -333,3 +334,53 @@ def test_mlp_never_allocates_the_hidden_activation(gated):
     kept = sum(t.nbytes for t in grads if t is not None)
     transient = pre + (x.nbytes if gated else 0)  # [G_g | G_u] (G_u), and the gate's grad_x summand
     assert torch.cuda.max_memory_allocated() - base <= kept + transient + h_bytes // 8
+
+
+# The cached launcher (triton_kernels/launch.py): a launch after the first of its kind
+# calls the compiled kernel directly. Layouts whose specialisation classes differ:
+# contiguous, transposed weight, a view one element off 16-byte alignment, odd sizes.
+_LAYOUTS = {
+    "contiguous": lambda t: t,
+    "transposed": lambda t: t.t().contiguous().t(),
+    "misaligned": lambda t: torch.cat([t.new_zeros(t.shape[0], 1), t], 1)[:, 1:],
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("m, k, n", [(1000, 512, 768), (77, 300, 130)])
+def test_direct_launch_is_tritons_binary(monkeypatch, layout, m, k, n):
+    # Direct and Triton's own path (JITFunction.run with the cached configuration) run
+    # the same binary, by hash, and write the same bits.
+    x = _LAYOUTS[layout](torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    w = _LAYOUTS[layout](torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    kind = ops.gemm_kernel_for(x, w.t(), None, (torch.empty(m, n, device="cuda", dtype=torch.bfloat16),))
+    cached = launch.TMA if kind == "tma" else launch.POINTER
+    monkeypatch.setattr(cached, "entries", {})
+    triton_backend.forward(x, w, b, "gelu_tanh")  # the first of its kind: autotuned
+    (entry,) = cached.entries.values()
+    ran = []
+    jit_run = cached.fn.run
+    monkeypatch.setattr(cached.fn, "run", lambda *a, **kw: ran.append(jit_run(*a, **kw)) or ran[-1])
+    with launch.direct_launches(False):
+        normal = triton_backend.forward(x, w, b, "gelu_tanh")
+    direct = triton_backend.forward(x, w, b, "gelu_tanh")
+    assert len(ran) == 1 and len(cached.entries) == 1  # the direct launch did not go through Triton
+    assert ran[0].hash == entry.kernel.hash
+    for got, want in zip(direct, normal):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_direct_launches_run_inside_cuda_graphs():
+    # The direct call launches on the current stream: captured into a graph, replayed.
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(384, 256, device="cuda", dtype=torch.bfloat16)
+    out = triton_backend.forward(x, w, None, "silu")[0]  # the first of its kind, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_backend.forward(x, w, None, "silu")[0]
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, triton_backend.forward(x, w, None, "silu")[0])
+    assert not torch.equal(captured, out)

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.kernels
 triton = pytest.importorskip("triton")
 
 from torch_matgrad import formulas, triton_backend  # noqa: E402
-from torch_matgrad.triton_kernels import ops  # noqa: E402
+from torch_matgrad.triton_kernels import configs, launch, ops  # noqa: E402
+from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel  # noqa: E402
+from torch_matgrad.triton_kernels.tma_gemm import tma_gemm_kernel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -213,12 +215,12 @@ def _configs(*, bm_min=0, bm_max=1 << 30):
 def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, large, small):
     # H100 (227 KiB per block), A100 (163), consumer Ampere (99); with nothing that fits,
     # the smallest tile with two stages is the fallback. The prologue's saved tile counts.
-    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: limit_kib * 1024)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda device: limit_kib * 1024)
     a = torch.empty(2, 2, dtype=torch.bfloat16)
     for m_bucket, kept in ((4096, large), (16, small)):
-        chosen = ops._fits(ops.CONFIGS, {"a_ptr": a, "M_BUCKET": m_bucket}, PRO_ACT=0)
+        chosen = configs._fits(ops.CONFIGS, {"a_ptr": a, "M_BUCKET": m_bucket}, PRO_ACT=0)
         assert len(chosen) == kept, [ops.config_name(c) for c in chosen]
-        with_prologue = ops._fits(ops.CONFIGS, {"a_ptr": a, "M_BUCKET": m_bucket}, PRO_ACT=2)
+        with_prologue = configs._fits(ops.CONFIGS, {"a_ptr": a, "M_BUCKET": m_bucket}, PRO_ACT=2)
         assert len(with_prologue) <= kept
         for cfg in with_prologue:
             m, n, k = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
@@ -229,16 +231,16 @@ def test_autotune_configs_fit_shared_memory(monkeypatch, limit_kib, large, small
 def test_shape_buckets_are_triton_powers_of_two():
     # The autotune key's buckets, in integer arithmetic, equal triton.next_power_of_2.
     for n in [*range(0, 1100), 4095, 4096, 4097, 11008, 2**31 - 1, 2**31, 2**40 + 3]:
-        assert ops._bucket(n) == triton.next_power_of_2(max(n, 1)), n
+        assert launch.bucket(n) == triton.next_power_of_2(max(n, 1)), n
 
 
 def test_float64_never_gets_a_large_tile(monkeypatch):
     # fp64 accumulators of 128 x 128 and up spill; a one-configuration list that holds
     # only such a tile falls back to a small one rather than running it.
-    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda device: 227 * 1024)
     a = torch.empty(2, 2, dtype=torch.float64)
-    for configs in (ops.CONFIGS, ops.CONFIGS[:1]):
-        for cfg in ops._fits(configs, {"a_ptr": a, "M_BUCKET": 4096}, PRO_ACT=0):
+    for tried in (ops.CONFIGS, ops.CONFIGS[:1]):
+        for cfg in configs._fits(tried, {"a_ptr": a, "M_BUCKET": 4096}, PRO_ACT=0):
             assert cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 128 * 64
 
 
@@ -264,10 +266,7 @@ def test_every_autotune_configuration(monkeypatch, config, size):
     # dimension with ragged edges: forward with the bias/GELU epilogue and the z store,
     # both products of the backward and the grad_b row sums.
     cfg = ops.CONFIGS[ops.CONFIG_NAMES.index(config)]
-    if ops.INTERPRET:
-        monkeypatch.setattr(ops, "_META", dict(cfg.kwargs))
-    else:
-        monkeypatch.setattr(ops, "_launch", ops.launcher([cfg]))
+    monkeypatch.setattr(launch, "POINTER", launch.pointer_kernel([cfg]))
     bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
     # As rows (M) the forward sees m, the grad_W product n; reduction: k, then m.
     m, k, n = (max(bm, bn) + 37, 2 * bk + 5, max(bm, bn) + 11) if size == "ragged" else (4096, 4096, 4096)
@@ -298,3 +297,126 @@ def test_gz_strategy_names_the_choices():
     with pytest.raises(ValueError, match="choose one of auto, prologue, pass"):
         with triton_backend.gz_strategy("fused"):
             pass
+
+
+# ------------------------------------------------------------------------------------
+# The cached launcher (launch.py): the key, the configuration, the packed arguments.
+
+
+def test_cache_key_classes_are_tritons_specialisation():
+    # Two launches share an entry only where Triton would specialise every argument
+    # alike: the integer classes map one to one onto Triton's own, and so does a
+    # pointer's 16-byte alignment.
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+
+    def tritons(v):
+        return libtriton.native_specialize_impl(backend, v, False, True, True)
+
+    values = [0, 1, 2, 3, 15, 16, 17, 32, 48, 1000, 4096, 4097, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 3]
+    ours = launch.int_classes(values)
+    pairs = set(zip(ours, (tritons(v) for v in values)))
+    assert len(pairs) == len({o for o, _ in pairs}) == len({t for _, t in pairs}), pairs
+    t = torch.empty(64, dtype=torch.bfloat16)
+    for view in (t, t[1:], t[8:], t[9:]):
+        assert (tritons(view)[1] == "D") == (view.data_ptr() % 16 == 0)
+
+
+class _Compiled:
+    """A stand-in for Triton's CompiledKernel: records what its launcher is given."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.launched = []
+
+    def run(self, *args):
+        self.launched.append(args)
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+class _Tuner:
+    """A stand-in for triton.autotune's wrapper: chooses ``config``, records its call."""
+
+    def __init__(self, config):
+        self.configs, self.best_config, self.calls, self.kernel = [config], config, [], _Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, **constexprs):
+            self.calls.append((grid, args, constexprs))
+            return self.kernel
+
+        return run
+
+
+@pytest.mark.skipif(not ops.INTERPRET, reason="CPU tensors through stand-ins (the GPU test runs the binaries)")
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+def test_direct_launch_passes_what_triton_binds(monkeypatch, kernel):
+    # The first launch of a kind goes through the autotuner; the next calls the binary's
+    # launcher with the arguments JITFunction.run would bind: the runtime arguments, then
+    # every constexpr (flags, then the chosen configuration's), in the kernel's order.
+    if kernel == "tma" and not ops.TMA_AVAILABLE:
+        pytest.skip("no tensor descriptors in this Triton")
+    config = (ops.TMA_CONFIGS if kernel == "tma" else ops.CONFIGS)[2]
+    tuner = _Tuner(config)
+    fn = tma_gemm_kernel if kernel == "tma" else fused_gemm_kernel
+    cached = launch.CachedKernel(fn, tuner, first_constexpr="ROWSUM" if kernel == "tma" else "PRO_ACT")
+    monkeypatch.setattr(launch, kernel.upper(), cached)
+    monkeypatch.setattr(launch, "_current_stream", lambda: "stream")
+    x, w, b = (torch.randn(*s, dtype=torch.bfloat16) for s in ((100, 64), (48, 64), (48,)))
+    with ops.gemm_kernel(kernel):
+        triton_backend.forward(x, w, b, "gelu_tanh")
+        assert len(tuner.calls) == 1 and not tuner.kernel.launched
+        triton_backend.forward(x, w, b, "gelu_tanh")
+    assert len(tuner.calls) == 1 and len(tuner.kernel.launched) == 1
+    grid, args, constexprs = tuner.calls[0]
+    bound = {**dict(zip(fn.arg_names, args)), **constexprs, **config.kwargs}
+    launched = tuner.kernel.launched[0]
+    programs = -(-100 // config.kwargs["BLOCK_M"]) * -(-48 // config.kwargs["BLOCK_N"])
+    if kernel == "tma":
+        programs = min(programs, launch.num_sms(x.device))
+    assert launched[:7] == (programs, 1, 1, "stream", "function", "metadata", None)
+    assert grid(bound) == (programs,)
+    assert len(launched) == 9 + len(fn.arg_names)
+    blocks = configs.block_shapes(config.kwargs, bound.get("A_T"), bound.get("B_T")) if kernel == "tma" else ()
+    for name, got in zip(fn.arg_names, launched[9:]):
+        want = bound[name]
+        if isinstance(want, torch.Tensor):
+            # Each launch's own outputs; the operands themselves.
+            assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), name
+        elif name.endswith("_desc") and want is not None:
+            # A fresh descriptor of the same view, with the configuration's block shape
+            # (through the autotuner, its pre-hook sets that).
+            assert (got.shape, got.strides, got.padding) == (want.shape, want.strides, want.padding), name
+            assert (got.base.shape, got.base.stride()) == (want.base.shape, want.base.stride()), name
+            assert got.block_shape == blocks[{"a_desc": 0, "b_desc": 1}.get(name, 2)], name
+        else:
+            assert got == want, name
+
+
+def test_one_entry_per_kind_of_launch(monkeypatch):
+    # Under the interpreter the cache still keys, configures and packs every launch:
+    # rows in one bucket and specialisation class share an entry; a multiple of 16 rows,
+    # another bucket, a misaligned view or another dtype are new kinds.
+    cached = launch.pointer_kernel([c for c in ops.CONFIGS if c.kwargs["BLOCK_M"] == 64][:1])
+    monkeypatch.setattr(launch, "POINTER", cached)
+    w = torch.randn(40, 24, device=DEVICE)
+
+    def forward(x, w=w):
+        with ops.gemm_kernel("pointer"):
+            out, _ = triton_backend.forward(x, w, None, None)
+        assert_rel_close(out, x.double() @ w.double().t(), x.dtype, "out")
+
+    forward(torch.randn(70, 24, device=DEVICE))
+    forward(torch.randn(100, 24, device=DEVICE))
+    assert len(cached.entries) == 1
+    forward(torch.randn(96, 24, device=DEVICE))  # 96 rows: a multiple of 16
+    forward(torch.randn(130, 24, device=DEVICE))  # bucket 256
+    forward(torch.randn(70, 25, device=DEVICE)[:, 1:])  # 4 bytes off alignment, row stride 25
+    forward(torch.randn(70, 24, device=DEVICE, dtype=torch.float64), w.double())
+    assert len(cached.entries) == 5

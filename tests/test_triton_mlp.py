@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 from test_triton_kernels import DEVICE, _randn, _to, poisoned_outputs  # noqa: E402, F401 (autouse fixture)
 from torch_matgrad import formulas, triton_backend  # noqa: E402
-from torch_matgrad.triton_kernels import ops  # noqa: E402
+from torch_matgrad.triton_kernels import configs, launch, ops  # noqa: E402
 
 M, D, H, D_OUT = 44, 40, 48, 34  # tokens, inputs, hidden, outputs: all different
 ALL_NEEDS = (True,) * 7
@@ -31,11 +31,11 @@ class Launch:
     """One kernel launch: which kernel, its flags, and the tensors it writes."""
 
     def __init__(self, kernel, args):
-        if kernel == "tma":  # (plan, c, bias, z, sums, flags): A and B are in the plan
-            args = (None, None, *args[1:2], None, *args[2:])
+        if kernel == "tma":  # (plan, c, bias, z, sums, flags_key): A and B are in the plan
+            args = (None, None, *args[1:2], None, *args[2:5], dict(args[5]))
         a, b, c, saved, bias, z, sums, flags = args[:8]
         self.kernel, self.flags = kernel, flags
-        mlp = args[8] if len(args) > 8 else ops.MLPOperands()
+        mlp = args[9] if len(args) > 9 else ops.MLPOperands()
         self.writes = [t for t in (c, z, sums, mlp.colsum) if t is not None]
 
     def mlp(self):
@@ -49,11 +49,11 @@ def launches(monkeypatch):
     seen = []
 
     def recording(kind):
-        run = getattr(ops, f"_run_{kind}_kernel")
+        run = getattr(launch, f"run_{kind}_kernel")
         return lambda *args: seen.append(Launch(kind, args)) or run(*args)
 
     for kind in ("tma", "pointer"):
-        monkeypatch.setattr(ops, f"_run_{kind}_kernel", recording(kind))
+        monkeypatch.setattr(launch, f"run_{kind}_kernel", recording(kind))
     return seen
 
 
@@ -281,7 +281,7 @@ def test_mlp_flags_take_the_pointer_kernel(monkeypatch):
     # stores C as it is).
     monkeypatch.setattr(ops, "_tma_hardware", lambda device: True)
     monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
-    monkeypatch.setattr(ops, "_tma_launch", ops._tma_launch or ops.tma_gemm_kernel)
+    monkeypatch.setattr(launch, "TMA", launch.TMA or launch.tma_kernel(ops.TMA_CONFIGS))
     a, b = torch.empty(128, 256, dtype=torch.bfloat16), torch.empty(256, 512, dtype=torch.bfloat16)
     plain = ops.specialisation(torch.bfloat16)
     assert ops.gemm_kernel_for(a, b, flags=plain) == "tma"
@@ -307,24 +307,24 @@ def test_descriptor_kernel_runs_only_the_first_layers_products(launches):
 def test_autotune_key_and_pruning(monkeypatch):
     # Each MLP flag is in the key (a launch with it never reuses another's tuning); the
     # gated h prologue streams the gate's tile beside A, as the act' prologue does.
-    assert set(ops.MLP_FLAGS) <= set(ops._AUTOTUNE_KEY)
-    assert not set(ops.MLP_FLAGS) & set(ops._TMA_AUTOTUNE_KEY)
-    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 163 * 1024)
+    assert set(ops.MLP_FLAGS) <= set(configs._AUTOTUNE_KEY)
+    assert not set(ops.MLP_FLAGS) & set(configs._TMA_AUTOTUNE_KEY)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda device: 163 * 1024)
     a = torch.empty(2, 2, dtype=torch.bfloat16)
     args = {"a_ptr": a, "M_BUCKET": 4096}
     flags = ops.specialisation(torch.bfloat16)
     kept = {
-        name: ops._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, **kwargs))
+        name: configs._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, **kwargs))
         for name, kwargs in (("none", {}), ("act'", dict(grad_activation="gelu")),
                              ("plain h", dict(hidden=True, mlp_activation="gelu")),
                              ("gated h", dict(hidden=True, gated=True, mlp_activation="gelu")))
     }
-    assert kept["plain h"] == ops._fits(ops.CONFIGS, args, **flags)
+    assert kept["plain h"] == configs._fits(ops.CONFIGS, args, **flags)
     assert kept["gated h"] == kept["act'"] != kept["none"]
     # The gated epilogue keeps the tiles of at most 64 accumulator elements per thread.
-    gated_epilogue = ops._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, grad_hidden=True, gated=True))
+    gated_epilogue = configs._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, grad_hidden=True, gated=True))
     assert [ops.config_name(c) for c in gated_epilogue] == [
         ops.config_name(c) for c in kept["none"] if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
     ]
     assert len(gated_epilogue) < len(kept["none"])
-    assert ops._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, grad_hidden=True)) == kept["none"]
+    assert configs._fits(ops.CONFIGS, args, **ops.specialisation(torch.bfloat16, grad_hidden=True)) == kept["none"]

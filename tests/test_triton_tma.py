@@ -3,7 +3,7 @@
 Without a GPU the kernels run under Triton's interpreter, which supports tensor
 descriptors; there the descriptor kernel runs only when asked for by name
 (``ops.gemm_kernel("tma")``), in 32 x 32 x 16 tiles with the split epilogue and a
-persistent grid of 3 programs (``ops.INTERPRETER_TMA_META``), so the test shapes span
+persistent grid of 3 programs (``configs.INTERPRETER_TMA_META``), so the test shapes span
 several tiles per program with ragged edges. Every output is NaN-filled first
 (``poisoned_outputs``), and every test counts the launches of each kernel: a case
 that should take the descriptor kernel and silently fell back would pass otherwise.
@@ -26,7 +26,9 @@ triton = pytest.importorskip("triton")
 
 from test_triton_kernels import DEVICE, _check_all, _to, poisoned_outputs  # noqa: E402, F401 (autouse fixture)
 from torch_matgrad import formulas, triton_backend  # noqa: E402
-from torch_matgrad.triton_kernels import ops  # noqa: E402
+from torch_matgrad.triton_kernels import configs, launch, ops  # noqa: E402
+from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel  # noqa: E402
+from torch_matgrad.triton_kernels.tma_gemm import tma_gemm_kernel  # noqa: E402
 
 TMA_DTYPES = [torch.float16, torch.bfloat16]
 ALL_NEEDS = (True, True, True)
@@ -41,13 +43,13 @@ def launches(monkeypatch):
     """The kernels launched, in order: ``"tma"`` or ``"pointer"`` per launch."""
     seen = []
     for kind in ("tma", "pointer"):
-        run = getattr(ops, f"_run_{kind}_kernel")
+        run = getattr(launch, f"run_{kind}_kernel")
 
         def counting(*args, _run=run, _kind=kind):
             seen.append(_kind)
             return _run(*args)
 
-        monkeypatch.setattr(ops, f"_run_{kind}_kernel", counting)
+        monkeypatch.setattr(launch, f"run_{kind}_kernel", counting)
     return seen
 
 
@@ -165,12 +167,10 @@ def test_every_autotune_configuration_of_both_kernels(monkeypatch, launches, ker
         pytest.skip("no descriptor kernel here")
     configs, names = (ops.TMA_CONFIGS, ops.TMA_CONFIG_NAMES) if kernel == "tma" else (ops.CONFIGS, ops.CONFIG_NAMES)
     cfg = configs[names.index(config)]
-    if ops.INTERPRET:
-        monkeypatch.setattr(ops, "_TMA_META" if kernel == "tma" else "_META", dict(cfg.kwargs))
-    elif kernel == "tma":
-        monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([cfg]))
+    if kernel == "tma":
+        monkeypatch.setattr(launch, "TMA", launch.tma_kernel([cfg]))
     else:
-        monkeypatch.setattr(ops, "_launch", ops.launcher([cfg]))
+        monkeypatch.setattr(launch, "POINTER", launch.pointer_kernel([cfg]))
     bm, bn, bk = (cfg.kwargs[f"BLOCK_{d}"] for d in "MNK")
     wide = max(bm, bn)
     if size == "4096":
@@ -187,7 +187,7 @@ def test_every_autotune_configuration_of_both_kernels(monkeypatch, launches, ker
         _check_all(m, k, n, torch.bfloat16, "gelu", bias=True)
     assert launches == [kernel] * 3
     if DEVICE == "cuda":  # what the GPU compiled: registers and spills (pytest -rP prints them)
-        fn = ops.tma_gemm_kernel if kernel == "tma" else ops.fused_gemm_kernel
+        fn = tma_gemm_kernel if kernel == "tma" else fused_gemm_kernel
         for compiled in _compiled(fn, cfg):
             print(f"{config} {size}: {compiled.metadata.name}: {getattr(compiled, 'n_regs', '?')} registers, "
                   f"{getattr(compiled, 'n_spills', '?')} spilled, {compiled.metadata.shared} bytes shared")
@@ -199,7 +199,7 @@ def _runs_with_prologue(cfg) -> bool:
     if ops.INTERPRET:
         return True
     t = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
-    return ops._fits([cfg], {"a_ptr": t, "M_BUCKET": 4096}, PRO_ACT=2) == [cfg]
+    return configs._fits([cfg], {"a_ptr": t, "M_BUCKET": 4096}, PRO_ACT=2) == [cfg]
 
 
 def _compiled(fn, cfg):
@@ -242,7 +242,7 @@ def hopper(monkeypatch):
     """CPU tensors treated as on a TMA-capable GPU, under ``"auto"``."""
     monkeypatch.setattr(ops, "_tma_hardware", lambda device: True)
     monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
-    monkeypatch.setattr(ops, "_tma_launch", ops._tma_launch or ops.tma_gemm_kernel)
+    monkeypatch.setattr(launch, "TMA", launch.TMA or launch.tma_kernel(ops.TMA_CONFIGS))
 
 
 def _bf16(*shape):
@@ -286,8 +286,8 @@ def test_rule_sends_the_prologue_to_the_pointer_kernel(hopper):
             assert ops.gemm_kernel_for(a.t(), _bf16(128, 256), saved=a.t()) == "pointer"  # grad_W + grad_b
             assert ops.gemm_kernel_for(a, b, saved=a, flags=prologue) == "pointer"
             assert ops.gemm_kernel_for(a, b, flags=prologue) == "pointer"
-    assert "PRO_ACT" not in ops._TMA_AUTOTUNE_KEY
-    assert set(ops.POINTER_ONLY_FLAGS) <= set(ops._AUTOTUNE_KEY)
+    assert "PRO_ACT" not in configs._TMA_AUTOTUNE_KEY
+    assert set(ops.POINTER_ONLY_FLAGS) <= set(configs._AUTOTUNE_KEY)
 
 
 def test_rule_needs_triton_support_and_a_configuration(hopper, monkeypatch):
@@ -295,7 +295,7 @@ def test_rule_needs_triton_support_and_a_configuration(hopper, monkeypatch):
     monkeypatch.setattr(ops, "TMA_AVAILABLE", False)
     assert ops.gemm_kernel_for(a, b) == "pointer"
     monkeypatch.setattr(ops, "TMA_AVAILABLE", True)
-    monkeypatch.setattr(ops, "_tma_launch", None)  # $TORCH_MATGRAD_TRITON_CONFIGS named none of its configurations
+    monkeypatch.setattr(launch, "TMA", None)  # $TORCH_MATGRAD_TRITON_CONFIGS named none of its configurations
     assert ops.gemm_kernel_for(a, b) == "pointer"
 
 
@@ -305,8 +305,8 @@ def test_rule_with_one_named_configuration_on_cpu_tensors(hopper, monkeypatch):
     # tensors it asked the driver about device index None (a TypeError on a GPU machine;
     # without a GPU there is no driver to ask).
     big = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
-    monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([big]))
-    assert len(ops._tma_launch.configs) == 1
+    monkeypatch.setattr(launch, "TMA", launch.tma_kernel([big]))
+    assert len(launch.TMA.configs) == 1
     assert ops.gemm_kernel_for(_bf16(128, 4096), _bf16(4096, 256)) == "tma"
 
 
@@ -317,12 +317,12 @@ def test_rule_with_one_named_configuration_on_the_gpu(hopper, monkeypatch):
     a = torch.empty(128, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.empty(4096, 256, device="cuda", dtype=torch.bfloat16)
     big = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
-    monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher([big]))
+    monkeypatch.setattr(launch, "TMA", launch.tma_kernel([big]))
     monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
     assert ops.gemm_kernel_for(a, b) == "tma"
     monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 163 * 1024)
     assert ops.gemm_kernel_for(a, b) == "pointer"
-    monkeypatch.setattr(ops, "_tma_launch", ops.tma_launcher(ops.TMA_CONFIGS))  # the autotuner prunes
+    monkeypatch.setattr(launch, "TMA", launch.tma_kernel(ops.TMA_CONFIGS))  # the autotuner prunes
     assert ops.gemm_kernel_for(a, b) == "tma"
 
 
@@ -413,22 +413,22 @@ def test_configurations_fit_shared_memory():
     assert _fit_names(163) == [n for n in ops.TMA_CONFIG_NAMES if "x256x" not in n]
     # 99 KiB (consumer Blackwell, compute capability 12): none; the fallback fits.
     assert _fit_names(99) == []
-    assert ops.tma_config_fits(ops._TMA_FALLBACK, elem=2, limit=99 * 1024)
+    assert ops.tma_config_fits(configs._TMA_FALLBACK, elem=2, limit=99 * 1024)
 
 
 def test_autotuner_pruning_never_leaves_none(monkeypatch):
-    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 16 * 1024)
-    desc = ops.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16])
-    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}) == [ops._TMA_FALLBACK]
-    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
-    assert ops._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}) == ops.TMA_CONFIGS
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda device: 16 * 1024)
+    desc = launch.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16])
+    assert configs._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}) == [configs._TMA_FALLBACK]
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda device: 227 * 1024)
+    assert configs._tma_fits(ops.TMA_CONFIGS, {"a_desc": desc}) == ops.TMA_CONFIGS
 
 
 @pytest.mark.parametrize("a_t, b_t", list(itertools.product((False, True), repeat=2)))
 def test_block_shapes_follow_the_configuration(a_t, b_t):
     # A descriptor of a transposed operand holds the transposed block; C and z hold one
     # epilogue subtile.
-    descs = {name: ops.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16]) for name in
+    descs = {name: launch.TensorDescriptor(_bf16(64, 64), [64, 64], [64, 1], [16, 16]) for name in
              ("a_desc", "b_desc", "c_desc", "z_desc")}
     cfg = ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_128x256x64_s4_w8_e2")]
     cfg.pre_hook({**descs, **cfg.kwargs, "A_T": a_t, "B_T": b_t})

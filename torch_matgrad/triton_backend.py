@@ -39,6 +39,10 @@ pre-activations (6)            ``x``, ``Wu`` (gated: and ``Wg``)    ``u`` (gated
 first layer (9-11)             ``G_u`` (and ``G_g``), ``x``, ``W``  as :func:`backward`
 =============================  ===================================  =========================
 
+Every launch passes ``check=False``: the op (:mod:`torch_matgrad.function`,
+:mod:`torch_matgrad.mlp`) checked dtypes, devices and shapes once, and the launches
+of its forward and backward add no checks of their own.
+
 Not differentiable: :mod:`torch_matgrad.dispatch` sends double backward
 and direct gradients of ``z`` (and of ``u``, ``g``) to :mod:`torch_matgrad.formulas`.
 """
@@ -89,7 +93,7 @@ def forward(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(out, z)``, ``z`` only when the activation's derivative needs it."""
     out, z, _ = fused_matmul(
-        x, weight.t(), bias=bias, activation=activation, store_z=activation in NEEDS_PREACTIVATION
+        x, weight.t(), bias=bias, activation=activation, store_z=activation in NEEDS_PREACTIVATION, check=False
     )
     return out, z
 
@@ -115,11 +119,13 @@ def backward(
     if activation is not None and not _gz_in_prologue():
         grad_out, activation = grad_preactivation(grad_out, saved, activation), None
     prologue = dict(grad_activation=activation, saved=saved) if activation is not None else {}
-    grad_x = fused_matmul(grad_out, weight, **prologue)[0] if need_x else None
+    grad_x = fused_matmul(grad_out, weight, **prologue, check=False)[0] if need_x else None
     grad_w = grad_b = None
     if need_w or need_b:
         prologue_t = dict(prologue, saved=saved.t()) if activation is not None else {}
-        grad_w, _, grad_b = fused_matmul(grad_out.t(), x if need_w else None, rowsum=need_b, **prologue_t)
+        grad_w, _, grad_b = fused_matmul(
+            grad_out.t(), x if need_w else None, rowsum=need_b, **prologue_t, check=False
+        )
     return grad_x, grad_w, grad_b
 
 
@@ -134,12 +140,12 @@ def mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation):
       loads its ``A`` tile (for a plain block without activation, ``h = u``).
     """
     if gate_w is None:
-        u, g = fused_matmul(x, up_w.t(), bias=up_b)[0], None
+        u, g = fused_matmul(x, up_w.t(), bias=up_b, check=False)[0], None
     else:
-        gu = fused_matmul(x, gate_w.t(), bias=gate_b, b2=up_w.t(), bias2=up_b)[0]
+        gu = fused_matmul(x, gate_w.t(), bias=gate_b, b2=up_w.t(), bias2=up_b, check=False)[0]
         hidden_width = up_w.shape[0]
         g, u = gu[:, :hidden_width], gu[:, hidden_width:]
-    out = fused_matmul(u, down_w.t(), bias=down_b, hidden=True, gate=g, mlp_activation=activation)[0]
+    out = fused_matmul(u, down_w.t(), bias=down_b, hidden=True, gate=g, mlp_activation=activation, check=False)[0]
     return out, u, g
 
 
@@ -166,12 +172,12 @@ def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activa
     if need_down_w:
         gate_t = None if g is None else g.t()
         grad_down_w, _, grad_down_b = fused_matmul(u.t(), grad_out, gate=gate_t, colsum=need_down_b,
-                                                   transpose_c=True, **hidden)
+                                                   transpose_c=True, **hidden, check=False)
     elif need_down_b:
-        grad_down_b = fused_matmul(grad_out.t(), None, rowsum=True)[2]
+        grad_down_b = fused_matmul(grad_out.t(), None, rowsum=True, check=False)[2]
     grad_x = grad_up_w = grad_up_b = grad_gate_w = grad_gate_b = None
     if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
-        grads = fused_matmul(grad_out, down_w, grad_hidden=(u, g), mlp_activation=activation)[0]
+        grads = fused_matmul(grad_out, down_w, grad_hidden=(u, g), mlp_activation=activation, check=False)[0]
         hidden_width = u.shape[1]
         g_g, g_u = (None, grads) if g is None else (grads[:, :hidden_width], grads[:, hidden_width:])
         grad_x, grad_up_w, grad_up_b = backward(g_u, None, x, up_w, None, None, (need_x, need_up_w, need_up_b))
