@@ -15,7 +15,7 @@ own; ignored rows 0) and ``p = softmax(z')``:
 
     G_z = d (p (1 + 2 z_loss lse) - (1 - eps) onehot(t) - eps / V) * (1 - (z' / c)^2)
 
-(the last factor only with the soft cap), then ``grad_x = G_z W`` (item 11),
+(MATH.md item 12; the last factor only with the soft cap), then ``grad_x = G_z W`` (item 11),
 ``grad_W = G_z^T x`` (items 9, 10) and ``grad_b = G_z.sum(0)`` (item 10 with ``x = 1``).
 
 Kernels (Triton tutorial 03's layout; one banner per phase):
@@ -61,8 +61,9 @@ Out-of-range targets (neither ``ignore_index`` nor in ``[0, V)``): nothing is re
 the target's index (its logit is picked from the ``z`` tiles by comparing column
 indices), so a bad target cannot read out of bounds. The kernels mark it instead: that
 row's loss is NaN, and its ``d`` is NaN in the backward, so the loss and every gradient
-it reaches are NaN (a device-side check with no host synchronisation; PyTorch's CUDA
-kernel asserts). Its lse stays valid.
+it reaches are NaN: a device-side check with no host synchronisation (PyTorch's CUDA
+kernel asserts; here ``tl.device_assert`` does too, with ``TRITON_DEBUG=1``). Its lse
+stays valid.
 
 Precision: products accumulate in fp32 (``tl.dot``), ``z`` and every per-row statistic
 stay fp32 (no rounding of the logits to the operand dtype, unlike ``F.linear`` followed
@@ -81,7 +82,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import ops
+from . import launch, ops
 from .fused_gemm import INTERPRET, _add_bias, _dot, _tanh, _tile_coords
 
 #: Operand dtypes of the kernels (fp64 has no tensor-core path worth a kernel here).
@@ -92,7 +93,8 @@ CE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # on; tests/test_triton_compile.py's ce-report): 128 x 128 logit tiles need 233 (forward)
 # and 254 (backward) registers per thread on sm_90 and spill on sm_80 (~400 bytes); the
 # 128 x 64 tiles below take 127 / 164 registers on sm_90, 174 / 186 on sm_80, no spills,
-# and 72 / 68 KiB of shared memory on sm_90 (two programs of either per H100 SM).
+# and 72 / 68 KiB of shared memory on sm_90 (the forward's registers let two programs
+# share an SM, the backward's one).
 FORWARD_META = dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3)
 BACKWARD_META = dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 COMBINE_META = dict(BLOCK_N=256, num_warps=4)
@@ -375,7 +377,7 @@ def _device(x: Tensor):
 def _vocab_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
     """Vocabulary splits of the forward: enough programs for about two per SM, never
     more splits than tiles (module docstring)."""
-    return max(1, min(tiles, triton.cdiv(2 * ops._num_sms(device), row_blocks)))
+    return max(1, min(tiles, triton.cdiv(2 * launch.num_sms(device), row_blocks)))
 
 
 def linear_cross_entropy_forward(
