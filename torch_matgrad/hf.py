@@ -14,7 +14,6 @@ the gradient reaches the stored ``(nx, nf)`` Parameter through the view's backwa
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import warnings
 from typing import Optional
@@ -95,10 +94,13 @@ def lm_head_refusal(model: nn.Module) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _labels_at(forward) -> int:
-    """The position of ``labels`` among the arguments of a model's ``forward`` (after ``self``)."""
-    return list(inspect.signature(forward).parameters).index("labels") - 1
+def _labels_at(forward, args: tuple) -> Optional[int]:
+    """Where ``labels`` is in ``args``, the positional arguments of a call of the bound
+    ``forward`` of a model, or None (``input_ids`` alone need no signature)."""
+    if len(args) < 2:
+        return None
+    at = list(inspect.signature(forward).parameters).index("labels")
+    return at if at < len(args) else None
 
 
 class LMHeadLossForward:
@@ -128,8 +130,8 @@ class LMHeadLossForward:
         stock = type(model).forward.__get__(model)
         if not torch.is_grad_enabled():
             return stock(*args, **kwargs)
-        at = _labels_at(type(model).forward)
-        labels = args[at] if len(args) > at else kwargs.get("labels")
+        at = _labels_at(stock, args)
+        labels = kwargs.get("labels") if at is None else args[at]
         if labels is None:
             return stock(*args, **kwargs)
         reason = lm_head_refusal(model)
@@ -137,7 +139,7 @@ class LMHeadLossForward:
             warnings.warn(f"torch_matgrad.fuse_lm_head_loss: {type(model).__name__} computes its own loss: {reason}",
                           stacklevel=4)
             return stock(*args, **kwargs)
-        if len(args) > at:
+        if at is not None:
             args = (*args[:at], None, *args[at + 1 :])
         else:
             del kwargs["labels"]
