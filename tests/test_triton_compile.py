@@ -239,17 +239,21 @@ def _signature(kernel, dtype, flags, meta=_META, unit_strides=None):
     return signature, constexprs, attrs
 
 
-def _compile_pointer(target, dtype, flags, meta, options, unit_strides=None):
-    """The pointer kernel compiled to a cubin (``unit_strides``: see :func:`_signature`)."""
+def _cubin(kernel, signature, constexprs, attrs, target, options):
+    """``kernel`` compiled for ``target`` down to a cubin."""
     import triton
 
-    from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel
-
-    signature, constexprs, attrs = _signature(fused_gemm_kernel, dtype, flags, meta, unit_strides)
-    src = triton.compiler.ASTSource(fn=fused_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=target, options=options)
     assert compiled.asm.get("cubin"), "no cubin"
     return compiled
+
+
+def _compile_pointer(target, dtype, flags, meta, options, unit_strides=None):
+    """The pointer kernel compiled to a cubin (``unit_strides``: see :func:`_signature`)."""
+    from torch_matgrad.triton_kernels.fused_gemm import fused_gemm_kernel
+
+    return _cubin(fused_gemm_kernel, *_signature(fused_gemm_kernel, dtype, flags, meta, unit_strides), target, options)
 
 
 def compile_all(capability: int) -> int:
@@ -480,8 +484,6 @@ def ce_specialisations(every: bool = COMPILE_ALL):
 def _compile_ce(target, kernel_name, dtype, flags, meta, options, unit_strides=None):
     """One cross-entropy kernel compiled to a cubin; absent tensors are constexpr None,
     as at launch (``unit_strides``: see :func:`_signature`)."""
-    import triton
-
     from torch_matgrad.triton_kernels import cross_entropy
 
     kernel = getattr(cross_entropy, kernel_name)
@@ -504,10 +506,7 @@ def _compile_ce(target, kernel_name, dtype, flags, meta, options, unit_strides=N
         (i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
         if signature[name] not in ("constexpr", "fp32") and name not in ("ignore_index", "TILES_PER_SPLIT")
     }
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=target, options=options)
-    assert compiled.asm.get("cubin"), "no cubin"
-    return compiled
+    return _cubin(kernel, signature, constexprs, attrs, target, options)
 
 
 def compile_cross_entropy(capability: int) -> int:
