@@ -37,21 +37,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: The activations the fused op supports, ``None`` meaning the identity.
+#: The activations the fused op supports, as it spells them: ``None`` is the identity.
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+#: The same names as every command and table spells them: ``none`` for the identity.
+ACTIVATION_NAMES = tuple("none" if a is None else a for a in ACTIVATIONS)
 
 # Activations whose derivative needs the pre-activation ``z``; ReLU's derivative can be
 # read from its output (``out > 0`` exactly where ``z > 0``), so only ``out`` is kept.
 NEEDS_PREACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
 
 
-def check_activation(activation: Optional[str]) -> None:
-    """Raise ``ValueError`` naming the choices unless ``activation`` is supported."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"torch_matgrad: unknown activation {activation!r}; "
-            f"choose one of {', '.join(repr(a) for a in ACTIVATIONS)}"
-        )
+def canonical_activation(activation: Optional[str]) -> Optional[str]:
+    """``activation`` as :data:`ACTIVATIONS` spells it: ``None`` and ``"none"`` alike mean
+    the identity, and names are case-insensitive (``"GELU"`` is ``"gelu"``), as backend
+    names are. Raises ``ValueError`` naming the choices for anything else."""
+    if activation in ACTIVATIONS:  # the common case: one tuple lookup
+        return activation
+    name = activation.lower() if isinstance(activation, str) else activation
+    if name in ACTIVATION_NAMES:
+        return None if name == "none" else name
+    raise ValueError(
+        f"torch_matgrad: unknown activation {activation!r}; choose one of "
+        f"{', '.join(repr(a) for a in ACTIVATION_NAMES)} (None is 'none'; any case)"
+    )
 
 
 def preactivation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
