@@ -107,7 +107,14 @@ def test_every_command_spells_activations_the_same(name):
 
 
 @pytest.mark.parametrize("command", ["jacobian", "bench"])
-@pytest.mark.parametrize("spelling", ["None", "GELU", "tanh"])
+@pytest.mark.parametrize("spelling, name", [("NONE", "none"), ("None", "none"), ("GELU", "gelu"), ("Gelu_Tanh", "gelu_tanh")])
+def test_commands_take_names_in_any_case(command, spelling, name):
+    parsed = _parser(command).parse_args(["--activation", spelling]).activation
+    assert parsed == (name if command == "jacobian" else [name])
+
+
+@pytest.mark.parametrize("command", ["jacobian", "bench"])
+@pytest.mark.parametrize("spelling", ["identity", "tanh", "gelu-tanh"])
 def test_other_spellings_are_refused_with_the_choices(command, spelling, capsys):
     with pytest.raises(SystemExit):
         _parser(command).parse_args(["--activation", spelling])

@@ -291,9 +291,9 @@ def test_bad_input_errors(make, error, match):
         mg.linear(x, w, b)
 
 
-@pytest.mark.parametrize("activation", ["tanh", "GELU", "", 1])
+@pytest.mark.parametrize("activation", ["tanh", "gelu-tanh", "", 1])
 def test_unknown_activation(activation):
-    with pytest.raises(ValueError, match=r"unknown activation.*'relu', 'gelu', 'gelu_tanh', 'silu'"):
+    with pytest.raises(ValueError, match=r"unknown activation.*'none', 'relu', 'gelu', 'gelu_tanh', 'silu'"):
         mg.linear(torch.randn(2, 3), torch.randn(4, 3), activation=activation)
     with pytest.raises(ValueError, match="unknown activation"):
         mg.Linear(3, 4, activation=activation)
@@ -346,6 +346,24 @@ def test_a_fused_activation_makes_a_linear_act_which_is_no_nn_linear(activation)
     nobias = mg.LinearAct(4, 2, bias=False, dtype=torch.float64, activation=activation)
     assert nobias.bias is None and nobias.weight.dtype == torch.float64 and list(nobias.state_dict()) == ["weight"]
     assert type(mg.Linear(7, 3, activation=None)) is mg.Linear
+
+
+@pytest.mark.parametrize("spelling, name", [
+    (None, None), ("none", None), ("NONE", None), ("GELU", "gelu"), ("Gelu_Tanh", "gelu_tanh"), ("SiLU", "silu"),
+])
+def test_one_spelling_of_activations_everywhere(spelling, name):
+    # None and "none" alike, names in any case: the op, both layers, the MLP block.
+    x, w, b = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
+    want = activate_ref(F.linear(x, w, b), name)
+    assert torch.equal(mg.linear(x, w, b, activation=spelling), want)
+    layer = mg.Linear(3, 4, activation=spelling)
+    assert type(layer) is (mg.Linear if name is None else mg.LinearAct) and layer.activation == name
+    if name is not None:
+        assert mg.LinearAct(3, 4, activation=spelling).activation == name
+    up, down = torch.randn(6, 3), torch.randn(2, 6)
+    hidden = activate_ref(F.linear(x, up), name)
+    assert torch.allclose(mg.mlp(x, up, down, activation=spelling), F.linear(hidden, down), atol=1e-6)
+    assert mg.FusedMLP(3, 6, activation=spelling).activation == name
 
 
 def test_linear_act_needs_an_activation_and_linear_subclasses_take_none():

@@ -14,15 +14,12 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .formulas import ACTIVATIONS
-
-#: How every command spells the activations: ``none`` for the identity.
-ACTIVATION_NAMES = tuple("none" if a is None else a for a in ACTIVATIONS)
+from .formulas import ACTIVATION_NAMES, canonical_activation  # noqa: F401 (how commands spell them)
 
 
 def activation(name: str) -> Optional[str]:
-    """The op's ``activation`` argument for a command-line name."""
-    return None if name == "none" else name
+    """The op's ``activation`` argument for a command-line name (any case)."""
+    return canonical_activation(name)
 
 
 def activation_name(act: Optional[str]) -> str:
@@ -52,16 +49,30 @@ def available_backends() -> List[Tuple[str, str]]:
     return pairs
 
 
-def rows_on_every_backend(rows: Callable[..., Iterator[tuple]], *args) -> Iterator[tuple]:
-    """``rows(backend, device, *args)`` for every pair of :func:`available_backends`,
-    then, when Triton is installed but its interpreter is off here, for
-    ``("triton", "cpu")`` in a child process that switches it on. Rows are yielded as
-    they are computed; ``rows`` must be a module-level function and ``args`` JSON."""
-    pairs = available_backends()
-    for backend, device in pairs:
-        yield from rows(backend, device, *args)
-    if has_triton() and ("triton", "cpu") not in pairs:
-        yield from _child_rows(rows, "triton", "cpu", *args)
+#: Triton's interpreter on the CPU: ``(backend, device)`` of its rows.
+INTERPRETER = ("triton", "cpu")
+
+
+def planned_backends(interpreter: bool = True) -> List[Tuple[str, str]]:
+    """The ``(backend, device)`` pairs :func:`rows_on_every_backend` runs, in order:
+    :func:`available_backends`, then the interpreter (in a child process when it is off
+    here) where Triton is installed, unless ``interpreter`` is False."""
+    pairs = [p for p in available_backends() if interpreter or p != INTERPRETER]
+    if interpreter and has_triton() and INTERPRETER not in pairs:
+        pairs.append(INTERPRETER)
+    return pairs
+
+
+def rows_on_every_backend(rows: Callable[..., Iterator[tuple]], *args, interpreter: bool = True) -> Iterator[tuple]:
+    """``rows(backend, device, *args)`` for every pair of :func:`planned_backends`, the
+    interpreter's in a child process that switches it on when it is off here. Rows are
+    yielded as they are computed; ``rows`` must be a module-level function and ``args`` JSON."""
+    here = available_backends()
+    for backend, device in planned_backends(interpreter):
+        if (backend, device) in here:
+            yield from rows(backend, device, *args)
+        else:
+            yield from _child_rows(rows, backend, device, *args)
 
 
 _CHILD = """

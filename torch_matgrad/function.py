@@ -134,8 +134,9 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=("input", "weight", "bias")) -> None:
-    """Every error a user can cause, raised before anything is computed. ``op`` and
+def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=("input", "weight", "bias")):
+    """Every error a user can cause, raised before anything is computed; returns the
+    activation as the op spells it (:func:`formulas.canonical_activation`). ``op`` and
     ``names`` word the errors of ops built from several linear maps (the MLP block)."""
     x_name, w_name, b_name = names
     for name, t in ((x_name, x), (w_name, weight), (b_name, bias)):
@@ -148,7 +149,7 @@ def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=
                 f"{op}: {name} has dtype {t.dtype}; supported dtypes are "
                 f"float16, bfloat16, float32 and float64 ({name}: {_describe(t)})"
             )
-    formulas.check_activation(activation)
+    activation = formulas.canonical_activation(activation)
     if weight.dim() != 2:
         raise ValueError(f"{op}: {w_name} must be 2-D (out_features, in_features), got {_describe(weight)}")
     if x.dim() == 0:
@@ -168,6 +169,7 @@ def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=
         raise RuntimeError(
             f"{op}: expected all tensors on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in tensors)
         )
+    return activation
 
 
 def _check_dtypes(x, weight, bias) -> None:
@@ -202,8 +204,8 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def _valid(x, weight, bias, activation) -> bool:
     """The properties of a valid call that ``F.linear`` would not refuse by itself (an
-    integer dtype, a 1-D weight, a bias that broadcasts, an unknown activation, meta
-    tensors mixed with real ones), in a
+    integer dtype, a 1-D weight, a bias that broadcasts, an activation not spelled as
+    :data:`formulas.ACTIVATIONS` spells it, meta tensors mixed with real ones), in a
     fraction of the full checks' time. Everything else that is wrong (shapes, devices,
     mixed dtypes) ``F.linear`` refuses before computing anything, and :func:`linear`
     then words the error with the full checks; a non-tensor has no ``dtype`` or a
@@ -228,8 +230,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
         x: ``(*, in_features)``, any number of leading dims (including none and zero-size).
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
-        activation: one of ``None``, ``"relu"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``,
-            ``"silu"``.
+        activation: one of ``None`` (or ``"none"``), ``"relu"``, ``"gelu"`` (exact erf),
+            ``"gelu_tanh"``, ``"silu"``; names in any case.
 
     Returns:
         ``(*, out_features)``.
@@ -241,7 +243,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     if torch._C._is_any_autocast_enabled():
         return _linear_autocast(x, weight, bias, activation)
     if not _valid(x, weight, bias, activation):
-        _check(x, weight, bias, activation)
+        activation = _check(x, weight, bias, activation)
         _check_dtypes(x, weight, bias)
     try:
         return _apply(x, weight, bias, activation)
@@ -254,7 +256,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 
 
 def _linear_autocast(x, weight, bias, activation) -> Tensor:
-    _check(x, weight, bias, activation)
+    activation = _check(x, weight, bias, activation)
     device_type = x.device.type
     if not _autocast_enabled(device_type):  # autocast is on for another device
         _check_dtypes(x, weight, bias)

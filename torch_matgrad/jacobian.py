@@ -314,7 +314,7 @@ def activation_derivative(z: Tensor, activation: Optional[str]) -> Optional[Tens
     """``act'(z)`` elementwise (``None`` for the identity), read off
     :func:`torch_matgrad.formulas.grad_preactivation` with ``G = 1``: the diagonal of the
     Jacobian ``diag(act'(z))`` of the elementwise map (items 1, 3)."""
-    formulas.check_activation(activation)
+    activation = formulas.canonical_activation(activation)
     if activation is None:
         return None
     out = formulas.activate(z, activation)

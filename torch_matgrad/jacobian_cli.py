@@ -36,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--activation",
         default="gelu",
+        type=str.lower,
         choices=ACTIVATION_NAMES,
         help=f"activation for the nn.Linear-convention maps: {', '.join(ACTIVATION_NAMES)} (default gelu)",
     )

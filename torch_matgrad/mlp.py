@@ -73,9 +73,10 @@ class MLPFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _check_mlp(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> None:
-    """Every error a user can cause, named by argument, before anything is computed."""
-    _check(x, up_w, up_b, activation, op=_OP, names=("input", "up_weight", "up_bias"))
+def _check_mlp(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Optional[str]:
+    """Every error a user can cause, named by argument, before anything is computed;
+    returns the activation as the op spells it."""
+    activation = _check(x, up_w, up_b, activation, op=_OP, names=("input", "up_weight", "up_bias"))
     if gate_w is not None:
         _check(x, gate_w, gate_b, activation, op=_OP, names=("input", "gate_weight", "gate_bias"))
         if gate_w.shape != up_w.shape:
@@ -100,6 +101,7 @@ def _check_mlp(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Non
         )
     if down_b is not None and tuple(down_b.shape) != (down_w.shape[0],):
         raise ValueError(f"{_OP}: down_bias must have shape ({down_w.shape[0]},), got {tuple(down_b.shape)}")
+    return activation
 
 
 def mlp(
@@ -119,7 +121,8 @@ def mlp(
         x: ``(*, d)``.
         up_weight: ``(H, d)``; ``up_bias``: ``(H,)`` or None.
         down_weight: ``(d_out, H)``; ``down_bias``: ``(d_out,)`` or None.
-        activation: one of ``None``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``.
+        activation: one of ``None`` (or ``"none"``), ``"relu"``, ``"gelu"``, ``"gelu_tanh"``,
+            ``"silu"``; names in any case.
         gate_weight: ``(H, d)`` for the gated block (``act`` applies to the gate);
             ``gate_bias``: ``(H,)`` or None.
 
@@ -127,7 +130,7 @@ def mlp(
         ``(*, d_out)``, equal to the eager block within the dtype's rounding.
     """
     tensors = (x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias)
-    _check_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, activation)
+    activation = _check_mlp(x, up_weight, up_bias, gate_weight, gate_bias, down_weight, down_bias, activation)
     device_type = x.device.type
     if torch._C._is_any_autocast_enabled() and _autocast_enabled(device_type):
         # As torch_matgrad.linear: cast here, run with autocast off (pytorch#132388).
@@ -214,7 +217,7 @@ class FusedMLP(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        formulas.check_activation(activation)
+        activation = formulas.canonical_activation(activation)
         super().__init__()
         kw = dict(bias=bias, device=device, dtype=dtype)
         layers = {"up": nn.Linear(in_features, hidden_features, **kw)}
@@ -240,7 +243,7 @@ class FusedMLP(nn.Module):
         register them under (default the roles themselves); ``keep`` adds parameter-free
         modules of the replaced block (its activation module, say) under their names, for
         the printed structure; ``dropout`` runs on the output (GPT-2's MLP ends in one)."""
-        formulas.check_activation(activation)
+        activation = formulas.canonical_activation(activation)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         layers = {"up": up, "down": down} if gate is None else {"up": up, "gate": gate, "down": down}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import formulas
-from .formulas import check_activation
+from .formulas import canonical_activation
 from .function import linear
 
 # torch.fx.symbolic_trace: the layers' calls of ``linear`` become one graph node (see
@@ -68,7 +68,7 @@ class Linear(nn.Linear):
     def __new__(cls, *args, **kwargs):
         # Linear(..., activation=name) builds the fused layer, so that code written when
         # the activation lived on this class keeps computing the same thing.
-        activation = kwargs.get("activation", args[5] if len(args) > 5 else None)
+        activation = canonical_activation(kwargs.get("activation", args[5] if len(args) > 5 else None))
         if activation is not None and cls is Linear:
             return LinearAct(*args, **kwargs)
         return super().__new__(cls)
@@ -82,8 +82,7 @@ class Linear(nn.Linear):
         dtype=None,
         activation: Optional[str] = None,
     ) -> None:
-        if activation is not None:  # only a subclass gets here (Linear itself returns a LinearAct)
-            check_activation(activation)
+        if canonical_activation(activation) is not None:  # only a subclass gets here (Linear returns a LinearAct)
             raise TypeError(
                 f"{type(self).__name__}: a torch_matgrad.Linear is an nn.Linear and fuses no activation; "
                 "subclass torch_matgrad.LinearAct for a layer with one"
@@ -95,7 +94,7 @@ class Linear(nn.Linear):
         """A layer that shares ``linear_module``'s Parameter objects (no copy): optimizer
         state, hooks on the parameters and weight tying stay valid. With an activation
         this is :meth:`LinearAct.from_linear`."""
-        if activation is not None:
+        if canonical_activation(activation) is not None:
             return LinearAct.from_linear(linear_module, activation)
         _check_linear(linear_module, "torch_matgrad.Linear.from_linear")
         new = cls(linear_module.in_features, linear_module.out_features, bias=linear_module.bias is not None,
@@ -162,11 +161,11 @@ class LinearAct(nn.Module):
         dtype=None,
         activation: Optional[str] = None,
     ) -> None:
-        check_activation(activation)
+        activation = canonical_activation(activation)
         if activation is None:
             raise ValueError(
                 "torch_matgrad.LinearAct needs an activation ("
-                + ", ".join(repr(a) for a in formulas.ACTIVATIONS if a is not None)
+                + ", ".join(repr(a) for a in formulas.ACTIVATION_NAMES if a != "none")
                 + "); without one, use torch_matgrad.Linear (an nn.Linear)"
             )
         super().__init__()

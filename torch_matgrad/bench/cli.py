@@ -25,7 +25,7 @@ _HOST_ROUNDS = 15
 def configure(parser: argparse.ArgumentParser) -> None:
     def listed(choices):
         def parse(text):
-            items = [s.strip() for s in text.split(",") if s.strip()]
+            items = [s.strip().lower() for s in text.split(",") if s.strip()]  # names in any case
             bad = [s for s in items if s not in choices]
             if bad or not items:
                 raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
