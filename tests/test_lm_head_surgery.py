@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import math
 import warnings
 
@@ -219,11 +220,13 @@ def test_tuples_positional_labels_shift_labels_and_ignore_index(op_calls):
     assert len(op_calls) == 3
 
 
-def test_restore_gives_back_the_class_forward_and_deepcopy_keeps_the_fusion(op_calls):
+def test_restore_gives_back_the_class_forward_and_copies_keep_the_fusion(op_calls):
     ref = _tiny("gpt2")
     model = _fused_copy(ref)
-    twin = copy.deepcopy(model)
-    assert twin.forward.model is twin and twin.lm_head.weight is twin.transformer.wte.weight
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole module pickled, as deepcopy copies it
+    for twin in (copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert twin.forward.model is twin and twin.lm_head.weight is twin.transformer.wte.weight
     assert mg.fuse_lm_head_loss(model) == 0  # already fused: skipped silently
     assert mg.restore_lm_head_loss(model) == 1 and mg.restore_lm_head_loss(model) == 0
     assert "forward" not in model.__dict__ and model.forward.__func__ is type(model).forward
