@@ -550,9 +550,9 @@ def fuse_lm_head_loss(model: nn.Module) -> int:
     a forward patched on the instance (accelerate's device maps and offload: fuse before
     dispatching), forward hooks on the model, an ``lm_head`` that is not a plain linear
     layer (``nn.Linear`` or :class:`torch_matgrad.Linear`) or has hooks, or a
-    ``loss_function`` other than transformers' ``ForCausalLMLoss``. A model changed so
-    after fusing computes its own loss, with a warning. Models already fused are skipped
-    silently.
+    ``loss_function`` other than transformers' ``ForCausalLMLoss``. A model whose head or
+    loss function changes so after fusing computes its own loss, with a warning. Models
+    already fused are skipped silently; ``docs/lm_head.md`` has the design.
     """
     models = list(_generative(model))
     if not models:
