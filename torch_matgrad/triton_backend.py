@@ -205,15 +205,18 @@ def lce_forward(x, weight, bias, target, *, ignore_index=-100, label_smoothing=0
 
 
 def lce_backward(grad_rows, x, weight, bias, target, lse, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, needs=(True, True, True)):
+                 softcap=None, needs=(True, True, True), filter_eps=0.0):
     """``(grad_x, grad_W, grad_b)`` (those flagged in ``needs``, else None; ``grad_b`` None
     without a bias) of ``sum_i w_i loss_i`` with ``w = grad_rows`` (a ``(N,)`` or 0-dim
     float tensor: the rows' weights of MATH.md item 12, which the kernel zeroes on ignored
     rows itself) and :func:`lce_forward`'s ``lse``; ``G_z`` never written. Sums in fp32
-    atomics: not bitwise reproducible from run to run."""
+    atomics: not bitwise reproducible from run to run. ``filter_eps > 0`` (off by default)
+    skips the tiles whose gradient is below it everywhere (an approximation: CCE's
+    filtering; ignored with label smoothing)."""
     if grad_rows.dim() == 0:
         grad_rows = grad_rows.expand(x.shape[0])
     return linear_cross_entropy_backward(
         grad_rows, x, weight, bias, target, lse,
         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, needs=needs,
+        filter_eps=filter_eps,
     )
