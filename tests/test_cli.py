@@ -69,15 +69,33 @@ def test_check_fails_a_row_whose_backward_ran_elsewhere():
 def test_check_prints_each_row_as_it_finishes(monkeypatch, capsys):
     printed = []
 
-    def rows(function, *args):
+    def rows(function, *args, interpreter):
         for i in range(2):
             printed.append(capsys.readouterr().out)  # what was on screen before this row
             yield ("torch", "cpu", "none", "yes", True, True, 1e-7, "torch/torch")
 
     monkeypatch.setattr(check, "rows_on_every_backend", rows)
-    assert check.run(argparse.Namespace(seed=0)) == 0
+    assert check.run(argparse.Namespace(seed=0, no_interpreter=False)) == 0
     assert "backend" in printed[0] and "torch/torch" in printed[1]  # row 1 shown before row 2 ran
     assert "2 passed, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("interpreter", [True, False])
+def test_check_says_what_it_will_run_and_can_leave_the_interpreter_out(interpreter, monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    asked = []
+
+    def rows(function, *args, interpreter):
+        asked.append(interpreter)
+        yield ("torch", "cpu", "none", "yes", True, True, 1e-7, "torch/torch")
+
+    monkeypatch.setattr(check, "rows_on_every_backend", rows)
+    assert check.run(argparse.Namespace(seed=0, no_interpreter=not interpreter)) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("check: 10 rows of torch on cpu (~6 s)") and asked == [interpreter]
+    assert ("rows of triton under Triton's interpreter (~3 min); --no-interpreter leaves" in first) == interpreter
+    assert (cli.INTERPRETER in cli.planned_backends(interpreter)) == interpreter
 
 
 def test_jacobian_adds_the_interpreter_rows_by_itself(monkeypatch):

@@ -1,4 +1,4 @@
-"""The package without Triton, and the README's snippets."""
+"""The package without Triton, and the snippets of the README and docs/."""
 
 import os
 import re
@@ -28,13 +28,25 @@ print("ok")
     assert out.stdout.strip().endswith("ok")
 
 
-def _readme_blocks():
-    readme = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", readme, re.S)
+def test_supported_torch_range_is_the_one_ci_tests():
+    # pyproject.toml states the range, .ci/run tests its two ends, the README says both.
+    lower, upper = re.search(r'"torch>=(\d+\.\d+),<(\d+\.\d+)"', (ROOT / "pyproject.toml").read_text()).groups()
+    ci = (ROOT / ".ci" / "run").read_text()
+    oldest, newest = (re.search(rf"^{name}=(\S+)$", ci, re.M).group(1) for name in ("OLDEST", "NEWEST"))
+    minor = lambda v: tuple(int(p) for p in v.split(".")[:2])  # noqa: E731
+    assert minor(oldest) == minor(lower) and minor(newest) == (minor(upper)[0], minor(upper)[1] - 1)
+    assert f"PyTorch **{lower} to {newest.rsplit('.', 1)[0]}**" in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("block", _readme_blocks(), ids=lambda b: b.splitlines()[0][:40])
-def test_readme_python_runs_as_printed(block, tmp_path):
+def _doc_blocks():
+    """``(page, block)`` for every Python snippet of the README and the pages under docs/."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [(page.relative_to(ROOT).as_posix(), block) for page in pages
+            for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+
+
+@pytest.mark.parametrize("page, block", _doc_blocks(), ids=lambda v: v.splitlines()[0][:40] if "\n" in v else v)
+def test_doc_python_runs_as_printed(page, block, tmp_path):
     # Every Python snippet runs as printed on the machine it says it runs on: in this
     # process, on a CUDA machine (first line "# on a CUDA machine"), or as the script
     # its first line names, with the environment and command printed there.
@@ -46,7 +58,7 @@ def test_readme_python_runs_as_printed(block, tmp_path):
             pytest.skip("the snippet says it runs on a CUDA machine")
     script = re.match(r"# (\S+\.py): run as (.*?)  \(", first)
     if script is None:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, page, "exec"), {})
         return
     name, command = script.groups()
     (tmp_path / name).write_text(block)

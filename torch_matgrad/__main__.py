@@ -29,7 +29,11 @@ def main(argv=None) -> int:
             name, help=doc.splitlines()[0], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
         ))
     args = parser.parse_args(argv)
-    return modules[args.command].run(args)
+    try:
+        return modules[args.command].run(args)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; bench reports what finished before it returns
+        print(f"\n{args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .cli import Table, activation_name, rows_on_every_backend
+from .cli import INTERPRETER, Table, activation_name, planned_backends, rows_on_every_backend
 from .formulas import ACTIVATIONS, activate
 from .function import linear
 
@@ -29,8 +29,30 @@ _WIDEST = (6, 4, 9, 3, 4, 4, 7, 13)
 FP32_TOLERANCE = 1e-4
 
 
+#: Rough seconds per row on a 2-core CPU (the interpreter runs each kernel program in
+#: Python: 12-25 s a row), and on a GPU after the kernels are compiled (the first run
+#: compiles them: a minute or more).
+_ROW_SECONDS = {"torch": 0.6, "triton": 20.0, "cuda": 1.0}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--no-interpreter", action="store_true",
+                        help="leave out the rows of Triton's interpreter on the CPU (the slow part: "
+                        "about 20 s a row on 2 cores)")
+
+
+def _plan(pairs) -> str:
+    """What the check will run, and roughly how long, said before it starts."""
+    rows = 2 * len(ACTIVATIONS)
+    parts = []
+    for backend, device in pairs:
+        seconds = rows * _ROW_SECONDS["cuda" if device == "cuda" else backend]
+        where = "under Triton's interpreter" if (backend, device) == INTERPRETER else f"on {device}"
+        parts.append(f"{rows} rows of {backend} {where} (~{seconds / 60:.0f} min)" if seconds >= 90
+                     else f"{rows} rows of {backend} {where} (~{seconds:.0f} s)")
+    skip = "; --no-interpreter leaves the interpreter's rows out" if INTERPRETER in pairs else ""
+    return "check: " + ", then ".join(parts) + skip
 
 
 def _inputs(device, dtype, bias, generator, shape=(7, 5, 3)):
@@ -85,9 +107,11 @@ def passed(row: tuple) -> bool:
 
 
 def run(args) -> int:
+    interpreter = not args.no_interpreter
+    print(_plan(planned_backends(interpreter)), flush=True)
     table = Table(_COLUMNS, _WIDEST)
     total = failed = 0
-    for row in rows_on_every_backend(check_backend, args.seed):
+    for row in rows_on_every_backend(check_backend, args.seed, interpreter=interpreter):
         ok1, ok2, err = row[4:7]
         table.row((*row[:4], "pass" if ok1 else "FAIL", "pass" if ok2 else "FAIL", f"{err:.1e}", row[7]))
         total += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -19,7 +20,8 @@ CSV_COLUMNS = (
 
 
 class Progress:
-    """tqdm when installed, otherwise one rewritten line on stderr."""
+    """tqdm when installed, otherwise a line on stderr per case with the time spent and an
+    estimate of the time left (rewritten in place on a terminal)."""
 
     def __init__(self, total: int):
         try:
@@ -29,19 +31,25 @@ class Progress:
         else:
             self._bar = tqdm(total=total, unit="case", file=sys.stderr)
         self.total, self.done = total, 0
+        self._start = time.perf_counter()
 
     def step(self, label: str) -> None:
         self.done += 1
         if self._bar is not None:
             self._bar.set_postfix_str(label, refresh=False)
             self._bar.update()
+            return
+        spent = time.perf_counter() - self._start
+        line = f"[{self.done}/{self.total}] {label}: {spent:.0f} s, ~{spent / self.done * (self.total - self.done):.0f} s left"
+        if sys.stderr.isatty():
+            print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
         else:
-            print(f"\r[{self.done}/{self.total}] {label:<60}", end="", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif sys.stderr.isatty():
             print(file=sys.stderr)
 
 
