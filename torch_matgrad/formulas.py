@@ -236,17 +236,57 @@ def mlp_forward(
     return preactivation(mlp_hidden(u, g, activation), down_w, down_b), u, g
 
 
+def _grad_preactivation_into(grad: Tensor, saved: Tensor, activation: Optional[str]) -> Tensor:
+    """:func:`grad_preactivation` written into ``grad``'s own memory (PyTorch's derivative
+    kernels' ``out=`` forms): for a first-order backward, on a temporary of its own."""
+    if activation is None:
+        return grad
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(grad, saved, 0, grad_input=grad)
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu_backward.grad_input(grad, saved, approximate=approximate, grad_input=grad)
+    return torch.ops.aten.silu_backward.grad_input(grad, saved, grad_input=grad)
+
+
 def mlp_grad_preactivations(
-    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str], act_g: Optional[Tensor] = None
+    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str], act_g: Optional[Tensor] = None,
+    inplace: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(G_u, G_g)`` from ``grad_h = dL/dh`` (items 1 and 3): plain
     ``G_u = grad_h * act'(u)``; gated, the product rule (item 1) on ``act(g) * u``,
     ``G_u = grad_h * act(g)`` and ``G_g = grad_h * u * act'(g)`` (``act_g``: ``act(g)``
-    if the caller has it)."""
+    if the caller has it). ``inplace``: ``grad_h`` is a temporary of the caller's,
+    overwritten by ``G_u`` (plain) or ``G_g`` (gated) instead of allocating them."""
     if g is None:
-        return grad_preactivation(grad_h, u, activation), None
+        return (_grad_preactivation_into if inplace else grad_preactivation)(grad_h, u, activation), None
     act_g = activate(g, activation) if act_g is None else act_g
-    return grad_h * act_g, grad_preactivation(grad_h * u, g, activation)
+    g_u = grad_h * act_g
+    if inplace:
+        return g_u, _grad_preactivation_into(grad_h.mul_(u), g, activation)
+    return g_u, grad_preactivation(grad_h * u, g, activation)
+
+
+# A first-order backward of a plain block rebuilds h for grad_Wd in this many row chunks:
+# h whole would outlast u, G_u's products and the weight gradients (one (M, H) tensor
+# more than eager PyTorch's peak, which frees z before its first layer's products).
+_HIDDEN_CHUNKS = 2
+
+
+def _grad_down_weight(grad_out: Tensor, u: Tensor, act_g: Optional[Tensor], activation: Optional[str],
+                      inplace: bool) -> Tensor:
+    """``grad_Wd = G^T h`` with ``h`` rebuilt: gated, ``act(g) * u`` in ``act_g``'s memory
+    when ``inplace``; plain, ``act(u)`` whole, or with ``inplace`` in row chunks whose
+    products add up in place (``h`` never whole)."""
+    if act_g is not None:
+        # (Without an activation act_g is g itself, which is saved: not overwritten.)
+        return grad_weight(grad_out, act_g.mul_(u) if inplace and activation is not None else act_g * u)
+    rows = u.shape[0]
+    step = max(1, -(-rows // _HIDDEN_CHUNKS)) if inplace else max(rows, 1)
+    grad_w = grad_weight(grad_out[:step], activate(u[:step], activation))
+    for start in range(step, rows, step):
+        grad_w.addmm_(grad_out[start:start + step].t(), activate(u[start:start + step], activation))
+    return grad_w
 
 
 def mlp_backward(
@@ -270,35 +310,50 @@ def mlp_backward(
     for one layer: ``grad_Wd = G^T h``, ``grad_bd = G^T 1``, ``grad_h = G Wd``; the
     activation's chain rule (:func:`mlp_grad_preactivations`); and the first maps are
     items 9-11 again, ``grad_x`` summing what flows through both ``Wu`` and ``Wg``.
+
+    Peak memory: ``u`` (and ``g``) stay saved until the backward returns, where eager
+    PyTorch frees its pre-activation before its first layer's products, so the order
+    and the temporaries are chosen for a peak no higher than eager's. In a first-order
+    backward (grad mode off) every temporary is overwritten in place where it dies
+    (``G_u`` or ``G_g`` into ``grad_h``, gated ``h`` into ``act(g)``) and each ``G`` is freed
+    after its products; gated, ``grad_Wd`` comes before the first layer's products (its
+    ``h`` reuses ``act(g)``), plain after them, with ``h`` rebuilt in row chunks. Under
+    ``create_graph`` the same formulas run out of place, differentiably.
     """
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
+    inplace = not torch.is_grad_enabled()
     grad_down_w = grad_down_b = g_u = g_g = None
     if grad_out is not None:
-        act_g = None if g is None else activate(g, activation)  # once, for h and G_u
-        if need_down_w:
-            grad_down_w = grad_weight(grad_out, activate(u, activation) if g is None else act_g * u)
+        act_g = None if g is None else activate(g, activation)  # once, for G_u and h
+        if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
+            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation, act_g, inplace)
+        if need_down_w and g is not None:
+            grad_down_w = _grad_down_weight(grad_out, u, act_g, activation, inplace)
+        act_g = None
         if need_down_b:
             grad_down_b = grad_bias(grad_out)
-        if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
-            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation, act_g)
     if grad_u is not None:
         g_u = grad_u if g_u is None else g_u + grad_u
     if grad_g is not None:
         g_g = grad_g if g_g is None else g_g + grad_g
-    grad_x = None
-    if need_x:
-        for gz, w in ((g_u, up_w), (g_g, gate_w)):
-            if gz is not None:
-                grad_x = grad_input(gz, w) if grad_x is None else grad_x + grad_input(gz, w)
-    return (
-        grad_x,
-        grad_weight(g_u, x) if need_up_w and g_u is not None else None,
-        grad_bias(g_u) if need_up_b and g_u is not None else None,
-        grad_weight(g_g, x) if need_gate_w and g_g is not None else None,
-        grad_bias(g_g) if need_gate_b and g_g is not None else None,
-        grad_down_w,
-        grad_down_b,
-    )
+    grad_x = grad_up_w = grad_up_b = grad_gate_w = grad_gate_b = None
+    if g_u is not None:
+        grad_x = grad_input(g_u, up_w) if need_x else None
+        grad_up_w = grad_weight(g_u, x) if need_up_w else None
+        grad_up_b = grad_bias(g_u) if need_up_b else None
+        g_u = None  # freed before the gate's products
+    if g_g is not None:
+        if need_x:
+            if grad_x is None:
+                grad_x = grad_input(g_g, gate_w)
+            else:
+                grad_x = grad_x.addmm_(g_g, gate_w) if inplace else grad_x + grad_input(g_g, gate_w)
+        grad_gate_w = grad_weight(g_g, x) if need_gate_w else None
+        grad_gate_b = grad_bias(g_g) if need_gate_b else None
+        g_g = None
+    if grad_out is not None and need_down_w and g is None:
+        grad_down_w = _grad_down_weight(grad_out, u, None, activation, inplace)
+    return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b
 
 
 # ------------------------------------------------------- softmax cross-entropy (LM head)

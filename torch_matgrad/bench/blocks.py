@@ -5,7 +5,8 @@ For each shape (tokens ``M``, width ``d``, hidden width ``H``) and each kind (pl
 GELU as in GPT-2, gated SiLU as in Llama) one training step (forward, backward into the
 input and every parameter) is timed per provider, by the linear bench's timers, and
 the bytes the forward saves for backward are counted (``saved_tensors_hooks``: distinct
-storages, Parameters left out); on CUDA also the peak memory of the step. The
+storages, Parameters left out), and the peak memory of the step (CUDA: the allocator's
+peak; CPU: torch's profiler's memory timeline, :func:`cpu_peak_mib`). The
 compiled eager block shows what AOTAutograd's partitioner already recomputes; the
 compiled fused block is recorded beside it. Rows go to ``mlp.csv`` and ``mlp.md``.
 """
@@ -64,6 +65,25 @@ def blocks(d: int, hidden: int, kind: str, device: str, dtype: torch.dtype, prov
     return {name: made[name] for name in providers}
 
 
+def cpu_peak_mib(step: Callable[[], object]) -> float:
+    """MiB that ``step`` allocates on the CPU at its peak, above what was allocated
+    before it: every allocation and free that torch's profiler records, in order (its
+    memory timeline; torch's CPU allocator keeps no peak counter)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    totals = [sum(s) for s in sizes]  # the first: what was allocated before the step
+    return (max(totals) - totals[0]) / 2**20
+
+
+def step_peak_mib(step: Callable[[], object], device: str) -> float:
+    """The peak memory of one ``step`` above what it started with, in MiB."""
+    return peak_mem_mib(step) if device == "cuda" else cpu_peak_mib(step)
+
+
 def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: torch.dtype,
         providers: Sequence[str], timer: Callable) -> List[dict]:
     """Time and measure every case; write ``mlp.csv`` and ``mlp.md`` into ``out``."""
@@ -98,7 +118,7 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: tor
                            "median_ms": f"{median:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
                            "time_vs_eager": f"{median / base_t:.3f}", "saved_mib": f"{saved[name] / 2**20:.3f}",
                            "saved_vs_eager": f"{saved[name] / base_s:.3f}",
-                           "peak_mem_mib": f"{peak_mem_mib(steps[name]):.4g}" if device == "cuda" else ""}
+                           "peak_mem_mib": f"{step_peak_mib(steps[name], device):.4g}"}
                     writer.writerow(row)
                     rows.append(row)
                 f.flush()
