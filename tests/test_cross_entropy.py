@@ -152,16 +152,33 @@ def test_logits_are_never_formed_whole(reduction):
     assert default * 32000 * 4 <= formulas.CHUNK_BYTES < (default + 1) * 32000 * 4
 
 
-def test_what_is_saved_is_the_inputs_and_the_gradients():
+def test_what_is_kept_is_the_inputs_and_the_gradients():
     x = torch.randn(64, 16, requires_grad=True)
     w = nn.Parameter(torch.randn(100, 16))
     t = torch.randint(0, 100, (64,))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
         loss = mg.linear_cross_entropy(x, w, t, chunk_size=8)
-    assert {s.shape for s in saved if s.dim() == 2} == {x.shape, w.shape}  # x, W, grad_x, grad_W
-    assert sum(s.numel() for s in saved) == 2 * (x.numel() + w.numel()) + t.numel()
+    assert [s.shape for s in saved] == [x.shape, w.shape, t.shape]  # the inputs: nothing of (rows, vocab)
+    grad_x, grad_w, grad_b = loss.grad_fn.stored  # the forward's gradients, handed to the backward
+    assert grad_x.shape == x.shape and grad_w.shape == w.shape and grad_b is None
+    address = grad_w.data_ptr()
+    del grad_x, grad_w
     loss.backward()
+    assert w.grad.data_ptr() == address and loss.grad_fn.stored is None  # taken without a copy
+
+
+def test_a_second_backward_recomputes_what_the_first_handed_over():
+    x = torch.randn(20, 8, requires_grad=True)
+    w = nn.Parameter(torch.randn(30, 8))
+    t = _targets((20,), 30)
+    loss = mg.linear_cross_entropy(x, w, t, z_loss=1e-3, chunk_size=6)
+    first = torch.autograd.grad(loss, [x, w], torch.tensor(2.0), retain_graph=True)
+    second = torch.autograd.grad(loss, [x, w], torch.tensor(2.0))
+    want = torch.autograd.grad(2 * reference(x, w, t, z_loss=1e-3), [x, w])
+    for a, b, e in zip(first, second, want):
+        assert_rel_close(a, e, torch.float32)
+        assert_rel_close(b, e, torch.float32)
 
 
 def test_backend_of_the_forward_runs_the_backward(backend):  # noqa: F811

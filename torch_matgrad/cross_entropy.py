@@ -56,19 +56,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         _, *grads = output
         ctx.mark_non_differentiable(*(g for g in grads if g is not None))
         # x, W, b and the targets cost nothing to keep (the caller holds them); the
-        # backward recomputes from them under "none" and under double backward.
-        ctx.save_for_backward(x, weight, bias, target, *grads)
-        ctx.options, ctx.backend, ctx.stored = options, backend, options.reduction != "none"
+        # backward recomputes from them under "none", under double backward, and in a
+        # second backward (retain_graph). The forward's gradients are handed to the
+        # first backward, which scales them in place and returns them: kept as an
+        # attribute, not saved, so that nothing else holds them and autograd takes them
+        # as the parameters' .grad without a copy.
+        ctx.save_for_backward(x, weight, bias, target)
+        ctx.stored = tuple(grads) if options.reduction != "none" else None
+        ctx.options, ctx.backend = options, backend
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        x, weight, bias, target, *stored = ctx.saved_tensors
+        x, weight, bias, target = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
+        stored, ctx.stored = ctx.stored, None
         grads = dispatch.cross_entropy_backward(
-            grad_loss, stored if ctx.stored else None, x, weight, bias, target, ctx.options,
-            tuple(ctx.needs_input_grad[:3]), ctx.backend,
+            grad_loss, stored, x, weight, bias, target, ctx.options, tuple(ctx.needs_input_grad[:3]), ctx.backend
         )
         return (*grads, None, None, None, None)
 

@@ -544,14 +544,14 @@ def linear_cross_entropy_backward(
     """``(grad_x, grad_W, grad_b)`` of the reduced loss, ``grad_loss`` being its upstream
     gradient (0-dim for ``"mean"`` and ``"sum"``, ``(rows,)`` for ``"none"``).
 
-    ``stored``: the gradients the forward computed for the reduced loss; the loss's
-    gradient is linear in its upstream gradient, so they are scaled by ``grad_loss``.
-    Without them (``"none"``, whose upstream gradient differs per row), or when the
+    ``stored``: the gradients the forward computed for the reduced loss, handed over:
+    the loss's gradient is linear in its upstream gradient, so they are scaled by
+    ``grad_loss`` in place and returned (no copy of ``grad_W``). Without them (``"none"``, whose upstream gradient differs per row), or when the
     backward must itself be differentiable (grad mode on: double backward), the chunks are
     recomputed with the row weights ``w_i = grad_loss_i`` (``"none"``) or
     ``grad_loss * reduction_weight`` (item 12), in one chunk under grad mode."""
     if stored is not None and not torch.is_grad_enabled():
-        return tuple(None if g is None else g * grad_loss for g in stored)
+        return tuple(None if g is None else g.mul_(grad_loss) for g in stored)
     compute = torch.promote_types(x.dtype, torch.float32)
     row_weight = grad_loss if options.reduction == "none" else grad_loss * reduction_weight(target, options, compute)
     if torch.is_grad_enabled():

@@ -14,7 +14,7 @@ from typing import Callable, List
 import torch
 
 from ..cli import ACTIVATION_NAMES
-from . import blocks, host
+from . import blocks, host, lm_head
 from .environment import DEFAULT_OUT, default_out, environment
 from .measure import CLOCKS, failures, run_case, time_cpu, time_cuda
 from .plans import ALL_SETS, DEFAULT_ACTIVATIONS, DTYPES, MODES, SHAPE_SETS, plan
@@ -43,6 +43,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "both, plain GELU and gated SiLU, a training step's time and the bytes saved for backward "
                         "(CUDA: also peak memory), into mlp.csv and mlp.md; --dtype picks one dtype, --providers "
                         "narrows eager,torch_matgrad,compile (compile also compiles the fused block)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="LM head and loss: torch_matgrad.linear_cross_entropy against F.linear + "
+                        "F.cross_entropy and torch.compile of it, a training step's time and peak memory (each "
+                        "provider in a fresh process), into lm_head.csv and lm_head.md; --dtype picks one dtype, "
+                        "--providers narrows eager,torch_matgrad,matgrad_triton,compile")
     parser.add_argument("--quick", action="store_true",
                         help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
                         "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
@@ -99,6 +104,8 @@ def run(args) -> int:
         return run_host(args, device, env, out)
     if args.mlp:
         return run_mlp(args, device, env, out, timer)
+    if args.lm_head:
+        return run_lm_head(args, device, env, out, timer)
     cases = plan(args, device)
     started = time.perf_counter()
     print(f"bench: {len(cases)} cases x {len(providers)} providers on {env['device_name']}; writing {out}/",
@@ -201,4 +208,19 @@ def run_mlp(args, device: str, env: dict, out: Path, timer) -> int:
     rows = blocks.run(device, env, out, dtype_name, DTYPES[dtype_name], providers, timer)
     print(blocks.report(rows))
     print(f"bench --mlp: results in {out}/", file=sys.stderr)
+    return 0
+
+
+def run_lm_head(args, device: str, env: dict, out: Path, timer) -> int:
+    """``--lm-head``: see :mod:`torch_matgrad.bench.lm_head`."""
+    dtype_name = (args.dtype or ["bf16" if device == "cuda" else "fp32"])[0]
+    print(f"bench --lm-head: {len(lm_head.SHAPES[device])} shapes on {env['device_name']}; writing {out}/",
+          file=sys.stderr)
+    # matgrad_recompute runs with torch_matgrad; the kernels run CPU tensors only under
+    # the interpreter: asked for there only. eager is the baseline of every ratio.
+    wanted = set(args.providers or [p for p in lm_head.PROVIDERS if device == "cuda" or p != "matgrad_triton"])
+    wanted |= {"eager"} | ({"matgrad_recompute"} if "torch_matgrad" in wanted else set())
+    rows = lm_head.run(device, env, out, dtype_name, [p for p in lm_head.PROVIDERS if p in wanted], timer)
+    print(lm_head.report(rows))
+    print(f"bench --lm-head: results in {out}/", file=sys.stderr)
     return 0
