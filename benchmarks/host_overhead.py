@@ -1,7 +1,9 @@
 """Host overhead and kernel time of one inference call at decoding shapes.
 
 For each shape and provider (``eager``: ``F.linear`` + activation; ``torch``/``triton``:
-``torch_matgrad.linear`` with that backend forced), under ``torch.no_grad``:
+``torch_matgrad.linear`` with that backend forced; ``triton_jit``: the Triton backend with
+every launch through Triton's own ``JITFunction.run``, the cached launcher's direct call
+switched off, ``launch.direct_launches(False)``), under ``torch.no_grad``:
 
 * ``host us``: wall time per call of a loop of calls that never waits for the GPU. When
   this exceeds the kernel time, the GPU idles between calls and the host is the limit.
@@ -11,7 +13,14 @@ For each shape and provider (``eager``: ``F.linear`` + activation; ``torch``/``t
 
 Then a profile of the slowest provider's host path (top functions by own and by cumulative time).
 
-Usage: python benchmarks/host_overhead.py [--device cuda|cpu] [--calls N]
+``--wrapper`` (any machine; on a CPU under ``TRITON_INTERPRET=1``) measures instead the
+host time of the launch wrapper alone, per launch: ``triton_backend.forward`` and the
+``grad_W + grad_b`` launch, each kernel forced, with the compiled kernel replaced by a
+stand-in whose launcher does nothing, so every line from the op's call to the binary's
+launcher runs (the direct path of ``launch.CachedKernel``) and nothing of the GPU does.
+Process CPU time, best of 7 rounds of 2000 calls.
+
+Usage: python benchmarks/host_overhead.py [--device cuda|cpu] [--calls N] [--wrapper]
 On a CPU only ``host us`` is measured (the tiny shapes of the CPU set).
 """
 
@@ -27,13 +36,14 @@ import torch
 import torch.nn.functional as F
 
 import torch_matgrad
+from torch_matgrad.bench.measure import graph_ms
 from torch_matgrad.formulas import activate
 
 SHAPES = {
     "cuda": [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 11008), (64, 11008, 4096), (512, 4096, 4096)],
     "cpu": [(1, 64, 32), (8, 256, 256)],
 }
-PROVIDERS = ("eager", "torch", "triton")
+PROVIDERS = ("eager", "torch", "triton", "triton_jit")
 GRAPH_CALLS = 20
 
 
@@ -41,8 +51,12 @@ def _fn(provider, act):
     if provider == "eager":
         return lambda x, w, b: activate(F.linear(x, w, b), act)
 
+    from torch_matgrad.triton_kernels import launch
+
+    backend, direct = ("triton", False) if provider == "triton_jit" else (provider, True)
+
     def run(x, w, b):
-        with torch_matgrad.use_backend(provider):
+        with torch_matgrad.use_backend(backend), launch.direct_launches(direct):
             return torch_matgrad.linear(x, w, b, activation=act)
 
     return run
@@ -60,28 +74,53 @@ def _host_us(fn, args, calls, sync):
     return host
 
 
-def _graph_us(fn, args):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / GRAPH_CALLS)
-    return sorted(times)[len(times) // 2]
+class _Binary:
+    """A stand-in for a compiled kernel: its launcher returns at once."""
+
+    function = packed_metadata = None
+
+    def run(self, *args):
+        pass
+
+    def launch_metadata(self, *args):
+        return None
+
+
+class _Tuner:
+    """A stand-in for the autotuner: chooses ``config`` and hands the stand-in binary."""
+
+    def __init__(self, config):
+        self.configs, self.best_config = [config, config], config
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: _Binary()
+
+
+def wrapper_us(rounds: int = 7, calls: int = 2000) -> dict:
+    """Host microseconds per launch of the wrapper alone (``--wrapper``; see above)."""
+    from torch_matgrad import triton_backend
+    from torch_matgrad.triton_kernels import configs, launch, ops
+
+    launch._current_stream = lambda: 0
+    launch.POINTER = launch.CachedKernel(launch.POINTER.fn, _Tuner(configs.CONFIGS[1]), first_constexpr="PRO_ACT")
+    launch.TMA = launch.CachedKernel(launch.TMA.fn, _Tuner(configs.TMA_CONFIGS[2]), first_constexpr="ROWSUM")
+    x, w, b, g = (torch.randn(*s, dtype=torch.bfloat16) for s in ((256, 512), (1024, 512), (1024,), (256, 1024)))
+    cases = {
+        "descriptor kernel, forward + bias + GELU-tanh + z": ("tma", lambda: triton_backend.forward(x, w, b, "gelu_tanh")),
+        "descriptor kernel, grad_W + grad_b": (
+            "tma", lambda: triton_backend.backward(g, None, x, w, None, None, (False, True, True))),
+        "pointer kernel, forward + bias": ("pointer", lambda: triton_backend.forward(x, w, b, None)),
+    }
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(rounds):  # interleaved: load from other processes hits every case alike
+        for name, (kernel, fn) in cases.items():
+            with ops.gemm_kernel(kernel):
+                fn()
+                start = time.process_time()
+                for _ in range(calls):
+                    fn()
+                best[name] = min(best[name], (time.process_time() - start) / calls * 1e6)
+    return best
 
 
 def main(argv=None) -> None:
@@ -89,12 +128,19 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=300, help="calls per host timing (default 300)")
     parser.add_argument("--activation", default="gelu_tanh", choices=("none", "gelu_tanh", "silu"))
+    parser.add_argument("--wrapper", action="store_true", help="the launch wrapper's own host time (see above)")
     args = parser.parse_args(argv)
+    if args.wrapper:
+        torch.set_num_threads(1)
+        print(f"launch wrapper, host us per launch (binary stubbed; torch {torch.__version__}):")
+        for name, us in wrapper_us().items():
+            print(f"{us:8.1f}  {name}")
+        return
     cuda = args.device == "cuda"
     act = None if args.activation == "none" else args.activation
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    providers = [p for p in PROVIDERS if cuda or p != "triton"]
+    providers = [p for p in PROVIDERS if cuda or not p.startswith("triton")]
     print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}; activation {args.activation}")
     print(f"{'M x K x N':>18} {'provider':>8} {'host us':>9} {'graph us':>9}")
     slowest = (0.0, None)
@@ -106,7 +152,7 @@ def main(argv=None) -> None:
             for p in providers:
                 fn = _fn(p, act)
                 host = _host_us(fn, (x, w, b), args.calls, sync)
-                graph = _graph_us(fn, (x, w, b)) if cuda else float("nan")
+                graph = graph_ms(lambda: fn(x, w, b), calls=GRAPH_CALLS) * 1e3 if cuda else float("nan")
                 print(f"{f'{m} x {k} x {n}':>18} {p:>8} {host:9.1f} {graph:9.1f}", flush=True)
                 if host > slowest[0]:
                     slowest = (host, (p, fn, (x, w, b)))

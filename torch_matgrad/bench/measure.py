@@ -1,5 +1,7 @@
 """Measuring one case: input sets that rotate past the cache, the check against the
-baseline, the timers (CUDA events, or interleaved CPU rounds), and the rows."""
+baseline, the timers (CUDA events, or interleaved CPU rounds; on CUDA also the step
+replayed from a CUDA graph, which leaves the host out: kernel time apart from host
+time), and the rows."""
 
 from __future__ import annotations
 
@@ -132,6 +134,34 @@ def time_cpu(
     return {name: _quantiles(s) for name, s in samples.items()}
 
 
+def graph_ms(step: Callable[[], object], calls: int = 1, replays: int = 20) -> float:
+    """Median milliseconds per call of ``step`` replayed from a CUDA graph holding
+    ``calls`` calls of it: the GPU's time with no host in the way. The step runs twice
+    on the capture stream first (autotuning, compilation and allocations stay out of
+    the graph); each replay is timed with CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def peak_mem_mib(step: Callable) -> float:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -154,11 +184,14 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
     diffs: Dict[str, float] = {}
     errors: Dict[str, str] = {}
     steps: Dict[str, Callable] = {}
+    first_call: Dict[str, float] = {}
     for p in providers:
         try:
             fn = provider_fn(p)
             with provider_context(p):
+                started = time.perf_counter()  # the first call: compilation and autotuning
                 diffs[p] = _max_rel_diff(_results(fn, act, case.mode, sets[0]), want)
+                first_call[p] = time.perf_counter() - started
                 step = in_context(p, _step(fn, act, case.mode, sets))
             step()
             step()  # replays must work too (CUDA graphs, retained autograd graphs)
@@ -168,6 +201,8 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
     del want
     timings = timer(steps) if steps else {}
     base = timings.get(BASELINE)
+    graphs = _graph_times(steps) if device == "cuda" else {}
+    base_graph = graphs.get(BASELINE)
     flops = FLOPS_PER_MNK[case.mode] * case.m * case.n * case.k
     rows = []
     for p in providers:
@@ -176,8 +211,11 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
             "activation": case.activation, "mode": case.mode, "provider": p,
             "backend": backend_of(p, sets[0][:3]),
             "median_ms": "", "p20_ms": "", "p80_ms": "", "tflops": "", "peak_mem_mib": "", "time_vs_eager": "",
+            "graph_ms": "", "graph_vs_eager": "", "first_call_s": f"{first_call[p]:.2f}" if p in first_call else "",
             "max_rel_diff_vs_eager": f"{diffs[p]:.2e}" if p in diffs else "", "error": errors.get(p, ""),
         }
+        if p in graphs:
+            row.update(graph_ms=f"{graphs[p]:.4f}", graph_vs_eager=f"{graphs[p] / base_graph:.3f}" if base_graph else "")
         if p in timings:
             median, p20, p80 = timings[p]
             row.update(median_ms=f"{median:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
@@ -187,6 +225,18 @@ def run_case(case: Case, device: str, providers: Sequence[str], timer: Callable,
                 row["peak_mem_mib"] = f"{peak_mem_mib(steps[p]):.4g}"
         rows.append(row)
     return rows
+
+
+def _graph_times(steps: Dict[str, Callable]) -> Dict[str, float]:
+    """:func:`graph_ms` per provider; a step that cannot be captured has none (its row
+    keeps the CUDA-event timing, and the graph columns stay empty)."""
+    times: Dict[str, float] = {}
+    for name, step in steps.items():
+        try:
+            times[name] = graph_ms(step)
+        except Exception:  # noqa: BLE001 -- some steps cannot be captured; the others still are
+            torch.cuda.synchronize()
+    return times
 
 
 def failures(rows: Sequence[dict]) -> List[str]:

@@ -14,7 +14,7 @@ from .providers import BASELINE
 CSV_COLUMNS = (
     "date", "commit", "device", "device_name", "torch", "triton", "clock", "shape_set", "M", "K", "N", "dtype",
     "activation", "mode", "provider", "backend", "median_ms", "p20_ms", "p80_ms", "tflops", "peak_mem_mib",
-    "time_vs_eager", "max_rel_diff_vs_eager", "error",
+    "time_vs_eager", "graph_ms", "graph_vs_eager", "first_call_s", "max_rel_diff_vs_eager", "error",
 )
 
 
@@ -59,11 +59,16 @@ def _case_key(r: dict) -> tuple:
 
 
 def pivot(rows: Sequence[dict]) -> Tuple[List[str], List[List[str]]]:
-    """One line per case: time and TFLOP/s per provider, time relative to eager."""
+    """One line per case: time and TFLOP/s per provider, time relative to eager; on CUDA
+    also the time of the step replayed from a CUDA graph and its ratio (the kernels'
+    share apart from the host's)."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
+    graphs = any(r.get("graph_ms") for r in rows)
     header = ["set", "M x K x N", "dtype", "act", "mode"]
     for p in providers:
         header += [f"{p} ms", f"{p} TFLOP/s"] + ([f"{p}/eager"] if p != BASELINE else [])
+        if graphs:
+            header += [f"{p} graph ms"] + ([f"{p}/eager graph"] if p != BASELINE else [])
     lines = []
     for key, group in itertools.groupby(rows, key=_case_key):
         by = {r["provider"]: r for r in group}
@@ -73,6 +78,9 @@ def pivot(rows: Sequence[dict]) -> Tuple[List[str], List[List[str]]]:
             line += ([r["median_ms"] or "error", r["tflops"]]) if r else ["", ""]
             if p != BASELINE:
                 line.append(r["time_vs_eager"] if r else "")
+            if graphs:
+                line += [r.get("graph_ms", "") if r else ""] + ([r.get("graph_vs_eager", "") if r else ""]
+                                                                 if p != BASELINE else [])
         lines.append(line)
     return header, lines
 
