@@ -321,7 +321,8 @@ def test_accelerate_hooks_are_refused_before_and_block_restore_after():
     remove_hook_from_module(model)
     assert mg.fuse_lm_head_loss(model) == 1
     add_hook_to_module(model, ModelHook())  # patched again on top of the fused forward
-    with pytest.warns(UserWarning, match=r"restore_lm_head_loss: left the model \(LlamaForCausalLM\) .* remove those hooks"):
+    again = r"restore_lm_head_loss: left the model \(LlamaForCausalLM\) .* remove those hooks"
+    with pytest.warns(UserWarning, match=again):
         assert mg.restore_lm_head_loss(model) == 0
     remove_hook_from_module(model)
     with warnings.catch_warnings():

@@ -89,8 +89,9 @@ def lm_head_refusal(model: nn.Module) -> Optional[str]:
         return f"its lm_head is a {type(head).__qualname__}, not a linear layer the fused op reads"
     if _hooked(head):
         return "its lm_head has module hooks or a patched forward, which the fused op would skip"
-    if model.loss_function is not ForCausalLMLoss:
-        return f"its loss_function is {getattr(model.loss_function, '__qualname__', model.loss_function)}, not ForCausalLMLoss"
+    loss = model.loss_function
+    if loss is not ForCausalLMLoss:
+        return f"its loss_function is {getattr(loss, '__qualname__', loss)}, not ForCausalLMLoss"
     return None
 
 

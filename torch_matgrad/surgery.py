@@ -593,6 +593,9 @@ def restore_lm_head_loss(model: nn.Module) -> int:
             del module.forward
             restored += 1
         elif isinstance(module.__dict__.get("_old_forward"), LMHeadLossForward):
-            reason = "its forward was patched again after fuse_lm_head_loss (accelerate's _hf_hook); remove those hooks first"
+            reason = (
+                "its forward was patched again after fuse_lm_head_loss (accelerate's _hf_hook); "
+                "remove those hooks first"
+            )
             _warn_left_model("restore_lm_head_loss", name, module, reason)
     return restored
