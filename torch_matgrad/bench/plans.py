@@ -27,6 +27,8 @@ SHAPE_SETS: Dict[str, List[Tuple[int, int, int]]] = {
     "cpu_quick": [(256, 512, 512), (256, 1024, 4096), (256, 4096, 1024)],
     # Seconds in total anywhere: tests and dry runs of the tooling.
     "tiny": [(7, 33, 17), (64, 128, 96)],
+    # Two transformer projections, for what costs minutes per shape (torch.compile's max-autotune).
+    "transformer_pair": [(2048, 4096, 11008), (2048, 11008, 4096)],
 }
 ALL_SETS = ("transformer", "square", "decode", "odd")
 
