@@ -8,16 +8,31 @@
 #   bench.log    progress and tables of the benchmarks
 #   quick/       bf16, the four quick shapes, forward / backward / full x none / gelu_tanh / silu:
 #                torch_matgrad ("auto"), eager (cuBLAS + F activation) and the Triton backend
-#                (matgrad_triton); with matgrad_gz_prologue added to its --providers, also the
-#                Triton backward with act' in the GEMM prologue (2.6-5.2x slower than the
-#                G_z pass on the H100 at 3b39b49, so no longer timed by default)
-#   kernels/     bf16, the four quick shapes, each product the backend launches: the pointer
-#                GEMM kernel against the descriptor (TMA) kernel, both forced, and which won
-#                where (benchmarks/kernel_choice.py: kernel_choice.csv, kernel_choice.md)
-#   decode/      bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels
-#   profile.log  the kernels of one training step (the layer at 4096^3, and the MLP blocks),
-#                torch_matgrad ("auto"), the Triton backend and eager, and a host profile of
-#                the slowest layer call
+#                (matgrad_triton); every step timed twice: CUDA events around each call (host
+#                included) and replayed from a CUDA graph (graph ms, graph/eager: the kernels
+#                alone), so kernel ratio and host ratio are separate numbers; with
+#                matgrad_gz_prologue added to its --providers, also the Triton backward with
+#                act' in the GEMM prologue (2.6-5.2x slower than the G_z pass on the H100 at
+#                3b39b49, so no longer timed by default)
+#   host_overhead.log  host us per inference call at decoding shapes (and 512 x 4096 x 4096):
+#                F.linear, the op on cuBLAS, the Triton backend with its cached direct
+#                launches (triton) and through Triton's JITFunction.run (triton_jit), beside
+#                the time per call replayed from a CUDA graph; then a host profile
+#   host/        whole layer calls, torch_matgrad.Linear against nn.Linear: the targets
+#                1 x 4096 -> 4096 bf16 inference <= 1.3x, 1 x 64 -> 64 training <= 1.5x
+#   mlp/         the MLP blocks' training step and peak memory against eager's (targets:
+#                step within 5%, peak at most eager's)
+#   train.log    a small transformer's training step, stock against replace_linear +
+#                fuse_mlps ("auto", and the Triton backend asked for): target >= 1.0x
+#   compile/     bf16 full steps with GELU-tanh at two transformer projections: eager,
+#                torch_matgrad, torch.compile of the eager layer in the default mode and
+#                with max-autotune (compile time kept out of the timing, in first_call_s)
+#   On request (STAGES): kernels/ (bf16, the four quick shapes, each product the backend
+#                launches, grad_W + grad_b among them: the pointer GEMM kernel against the
+#                descriptor (TMA) kernel, both forced, benchmarks/kernel_choice.py), decode/
+#                (bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels),
+#                profile.log (the kernels of one training step, the layer at 4096^3 and the
+#                MLP blocks)
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
@@ -32,15 +47,19 @@
 # never use them).
 #
 # Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
-# the benchmarks run on the CPU on tiny shapes (seconds; the kernel comparison under the
-# interpreter; their figures say nothing about any GPU). Each stage has a time limit
-# (setup 40, ceilings 20, tests 150, warm-up 120, quick bench 90, kernel comparison 60,
-# decode bench 45, profiles 60, host bench 30, MLP bench 45: at most 12.8 min with the
-# 10 s grace each, more than one 10-minute call, so STAGES leaves the decode and host
-# benches out unless asked); the benchmarks run even when a test fails. Prints the results
-# tables last. Exit status 1 if any stage failed. On an H100 with an empty Triton cache the
-# default stages took 4.9 min with the autotuning narrowed to the seven configurations that
-# won somewhere in kernel_choice.md:
+# the benchmarks run on the CPU on tiny shapes (seconds; the launch wrapper's host time with
+# the binary stubbed instead of host_overhead's GPU tables; their figures say nothing about
+# any GPU). Each stage has a time limit (setup 40, ceilings 20, tests 150, warm-up 120,
+# quick bench 90, host overhead 60, host bench 30, MLP bench 45, training step 45, compile
+# bench 120; on request kernel comparison 60, decode bench 45, profiles 60); the default
+# stages' limits add up to 12.3 min with the 10 s grace each, but what they take is less:
+# on an H100 with an empty Triton cache, tests, warm-up, quick bench, kernel comparison,
+# profiles and MLP bench took 4.9 min (3b39b49); the stages since are predicted at ~0.5 min
+# (host overhead), ~0.3 (host bench), ~0.5 (training step) and ~1.5-2 (compile bench, most
+# of it max-autotune), ~7-7.5 min in all: one call of at most 8. The benchmarks run even
+# when a test fails. Prints the results tables last. Exit status 1 if any stage failed.
+# Narrow the autotuning to the seven configurations that won somewhere in kernel_choice.md
+# on the H100:
 #   TORCH_MATGRAD_TRITON_CONFIGS=256x128x64_s3_w8,128x128x64_s4_w8,128x128x32_s4_w4,\
 #   tma_128x256x64_s3_w8,tma_128x256x64_s4_w8_e2,tma_128x128x64_s4_w4,tma_128x128x64_s4_w8 \
 #   benchmarks/gpu_check.sh OUTDIR
@@ -50,9 +69,10 @@
 #   TORCH_MATGRAD_COMMIT=...  the commit to record where the tree has no .git
 #   JOBS=...                  pytest-xdist workers (default: the CPU count, at most 16)
 #   STAGES="tests quick-bench ..."  run only these stages (setup and ceilings always run):
-#                             tests warm-up quick-bench kernel-choice decode-bench profile
-#                             host-bench mlp-bench; "all" runs every one; the default is
-#                             "tests warm-up quick-bench kernel-choice profile mlp-bench"
+#                             tests warm-up quick-bench host-overhead host-bench mlp-bench
+#                             train-step compile-bench kernel-choice decode-bench profile;
+#                             "all" runs every one; the default is "tests warm-up quick-bench
+#                             host-overhead host-bench mlp-bench train-step compile-bench"
 #   TORCH_MATGRAD_TRITON_CONFIGS=...  narrow the autotuning (warm-up and benchmarks)
 set -u -o pipefail
 
@@ -67,7 +87,7 @@ PY=${PYTHON:-python3}
 FAILED=()
 
 # stage NAME SECONDS LOG COMMAND...: run with a time limit, append to LOG, record failure.
-STAGES=${STAGES:-tests warm-up quick-bench kernel-choice profile mlp-bench}
+STAGES=${STAGES:-tests warm-up quick-bench host-overhead host-bench mlp-bench train-step compile-bench}
 [ "$STAGES" = all ] && STAGES=""
 
 # wanted NAME: whether STAGES (empty: every stage) runs the stage NAME.
@@ -196,6 +216,9 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     DECODE="--shapes decode --dtype bf16 --activation none,gelu_tanh --mode forward,full \
 --providers eager,matgrad_torch,matgrad_triton --rep-ms 50"
     MLP="--mlp --providers eager,torch_matgrad,matgrad_triton"
+    COMPILE="--shapes transformer_pair --dtype bf16 --activation gelu_tanh --mode full \
+--providers eager,torch_matgrad,compile_default,compile --rep-ms 50"
+    HOST_OVERHEAD="--calls 200"
     MARKS="cuda or kernels"
     KERNELS=""
     # Whether "auto" gives the quick shapes (bf16, rows of 4096) to the descriptor kernel here.
@@ -210,6 +233,9 @@ else
     QUICK="--quick --device cpu --shapes tiny --rep-ms 50"
     DECODE="--device cpu --shapes tiny --dtype fp32 --activation none --mode forward \
 --providers eager,matgrad_torch --rep-ms 20"
+    COMPILE="--device cpu --shapes tiny --dtype fp32 --activation gelu_tanh --mode full \
+--providers eager,torch_matgrad,compile_default --rep-ms 20"
+    HOST_OVERHEAD="--wrapper"
     MARKS="cuda"
     KERNELS="--device cpu"
 fi
@@ -239,14 +265,22 @@ stage quick-bench 90 bench.log "$PY" -m torch_matgrad bench $QUICK --out "$OUT/q
 stage kernel-choice 60 bench.log "$PY" "$ROOT/benchmarks/kernel_choice.py" $KERNELS --out "$OUT/kernels"
 # shellcheck disable=SC2086
 stage decode-bench 45 bench.log "$PY" -m torch_matgrad bench $DECODE --out "$OUT/decode"
+# Host time per launch: the GPU tables, or without one the wrapper's own time (the
+# interpreter's code path, the binary stubbed).
+# shellcheck disable=SC2086
+stage host-overhead 60 host_overhead.log env $([ $GPU -eq 0 ] && echo TRITON_INTERPRET=1) \
+    "$PY" "$ROOT/benchmarks/host_overhead.py" $HOST_OVERHEAD
+stage train-step 45 train.log "$PY" "$ROOT/benchmarks/train_step.py" $([ $GPU -eq 0 ] && echo --rounds 3 --steps 2)
+# shellcheck disable=SC2086
+stage compile-bench 120 bench.log "$PY" -m torch_matgrad bench $COMPILE --no-plot --out "$OUT/compile"
 # Host overhead of whole layer calls, and the MLP block without compiling (tens of
 # seconds per compiled case): what the GPU adds to the CPU figures of both. (The dry run
 # skips them: tests/test_bench.py runs both modes on the CPU.)
 if [ $GPU -eq 1 ]; then
     # The kernels of one full step at 4096^3 (their binaries are the quick bench's) and of
-    # the MLP blocks' steps, then a host profile of the slowest layer call.
+    # the MLP blocks' steps.
     stage profile 60 profile.log bash -c '"$PY" "$ROOT/benchmarks/profile_step.py" && \
-"$PY" "$ROOT/benchmarks/profile_step.py" --mlp && "$PY" "$ROOT/benchmarks/host_overhead.py" --calls 200'
+"$PY" "$ROOT/benchmarks/profile_step.py" --mlp'
     stage host-bench 30 bench.log "$PY" -m torch_matgrad bench --host --out "$OUT/host"
     # shellcheck disable=SC2086
     stage mlp-bench 45 bench.log "$PY" -m torch_matgrad bench $MLP --rep-ms 50 --out "$OUT/mlp"
@@ -256,7 +290,10 @@ echo
 for md in host/host.md mlp/mlp.md; do
     [ -f "$OUT/$md" ] && cat "$OUT/$md" && echo
 done
-for run in quick decode; do
+for log in host_overhead.log train.log; do
+    [ -f "$OUT/$log" ] && echo "== $log" && grep -v "^\$" "$OUT/$log" | sed -n '1,40p' && echo
+done
+for run in quick decode compile; do
     if [ -f "$OUT/$run/bench.md" ]; then
         cat "$OUT/$run/bench.md"
     elif [ -f "$OUT/$run/bench.csv" ]; then
