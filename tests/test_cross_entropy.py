@@ -97,6 +97,27 @@ def test_matches_eager_and_float64(backend, variant, reduction, dtype, rows):  #
         assert rel_err(a, b) <= tol, f"{name} ({backend}): {rel_err(a, b):.2e} > {tol:.2e}"
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_strategy_matches_float64(reduction, dtype):
+    """The Triton backend's other strategy: the cross-entropy kernels (CCE's way)."""
+    x64 = torch.randn(37, 33, dtype=torch.float64, requires_grad=True)
+    w64 = (torch.randn(67, 33, dtype=torch.float64) / 33**0.5).requires_grad_()
+    t = _targets((37,), 67)
+    ref = _call(reference, x64, w64, t, None, reduction, "smooth_zloss_softcap")
+    x, w = (v.detach().to(dtype).requires_grad_() for v in (x64, w64))
+    with mg.use_backend("triton"), mg.dispatch.cross_entropy_strategy("kernels"), mg.dispatch.recording() as ran:
+        got = _call(mg.linear_cross_entropy, x, w, t, None, reduction, "smooth_zloss_softcap")
+        grad = torch.randn_like(ref)
+        got_grads = torch.autograd.grad(got, [x, w], grad.to(dtype))
+    assert ran == {("forward", "triton"): 1, ("backward", "triton"): 1}
+    for a, b in zip([got, *got_grads], [ref, *torch.autograd.grad(ref, [x64, w64], grad)]):
+        assert_rel_close(a, b, dtype)
+    with pytest.raises(ValueError, match="unknown strategy 'fused'; choose one of chunked, kernels"):
+        with mg.dispatch.cross_entropy_strategy("fused"):
+            pass
+
+
 def test_grad_logits_is_autograd_of_the_rows_loss():
     """Item 12 evaluated on its own: G_z against autograd of sum_i w_i loss_i."""
     z = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)

@@ -34,9 +34,11 @@ _OP = "torch_matgrad.linear_cross_entropy"
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """``(loss, grad_x, grad_W, grad_b)`` for 2-D ``x`` and 1-D ``target``; the last
-    three are the forward's gradients of ``loss`` (None unless ``needs`` asks for them,
-    and always None under ``"none"``), kept for the backward and not differentiable.
+    """``(loss, grad_x, grad_W, grad_b, lse)`` for 2-D ``x`` and 1-D ``target``; the
+    gradients are the forward's gradients of ``loss`` (None unless ``needs`` asks for
+    them, and always None under ``"none"``), ``lse`` what the Triton kernels' backward
+    needs (:func:`dispatch.cross_entropy_strategy`; else None), all for the backward and
+    not differentiable.
 
     ``apply(x, weight, bias, target, options, needs, backend)``: ``backend`` is
     :func:`dispatch.chosen_backend`'s answer, kept for the backward.
@@ -47,33 +49,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         row_weight = None
         if options.reduction != "none" and any(needs):
             row_weight = formulas.reduction_weight(target, options, torch.promote_types(x.dtype, torch.float32))
-        loss, *grads = dispatch.cross_entropy_forward(x, weight, bias, target, options, row_weight, needs, backend)
-        return (formulas.reduce_loss(loss, target, options), *grads)
+        loss, *grads, lse = dispatch.cross_entropy_forward(x, weight, bias, target, options, row_weight, needs, backend)
+        return (formulas.reduce_loss(loss, target, options), *grads, lse)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, target, options, needs, backend = inputs
-        _, *grads = output
-        ctx.mark_non_differentiable(*(g for g in grads if g is not None))
+        _, *grads, lse = output
+        ctx.mark_non_differentiable(*(g for g in (*grads, lse) if g is not None))
         # x, W, b and the targets cost nothing to keep (the caller holds them); the
         # backward recomputes from them under "none", under double backward, and in a
         # second backward (retain_graph). The forward's gradients are handed to the
         # first backward, which scales them in place and returns them: kept as an
         # attribute, not saved, so that nothing else holds them and autograd takes them
         # as the parameters' .grad without a copy.
-        ctx.save_for_backward(x, weight, bias, target)
-        ctx.stored = tuple(grads) if options.reduction != "none" else None
+        # The Triton kernels' forward returns each row's logsumexp instead (lse), for
+        # their backward.
+        ctx.save_for_backward(x, weight, bias, target, lse)
+        ctx.stored = tuple(grads) if options.reduction != "none" and lse is None else None
         ctx.options, ctx.backend = options, backend
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        x, weight, bias, target = ctx.saved_tensors
+        x, weight, bias, target, lse = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
         stored, ctx.stored = ctx.stored, None
         grads = dispatch.cross_entropy_backward(
-            grad_loss, stored, x, weight, bias, target, ctx.options, tuple(ctx.needs_input_grad[:3]), ctx.backend
+            grad_loss, stored, lse, x, weight, bias, target, ctx.options, tuple(ctx.needs_input_grad[:3]), ctx.backend
         )
         return (*grads, None, None, None, None)
 

@@ -294,26 +294,68 @@ def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activa
     )
 
 
-def _products(backend: str):
-    """What computes the linear cross-entropy's chunk products: torch ops (None), or the
-    Triton backend's fused GEMMs (:func:`formulas.linear_cross_entropy`'s ``linear``)."""
-    return None if backend == "torch" else _triton()
+#: How the Triton backend computes the linear cross-entropy (:func:`cross_entropy_strategy`).
+CE_STRATEGIES = ("chunked", "kernels")
+_ce_strategy = "chunked"
+
+
+@contextlib.contextmanager
+def cross_entropy_strategy(name: str) -> Iterator[None]:
+    """How the Triton backend runs the linear cross-entropy of the ops whose forward runs
+    inside the block (their backward follows the forward):
+
+    ``"chunked"`` (default)
+        :func:`formulas.linear_cross_entropy` with each chunk's products in the fused
+        GEMM: the gradients come in the forward, as on every other device.
+    ``"kernels"``
+        The cross-entropy kernels (``triton_kernels/cross_entropy.py``, CCE's way): the
+        forward keeps each row's logsumexp, the backward recomputes the logits tile by
+        tile; no ``(rows, V)`` chunk is ever written. For fp16, bf16 and fp32.
+
+    The default stays ``"chunked"`` until a GPU has measured the two
+    (``bench --lm-head``'s ``matgrad_triton`` and ``matgrad_kernels``)."""
+    global _ce_strategy
+    if name not in CE_STRATEGIES:
+        raise ValueError(f"cross_entropy_strategy: unknown strategy {name!r}; choose one of {', '.join(CE_STRATEGIES)}")
+    previous, _ce_strategy = _ce_strategy, name
+    try:
+        yield
+    finally:
+        _ce_strategy = previous
+
+
+def _kernel_options(options) -> dict:
+    return dict(ignore_index=options.ignore_index, label_smoothing=options.label_smoothing, z_loss=options.z_loss,
+                softcap=options.softcap)
 
 
 def cross_entropy_forward(x, weight, bias, target, options, row_weight, needs, backend: str):
-    """``(loss, grad_x, grad_W, grad_b)`` of the linear cross-entropy on ``backend``: the
-    chunked rows of :func:`formulas.linear_cross_entropy`, whose products run there."""
+    """``(loss, grad_x, grad_W, grad_b, lse)`` of the linear cross-entropy on ``backend``:
+    the chunked rows of :func:`formulas.linear_cross_entropy` (``lse`` None), whose
+    products run there; or, on the Triton backend under ``cross_entropy_strategy("kernels")``,
+    the kernels' per-row losses and logsumexps (no gradients: the backward computes them)."""
     if _ran is not None:
         _ran["forward", backend] += 1
-    return formulas.linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, _products(backend))
+    if backend == "torch":
+        return (*formulas.linear_cross_entropy(x, weight, bias, target, options, row_weight, needs), None)
+    if _ce_strategy == "kernels" and x.dtype in _triton().CE_DTYPES:
+        loss, lse = _triton().lce_forward(x, weight, bias, target, **_kernel_options(options))
+        return loss, None, None, None, lse
+    return (*formulas.linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, _triton()), None)
 
 
-def cross_entropy_backward(grad_loss, stored, x, weight, bias, target, options, needs, backend: str):
+def cross_entropy_backward(grad_loss, stored, lse, x, weight, bias, target, options, needs, backend: str):
     """The linear cross-entropy's gradients on the backend its forward ran (the same
-    exceptions as :func:`backward`); see :func:`formulas.linear_cross_entropy_backward`."""
+    exceptions as :func:`backward`): the kernels' backward where the forward kept
+    ``lse``, else :func:`formulas.linear_cross_entropy_backward`."""
     backend = _backward_backend(backend, grad_loss, None)
     if _ran is not None and grad_loss is not None:
         _ran["backward", backend] += 1
+    if backend == "torch":
+        return formulas.linear_cross_entropy_backward(grad_loss, stored, x, weight, bias, target, options, needs)
+    if lse is not None:
+        row_weight = formulas.backward_row_weight(grad_loss, target, options, torch.float32)
+        return _triton().lce_backward(row_weight, x, weight, bias, target, lse, needs=needs, **_kernel_options(options))
     return formulas.linear_cross_entropy_backward(
-        grad_loss, stored, x, weight, bias, target, options, needs, _products(backend)
+        grad_loss, stored, x, weight, bias, target, options, needs, _triton()
     )

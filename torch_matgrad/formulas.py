@@ -530,6 +530,14 @@ def linear_cross_entropy(
     return loss, grad_x, grad_w, grad_b
 
 
+def backward_row_weight(grad_loss: Tensor, target: Tensor, options: CrossEntropyOptions, dtype: torch.dtype) -> Tensor:
+    """``w`` of item 12 in the backward: the upstream gradient of each row's loss,
+    ``grad_loss_i`` under ``"none"``, else ``grad_loss * reduction_weight``."""
+    if options.reduction == "none":
+        return grad_loss
+    return grad_loss * reduction_weight(target, options, dtype)
+
+
 def linear_cross_entropy_backward(
     grad_loss: Tensor,
     stored: Optional[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]],
@@ -552,8 +560,7 @@ def linear_cross_entropy_backward(
     ``grad_loss * reduction_weight`` (item 12), in one chunk under grad mode."""
     if stored is not None and not torch.is_grad_enabled():
         return tuple(None if g is None else g.mul_(grad_loss) for g in stored)
-    compute = torch.promote_types(x.dtype, torch.float32)
-    row_weight = grad_loss if options.reduction == "none" else grad_loss * reduction_weight(target, options, compute)
+    row_weight = backward_row_weight(grad_loss, target, options, torch.promote_types(x.dtype, torch.float32))
     if torch.is_grad_enabled():
         options = options._replace(chunk_rows=max(x.shape[0], 1))
     return linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, linear)[1:]

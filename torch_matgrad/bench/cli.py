@@ -216,10 +216,12 @@ def run_lm_head(args, device: str, env: dict, out: Path, timer) -> int:
     dtype_name = (args.dtype or ["bf16" if device == "cuda" else "fp32"])[0]
     print(f"bench --lm-head: {len(lm_head.SHAPES[device])} shapes on {env['device_name']}; writing {out}/",
           file=sys.stderr)
-    # matgrad_recompute runs with torch_matgrad; the kernels run CPU tensors only under
-    # the interpreter: asked for there only. eager is the baseline of every ratio.
-    wanted = set(args.providers or [p for p in lm_head.PROVIDERS if device == "cuda" or p != "matgrad_triton"])
+    # matgrad_recompute runs with torch_matgrad, matgrad_kernels with matgrad_triton; the
+    # kernels run CPU tensors only under the interpreter: asked for there only. eager is
+    # the baseline of every ratio.
+    wanted = set(args.providers or [p for p in lm_head.PROVIDERS if device == "cuda" or p not in lm_head.TRITON])
     wanted |= {"eager"} | ({"matgrad_recompute"} if "torch_matgrad" in wanted else set())
+    wanted |= set(lm_head.TRITON) if "matgrad_triton" in wanted else set()
     rows = lm_head.run(device, env, out, dtype_name, [p for p in lm_head.PROVIDERS if p in wanted], timer)
     print(lm_head.report(rows))
     print(f"bench --lm-head: results in {out}/", file=sys.stderr)

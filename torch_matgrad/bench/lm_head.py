@@ -12,8 +12,10 @@ Providers (``N`` tokens, hidden size ``H``, vocabulary ``V``; no bias, as LM hea
     The op under ``reduction="none"``, averaged by the caller: its backward recomputes
     each chunk's logits (CCE's way; what the mean would cost without the gradients in
     the forward), one product more than ``torch_matgrad``.
-``matgrad_triton``
-    The op with the Triton backend asked for (its chunk products in the fused GEMM).
+``matgrad_triton``, ``matgrad_kernels``
+    The op with the Triton backend asked for: its chunk products in the fused GEMM
+    (``"chunked"``, the default), or the cross-entropy kernels
+    (:func:`torch_matgrad.dispatch.cross_entropy_strategy` ``"kernels"``).
 ``compile``
     ``torch.compile`` of the eager head and loss.
 
@@ -31,6 +33,7 @@ figure. Rows go to ``lm_head.csv`` and ``lm_head.md``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import gc
@@ -43,10 +46,10 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from ..cross_entropy import linear_cross_entropy
 from .measure import peak_mem_mib
 from .plans import DTYPES
-from .providers import in_context
 from .report import format_table, heading
 
 #: ``(N, H, V)`` per device: Llama-2's vocabulary (32000) at two token counts; on CUDA
@@ -55,7 +58,9 @@ SHAPES = {
     "cpu": [(1024, 1024, 32000), (4096, 1024, 32000)],
     "cuda": [(4096, 2048, 32000), (8192, 4096, 128256)],
 }
-PROVIDERS = ("eager", "torch_matgrad", "matgrad_recompute", "matgrad_triton", "compile")
+PROVIDERS = ("eager", "torch_matgrad", "matgrad_recompute", "matgrad_triton", "matgrad_kernels", "compile")
+#: The Triton backend's providers and their strategy.
+TRITON = {"matgrad_triton": "chunked", "matgrad_kernels": "kernels"}
 COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "N", "H", "V", "dtype",
            "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "peak_mib", "peak_vs_eager",
            "max_rel_diff_vs_eager")
@@ -86,15 +91,24 @@ def inputs(n: int, h: int, v: int, device: str, dtype: torch.dtype):
     return x, w, torch.randint(0, v, (n,), device=device)
 
 
+def _context(provider: str) -> contextlib.AbstractContextManager:
+    stack = contextlib.ExitStack()
+    if provider in TRITON:
+        stack.enter_context(dispatch.use_backend("triton"))
+        stack.enter_context(dispatch.cross_entropy_strategy(TRITON[provider]))
+    return stack
+
+
 def step_of(provider: str, x, w, t) -> Callable[[], tuple]:
     """One training step of ``provider``: the loss and the gradients of ``x`` and ``W``."""
     fn = loss_fn(provider)
 
     def step():
-        loss = fn(x, w, t)
-        return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
+        with _context(provider):
+            loss = fn(x, w, t)
+            return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
 
-    return in_context(provider, step)
+    return step
 
 
 def _rel_diff(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
