@@ -16,27 +16,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_matgrad as mg
 from torch_matgrad import formulas
+from torch_matgrad.check import lm_head_reference as reference  # F.linear, F.cross_entropy: torch ops alone
 
 from _backends import backend  # noqa: F401  (fixture)
 from _util import REL_TOL, assert_rel_close, rel_err
 
 # (label_smoothing, z_loss, softcap): plain, and everything switched on at once.
 VARIANTS = {"plain": (0.0, 0.0, None), "smooth_zloss_softcap": (0.1, 1e-2, 3.0)}
-
-
-def reference(x, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-              softcap=None):
-    """The eager head and loss: F.linear, the soft cap, F.cross_entropy and the z-loss
-    (``z_loss * lse^2`` reduced like the loss) from torch ops alone."""
-    z = F.linear(x, weight, bias)
-    s = z if softcap is None else softcap * torch.tanh(z / softcap)
-    s, t = s.reshape(-1, s.shape[-1]), target.reshape(-1)
-    loss = F.cross_entropy(s, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-    kept = t != ignore_index
-    loss = loss + z_loss * torch.where(kept, torch.logsumexp(s, -1).square(), 0)
-    if reduction == "none":
-        return loss.view(target.shape)
-    return loss.sum() if reduction == "sum" else loss.sum() / kept.sum()
 
 
 def _targets(shape, vocab, ignore_every=4):

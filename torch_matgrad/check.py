@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .cli import INTERPRETER, Table, activation_name, planned_backends, rows_on_every_backend
+from .cross_entropy import linear_cross_entropy
 from .formulas import ACTIVATIONS, activate
 from .function import linear
 
@@ -101,6 +102,62 @@ def check_backend(backend: str, device: str, seed: int = 0) -> Iterator[tuple]:
             yield (backend, device, activation_name(activation), "yes" if bias else "no", ok1, ok2, err, _ran(ran))
 
 
+def lm_head_reference(x, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                      z_loss=0.0, softcap=None):
+    """The eager LM head and loss from ``torch.nn.functional`` alone: ``F.linear``, the
+    soft cap, ``F.cross_entropy`` and the z-loss (``z_loss * lse^2``, reduced like the loss)."""
+    z = F.linear(x, weight, bias)
+    s = z if softcap is None else softcap * torch.tanh(z / softcap)
+    s, t = s.reshape(-1, s.shape[-1]), target.reshape(-1)
+    loss = F.cross_entropy(s, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    kept = t != ignore_index
+    loss = loss + z_loss * torch.where(kept, torch.logsumexp(s, -1).square(), 0)
+    if reduction == "none":
+        return loss.view(target.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / kept.sum()
+
+
+_LM_HEAD_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, chunk_size=4)  # two chunks and more
+
+
+def check_lm_head(backend: str, device: str, seed: int = 0) -> Iterator[tuple]:
+    """Rows of ``linear_cross_entropy`` (smoothing, z-loss, soft cap, ignored rows; the
+    activation column names the reduction) for one backend on one device, as
+    :func:`check_backend`'s."""
+    generator = torch.Generator().manual_seed(seed)
+    for reduction in ("mean", "sum", "none"):
+        x, w, b = _inputs(device, torch.float64, True, generator)
+        target = torch.randint(0, w.shape[0], (x.shape[0],), generator=generator).to(device)
+        target[1] = -100
+
+        def fn(*ts, target=target):
+            with dispatch.use_backend(backend):
+                return linear_cross_entropy(ts[0], ts[1], target, ts[2], reduction=reduction, **_LM_HEAD_OPTIONS)
+
+        with dispatch.recording() as ran:
+            # fast_mode (u^T J v for random u, v) keeps the interpreter's rows to seconds;
+            # tests/test_cross_entropy.py runs the full gradcheck.
+            ok1 = torch.autograd.gradcheck(fn, (x, w, b), raise_exception=False, fast_mode=True)
+            ref_in = _inputs("cpu", torch.float64, True, generator, shape=(33, 17, 41))
+            ref_target = torch.randint(0, 41, (33,), generator=generator)
+            ref = lm_head_reference(*ref_in[:2], ref_target, ref_in[2], reduction=reduction,
+                                    **{k: v for k, v in _LM_HEAD_OPTIONS.items() if k != "chunk_size"})
+            test_in = [t.detach().to(device, torch.float32).requires_grad_() for t in ref_in]
+            out = fn(*test_in, target=ref_target.to(device))
+            grad = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
+            got = [out, *torch.autograd.grad(out, test_in, grad.to(device, torch.float32))]
+            want = [ref, *torch.autograd.grad(ref, ref_in, grad)]
+            err = max(((g.double().cpu() - r).norm() / r.norm().clamp_min(1e-30)).item() for g, r in zip(got, want))
+        ok2 = torch.autograd.gradgradcheck(fn, (x, w, b), raise_exception=False, fast_mode=True)
+        yield (backend, device, f"lm-head {reduction}", "yes", ok1, ok2, err, _ran(ran))
+
+
+def all_rows(backend: str, device: str, seed: int = 0) -> Iterator[tuple]:
+    """The table's rows for one backend on one device: the linear op's, then the LM head's."""
+    yield from check_backend(backend, device, seed)
+    yield from check_lm_head(backend, device, seed)
+
+
 def passed(row: tuple) -> bool:
     backend, _, _, _, ok1, ok2, err, ran = row
     return ok1 and ok2 and err < FP32_TOLERANCE and ran == f"{backend}/{backend}"
@@ -111,7 +168,7 @@ def run(args) -> int:
     print(_plan(planned_backends(interpreter)), flush=True)
     table = Table(_COLUMNS, _WIDEST)
     total = failed = 0
-    for row in rows_on_every_backend(check_backend, args.seed, interpreter=interpreter):
+    for row in rows_on_every_backend(all_rows, args.seed, interpreter=interpreter):
         ok1, ok2, err = row[4:7]
         table.row((*row[:4], "pass" if ok1 else "FAIL", "pass" if ok2 else "FAIL", f"{err:.1e}", row[7]))
         total += 1
