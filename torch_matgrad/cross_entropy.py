@@ -259,13 +259,8 @@ class LinearCrossEntropy(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.options = CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        # nn.Linear's own Parameters and initialisation: the same numbers from one seed.
+        _share(self, nn.Linear(in_features, out_features, bias, device, dtype))
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation, by ``nn.Linear``'s own code."""
