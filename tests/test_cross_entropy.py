@@ -156,7 +156,7 @@ def test_logits_are_never_formed_whole(reduction):
         torch.autograd.grad(loss.sum(), [x, w])
     assert seen.largest == chunk * vocab  # a chunk's logits, never more (W is vocab x 8)
     default = formulas.chunk_rows(10**6, 32000)
-    assert default * 32000 * 4 <= formulas.CHUNK_BYTES < (default + 1) * 32000 * 4
+    assert default * 32000 * 4 <= formulas.CHUNK_BYTES["cpu"] < (default + 1) * 32000 * 4
 
 
 def test_what_is_kept_is_the_inputs_and_the_gradients():

@@ -163,7 +163,7 @@ def linear_cross_entropy(
             the softmax sees), reduced like the loss (PaLM's auxiliary loss).
         softcap: ``c``: the softmax sees ``c * tanh(z / c)`` (Gemma 2), ``z`` the logits.
         chunk_size: tokens per chunk (default: as many as keep one chunk's fp32 logits
-            within ``formulas.CHUNK_BYTES``); smaller uses less memory, larger fewer
+            within ``formulas.CHUNK_BYTES`` for the device); smaller uses less memory, larger fewer
             and bigger products.
 
     Returns:

@@ -377,9 +377,11 @@ def mlp_backward(
 #: The reductions of ``linear_cross_entropy``, as ``F.cross_entropy`` names them.
 REDUCTIONS = ("mean", "sum", "none")
 
-#: Bytes of one chunk's logits (fp32) that sets the default rows per chunk: the chunk's
-#: working set is a few tensors of this size (see docs/lm_head.md for the measurement).
-CHUNK_BYTES = 32 << 20
+#: Bytes of one chunk's logits (fp32) that set the default rows per chunk, per device
+#: type (others: "cuda"'s); the chunk's working set is a few tensors of this size. On a
+#: CPU 32 MiB keeps them in glibc's heap, reused warm from chunk to chunk; a GPU needs
+#: larger products to keep busy (docs/lm_head.md has the measurements).
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}
 
 
 class CrossEntropyOptions(NamedTuple):
@@ -393,10 +395,11 @@ class CrossEntropyOptions(NamedTuple):
     chunk_rows: Optional[int] = None
 
 
-def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None) -> int:
+def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None, device_type: str = "cpu") -> int:
     """Rows per chunk: ``requested``, else as many as keep one chunk's fp32 logits
     within :data:`CHUNK_BYTES` (at least one, at most every row)."""
-    return max(1, min(rows, requested or CHUNK_BYTES // (4 * max(vocab, 1))))
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
+    return max(1, min(rows, requested or budget // (4 * max(vocab, 1))))
 
 
 def softcapped(z: Tensor, softcap: Optional[float]) -> Tensor:
@@ -493,7 +496,7 @@ def linear_cross_entropy(
     A single chunk runs only out-of-place ops: differentiable, as double backward needs.
     """
     rows, vocab = x.shape[0], weight.shape[0]
-    step = chunk_rows(rows, vocab, options.chunk_rows)
+    step = chunk_rows(rows, vocab, options.chunk_rows, x.device.type)
     compute = torch.promote_types(x.dtype, torch.float32)
     need_x, need_w, need_b = needs if row_weight is not None else (False, False, False)
     losses, grads_x = [], []
