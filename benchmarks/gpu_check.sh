@@ -49,10 +49,10 @@
 # Without a GPU it is a dry run of the same stages: the cuda tests skip, no warm-up, and
 # the benchmarks run on the CPU on tiny shapes (seconds; the launch wrapper's host time with
 # the binary stubbed instead of host_overhead's GPU tables; their figures say nothing about
-# any GPU). Each stage has a time limit (setup 40, ceilings 20, tests 150, warm-up 120,
+# any GPU). Each stage has a time limit (setup 40, ceilings 20, tests 240, warm-up 120,
 # quick bench 90, host overhead 60, host bench 30, MLP bench 45, training step 45, compile
 # bench 120; on request kernel comparison 60, decode bench 45, profiles 60); the default
-# stages' limits add up to 12.3 min with the 10 s grace each, but what they take is less:
+# stages' limits add up to 13.8 min with the 10 s grace each, but what they take is less:
 # on an H100 with an empty Triton cache, tests, warm-up, quick bench, kernel comparison,
 # profiles and MLP bench took 4.9 min (3b39b49); the stages since are predicted at ~0.5 min
 # (host overhead), ~0.3 (host bench), ~0.5 (training step) and ~1.5-2 (compile bench, most
@@ -242,9 +242,11 @@ fi
 
 # One small configuration of each kernel for the correctness tests (the tests that need
 # every configuration, or several, choose their own); -rP keeps what passing tests print
-# (the registers and spills of every configuration the GPU compiled), -rfE names failures.
-stage tests 150 pytest.log env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4,tma_64x128x64_s4_w4 \
-    "$PY" -m pytest -m "$MARKS" -q -rfEP -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
+# (the registers and spills of every configuration the GPU compiled), -rfE names failures
+# at the end, and -v names each result as it comes: on an H200 (2026-12-04) the stage ran
+# past its limit before pytest's summary, and the log could not say which tests failed.
+stage tests 240 pytest.log env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4,tma_64x128x64_s4_w4 \
+    "$PY" -m pytest -m "$MARKS" -v -rfEP -p no:cacheprovider -n "$JOBS" "$ROOT/tests"
 rc=$?
 if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     # pytest's "no tests collected": acceptable for a dry run on a tree without cuda tests.

@@ -17,6 +17,7 @@ buffer. Under the interpreter a single small configuration of each runs without
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Optional
@@ -140,7 +141,10 @@ TMA_CONFIGS = [
 TMA_CONFIG_NAMES = [config_name(c) for c in TMA_CONFIGS]
 
 
+@functools.lru_cache(maxsize=None)
 def _shared_memory_limit(device: torch.device) -> int:
+    # Asked of the driver once per device: the query cost ~1 ms of host time per launch on
+    # an H200 where a single named descriptor configuration made the rule ask every time.
     return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
