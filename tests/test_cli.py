@@ -93,8 +93,8 @@ def test_check_says_what_it_will_run_and_can_leave_the_interpreter_out(interpret
     monkeypatch.setattr(check, "rows_on_every_backend", rows)
     assert check.run(argparse.Namespace(seed=0, no_interpreter=not interpreter)) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("check: 10 rows of torch on cpu (~6 s)") and asked == [interpreter]
-    assert ("rows of triton under Triton's interpreter (~3 min); --no-interpreter leaves" in first) == interpreter
+    assert first.startswith("check: 13 rows of torch on cpu (~3 s)") and asked == [interpreter]
+    assert ("13 rows of triton under Triton's interpreter (~65 s); --no-interpreter leaves" in first) == interpreter
     assert (cli.INTERPRETER in cli.planned_backends(interpreter)) == interpreter
 
 
