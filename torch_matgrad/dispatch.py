@@ -157,30 +157,32 @@ def _triton():
     return _triton_module
 
 
-def _is_functorch_wrapped(t: Tensor) -> bool:
-    # Legacy batched tensors are what autograd.grad(..., is_grads_batched=True) passes
-    # a backward; functorch does not count them as its own wrappers.
-    functorch = torch._C._functorch
-    return any(
-        check is not None and check(t)
-        for check in (getattr(functorch, "is_functorch_wrapped_tensor", None),
-                      getattr(functorch, "is_legacy_batchedtensor", None))
-    )
+# functorch's wrappers, and the legacy batched tensors that autograd.grad(...,
+# is_grads_batched=True) passes a backward (functorch does not count those as its own),
+# looked up once: this runs for every operand of every Triton-backend op.
+_FUNCTORCH_CHECKS = tuple(
+    check for check in (getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None),
+                        getattr(torch._C._functorch, "is_legacy_batchedtensor", None))
+    if check is not None
+)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _triton_fallback(tensors) -> Optional[str]:
     """Why the Triton backend, asked for, hands these tensors to torch ops instead (None:
     it does not)."""
+    dtype = tensors[0].dtype
     for t in tensors:
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        if type(t) not in _PLAIN_TENSORS:
             return f"tensor subclass {type(t).__name__}"
-        if _is_functorch_wrapped(t):
+        if any(check(t) for check in _FUNCTORCH_CHECKS):
             return "functorch-wrapped tensor (vmap/grad transform)"
-        if t.device.type == "meta":
+        if t.is_meta:
             return "meta tensor"
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1 or not dtypes <= set(_triton().SUPPORTED_DTYPES):
-        return f"unsupported dtype combination {sorted(map(str, dtypes))}"
+        if t.dtype != dtype:
+            dtype = None
+    if dtype not in _triton().SUPPORTED_DTYPES:
+        return f"unsupported dtype combination {sorted({str(t.dtype) for t in tensors})}"
     return None
 
 
