@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import dispatch, formulas
 from .formulas import REDUCTIONS, CrossEntropyOptions
-from .function import _autocast, _autocast_enabled, _check, _describe
+from .function import _autocast, _autocast_enabled, _check, _check_one_dtype, _describe
 from .modules import _check_linear, _share
 
 _OP = "torch_matgrad.linear_cross_entropy"
@@ -111,10 +111,7 @@ def _check_lce(x, weight, bias, target, options: CrossEntropyOptions) -> None:
 
 
 def _check_dtypes(x, weight, bias) -> None:
-    tensors = [("input", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    if len({t.dtype for _, t in tensors}) > 1:
-        raise TypeError(f"{_OP}: expected one dtype for input, weight and bias, got "
-                        + ", ".join(f"{n} {t.dtype}" for n, t in tensors) + " (cast them, or run under torch.autocast)")
+    _check_one_dtype((("input", x), ("weight", weight), ("bias", bias)), op=_OP)
 
 
 def _check_targets(target: Tensor, vocab: int, options: CrossEntropyOptions) -> None:

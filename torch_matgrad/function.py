@@ -172,14 +172,19 @@ def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=
     return activation
 
 
-def _check_dtypes(x, weight, bias) -> None:
-    tensors = [("input", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    if len({t.dtype for _, t in tensors}) > 1:
+def _check_one_dtype(named, op: str = "torch_matgrad.linear") -> None:
+    """A ``TypeError`` naming each dtype unless the ``(name, tensor)`` pairs given (None
+    tensors left out) share one: the ops, like ``F.linear``, do not promote."""
+    present = [(n, t) for n, t in named if t is not None]
+    if len({t.dtype for _, t in present}) > 1:
         raise TypeError(
-            "torch_matgrad.linear: expected one dtype for all tensors, got "
-            + ", ".join(f"{n} {t.dtype}" for n, t in tensors)
+            f"{op}: expected one dtype for all tensors, got " + ", ".join(f"{n} {t.dtype}" for n, t in present)
             + " (cast them, or run under torch.autocast)"
         )
+
+
+def _check_dtypes(x, weight, bias) -> None:
+    _check_one_dtype((("input", x), ("weight", weight), ("bias", bias)))
 
 
 def _autocast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

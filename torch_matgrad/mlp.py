@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as _fw_ad
 from torch import Tensor, nn
 
 from . import dispatch, formulas
-from .function import _FLOAT_DTYPES, _autocast, _autocast_enabled, _check, _describe
+from .function import _FLOAT_DTYPES, _autocast, _autocast_enabled, _check, _check_one_dtype, _describe
 
 _OP = "torch_matgrad.mlp"
 
@@ -136,21 +136,18 @@ def mlp(
         # As torch_matgrad.linear: cast here, run with autocast off (pytorch#132388).
         dtype = torch.get_autocast_dtype(device_type)
         tensors = tuple(_autocast(t, dtype) for t in tensors)
-        _check_one_dtype(tensors)
+        _check_dtypes(tensors)
         with torch.autocast(device_type, enabled=False):
             return _apply(*tensors, activation)
-    _check_one_dtype(tensors)
+    _check_dtypes(tensors)
     return _apply(*tensors, activation)
 
 
-def _check_one_dtype(tensors) -> None:
-    names = ("input", "up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias")
-    present = [(n, t) for n, t in zip(names, tensors) if t is not None]
-    if len({t.dtype for _, t in present}) > 1:
-        raise TypeError(
-            f"{_OP}: expected one dtype for all tensors, got " + ", ".join(f"{n} {t.dtype}" for n, t in present)
-            + " (cast them, or run under torch.autocast)"
-        )
+_NAMES = ("input", "up_weight", "up_bias", "gate_weight", "gate_bias", "down_weight", "down_bias")
+
+
+def _check_dtypes(tensors) -> None:
+    _check_one_dtype(zip(_NAMES, tensors), op=_OP)
 
 
 def _apply(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Tensor:
