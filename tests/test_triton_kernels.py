@@ -337,7 +337,7 @@ class _Compiled:
         self.launched.append(args)
 
     def launch_metadata(self, grid, stream, *args):
-        return None
+        return "launch metadata"
 
 
 class _Tuner:
@@ -380,7 +380,7 @@ def test_direct_launch_passes_what_triton_binds(monkeypatch, kernel):
     programs = -(-100 // config.kwargs["BLOCK_M"]) * -(-48 // config.kwargs["BLOCK_N"])
     if kernel == "tma":
         programs = min(programs, launch.num_sms(x.device))
-    assert launched[:7] == (programs, 1, 1, "stream", "function", "metadata", None)
+    assert launched[:9] == (programs, 1, 1, "stream", "function", "metadata", None, None, None)  # no hooks to call
     assert grid(bound) == (programs,)
     assert len(launched) == 9 + len(fn.arg_names)
     blocks = configs.block_shapes(config.kwargs, bound.get("A_T"), bound.get("B_T")) if kernel == "tma" else ()
@@ -397,6 +397,17 @@ def test_direct_launch_passes_what_triton_binds(monkeypatch, kernel):
             assert got.block_shape == blocks[{"a_desc": 0, "b_desc": 1}.get(name, 2)], name
         else:
             assert got == want, name
+    # A profiler's hook installed: the launcher gets the launch metadata and both hooks.
+    hooks = triton.knobs.runtime
+    if hasattr(hooks.launch_enter_hook, "add"):  # HookChain, Triton >= 3.5
+        hook = lambda metadata: None  # noqa: E731
+        hooks.launch_enter_hook.add(hook)
+        try:
+            with ops.gemm_kernel(kernel):
+                triton_backend.forward(x, w, b, "gelu_tanh")
+        finally:
+            hooks.launch_enter_hook.remove(hook)
+        assert tuner.kernel.launched[1][6:9] == ("launch metadata", hooks.launch_enter_hook, hooks.launch_exit_hook)
 
 
 def test_one_entry_per_kind_of_launch(monkeypatch):

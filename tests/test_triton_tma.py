@@ -335,6 +335,9 @@ def test_hardware_rule(monkeypatch, capability, hip, takes):
     # Compute capability 9.0 and up on NVIDIA GPUs (ROCm reports MI300 as 9.4).
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(ops, "_TMA_GPUS", {})  # asked once per device
+    assert ops._tma_hardware(torch.device("cuda", 0)) is takes
+    monkeypatch.setattr(torch.cuda, "get_device_capability", None)
     assert ops._tma_hardware(torch.device("cuda", 0)) is takes
 
 
@@ -345,15 +348,23 @@ def test_interpreter_runs_the_descriptor_kernel_only_when_asked():
         assert ops._tma_hardware(cpu) is ops.INTERPRET
 
 
-def test_descriptor_views():
+def test_descriptor_layouts():
     t = _bf16(64, 4096)
-    view, transposed = ops._descriptor_view(t)
-    assert view is t and not transposed
-    view, transposed = ops._descriptor_view(t.t())
-    assert transposed and view.stride() == (4096, 1)
+    assert ops._descriptor_layout(t) is False
+    assert ops._descriptor_layout(t.t()) is True  # described through its transpose, t
     for bad in (_bf16(64, 4095), _bf16(64, 4095).t(), t[:, 1:], t[:, ::2], _bf16(64, 1).expand(64, 16)):
-        assert ops._descriptor_view(bad) is None
-    assert ops._descriptor_view(torch.empty(64, 4, dtype=torch.float32)) is not None  # 16-byte rows
+        assert ops._descriptor_layout(bad) is None
+    assert ops._descriptor_layout(torch.empty(64, 4, dtype=torch.float32)) is False  # 16-byte rows
+    # The rule is memoised by shape, strides and element size; the base's alignment is not.
+    assert ops._descriptor_layout(_bf16(4097)[1:].view(64, 64)) is None
+
+
+def test_transposed_descriptor_describes_the_transpose_without_a_view():
+    t = _bf16(32, 48).t()  # columns contiguous: its transpose is described
+    d = launch.describe(t, [16, 8], transposed=True)
+    want = launch.TensorDescriptor(t.t(), list(t.t().shape), list(t.t().stride()), [16, 8])
+    assert d.base is t and (d.shape, d.strides, d.block_shape) == (want.shape, want.strides, want.block_shape)
+    assert vars(d) == {**vars(want), "base": t}
 
 
 def test_kernel_override_names_the_choices(monkeypatch):

@@ -66,6 +66,26 @@ def int_classes(ints) -> tuple:
     return tuple([(v == 1) * 4 + (v % 16 == 0 and v != 1) + 2 * (v > _I32_MAX) for v in ints])
 
 
+# classify()'s answers by the integer arguments' values: a model repeats a few shapes and
+# strides, and the classes of the pointer kernel's 26 integers cost ~4 us of Python a
+# launch (2-core CPU), the lookup ~0.3 us. Cleared when full: shapes that never repeat
+# (a growing sequence) cost one classification each, as before.
+_CLASSIFIED: dict = {}
+_CLASSIFIED_MAX = 4096
+
+
+def classify(ints: tuple) -> tuple:
+    """``(int_classes(ints), buckets)`` of a launch's integer arguments, which begin with
+    ``m, n, k``: the buckets are theirs (:func:`bucket`, the autotuner's key)."""
+    known = _CLASSIFIED.get(ints)
+    if known is None:
+        if len(_CLASSIFIED) >= _CLASSIFIED_MAX:
+            _CLASSIFIED.clear()
+        m, n, k = ints[:3]
+        known = _CLASSIFIED[ints] = (int_classes(ints), (bucket(m), bucket(n), bucket(k)))
+    return known
+
+
 class Entry(NamedTuple):
     """One kind of launch: its configuration's meta-parameters, the constexpr arguments
     after the runtime ones (flags, then meta-parameters, in the kernel's order), the
@@ -130,11 +150,13 @@ class CachedKernel:
         stream = _current_stream()
         full = (*args, *entry.tail)
         grid0 = grid(meta)
-        kernel = entry.kernel
         knobs = triton.knobs.runtime
-        entry.run(grid0, 1, 1, stream, entry.function, entry.packed_metadata,
-                  kernel.launch_metadata((grid0, 1, 1), stream, *full),
-                  knobs.launch_enter_hook, knobs.launch_exit_hook, *full)
+        enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
+        if _hooked(enter) or _hooked(leave):  # a profiler's hooks get what JITFunction.run gives them
+            metadata = entry.kernel.launch_metadata((grid0, 1, 1), stream, *full)
+        else:  # none: the launcher calls nothing (Triton 3.6 would build the metadata and call two empty chains)
+            metadata = enter = leave = None
+        entry.run(grid0, 1, 1, stream, entry.function, entry.packed_metadata, metadata, enter, leave, *full)
 
     def _first(self, grid, args, constexprs: dict) -> Entry:
         """The first launch of a key, through the autotuner (or the fixed meta), and
@@ -155,6 +177,12 @@ class CachedKernel:
 
     def _tail(self, constexprs: dict, meta: dict) -> tuple:
         return tuple(constexprs[n] if n in constexprs else meta[n] for n in self.constexpr_names)
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook would do anything: a non-empty ``HookChain`` (Triton >= 3.5)
+    or a function (older: None when unset)."""
+    return bool(getattr(hook, "calls", hook))
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,11 +248,10 @@ def run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, flags_key, mlp) -> 
         *(_NO_STRIDES if e is None else e.stride()), *(_NO_STRIDES if e2 is None else e2.stride()),
         0 if colsum is None else colsum.stride(0),
     )
-    buckets = (bucket(m), bucket(n), bucket(k))
+    classes, buckets = classify(ints)
     key = (
-        a.device.index, a.dtype, flags_key, buckets,
-        tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]),
-        int_classes(ints),
+        a.device.index, a.dtype, flags_key, buckets, tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]),
+        classes,
     )
     halves = 2 if flags["DUAL"] else 1
 
@@ -250,36 +277,41 @@ if TensorDescriptor is not None:
     }
 
 
-def describe(t, block_shape) -> "TensorDescriptor":
-    """A ``TensorDescriptor`` of ``t`` (rows contiguous) without its constructor's
-    checks, which ``ops._descriptor_view`` made once per operand (base aligned to 16
-    bytes, the other stride a multiple of 16 bytes) and which cost ~10 us a descriptor."""
+def describe(t, block_shape, transposed: bool = False) -> "TensorDescriptor":
+    """A ``TensorDescriptor`` of ``t`` (rows contiguous), or with ``transposed`` of
+    ``t.t()`` (columns contiguous; no view is made: ~2 us each), without the
+    constructor's checks, which ``ops._descriptor_layout`` made once per operand (base
+    aligned to 16 bytes, the other stride a multiple of 16 bytes) and which cost ~10 us a
+    descriptor."""
+    shape, strides = list(t.shape), list(t.stride())
+    if transposed:
+        shape.reverse()
+        strides.reverse()
     d = object.__new__(TensorDescriptor)
-    d.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=list(t.shape), strides=list(t.stride()),
-                      block_shape=block_shape)
+    d.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=shape, strides=strides, block_shape=block_shape)
     return d
 
 
 def run_tma_kernel(plan, c, bias, z, sums, flags_key) -> None:
-    """One launch of ``tma_gemm_kernel`` with the descriptor views of A and B that
-    ``ops._descriptor_plan`` gave (``((a_view, A_T), (b_view, B_T))``)."""
-    (a_view, a_t), (b_view, b_t) = plan
+    """One launch of ``tma_gemm_kernel`` with A and B as ``ops._descriptor_plan`` gave
+    them: ``((a, A_T), (b, B_T))``, each described through its transpose where flagged."""
+    (a, a_t), (b, b_t) = plan
     m, n = c.shape
-    k = a_view.shape[0] if a_t else a_view.shape[1]
+    k = a.shape[1]
     sms = num_sms(c.device)
     ints = (m, n, k, 0 if bias is None else bias.stride(0), 0 if sums is None else sums.stride(0))
-    buckets = (bucket(m), bucket(n), bucket(k))
+    classes, buckets = classify(ints)
     key = (
         c.device.index, c.dtype, flags_key, a_t, b_t, sms, buckets, z is None,
         None if bias is None else bias.data_ptr() % 16 == 0, None if sums is None else sums.data_ptr() % 16 == 0,
-        int_classes(ints),
+        classes,
     )
 
     def args(meta):
         # Before a configuration is chosen, [1, 1]: its pre-hook sets them (configs._set_block_shapes).
         a_block, b_block, c_block = ([1, 1],) * 3 if meta is None else block_shapes(meta, a_t, b_t)
         return (
-            describe(a_view, a_block), describe(b_view, b_block), describe(c, c_block),
+            describe(a, a_block, a_t), describe(b, b_block, b_t), describe(c, c_block),
             None if z is None else describe(z, list(c_block)), bias, sums, *ints, *buckets,
         )
 

@@ -136,24 +136,35 @@ def gemm_kernel(name: str) -> Iterator[None]:
         _kernel_mode.reset(token)
 
 
-def _descriptor_view(t: Tensor) -> Optional[Tuple[Tensor, bool]]:
-    """``(t, False)`` or ``(t.t(), True)``: the one of the two that a tensor descriptor
-    can describe, or None. The rules (TMA's): a 16-byte aligned base address, the last
-    dimension contiguous, the other stride a multiple of 16 bytes (a bf16 row of 4095
-    elements is not), rows that do not overlap, and the hardware's limits (strides below
-    2^40 bytes; dimensions below 2^31 elements, as block coordinates are signed 32-bit)."""
-    elem = t.element_size()
+def _descriptor_layout(t: Tensor) -> Optional[bool]:
+    """How a tensor descriptor describes the 2-D ``t``: ``False``, as it is; ``True``,
+    through its transpose ``t.t()``; None: neither can be. The rules (TMA's): a 16-byte
+    aligned base address, the last dimension contiguous, the other stride a multiple of
+    16 bytes (a bf16 row of 4095 elements is not), rows that do not overlap, and the
+    hardware's limits (strides below 2^40 bytes; dimensions below 2^31 elements, as block
+    coordinates are signed 32-bit)."""
     if t.data_ptr() % 16:
         return None
-    (m, n), (s0, s1) = t.shape, t.stride()
-    # The transposed view is built only when it is the answer (a view costs microseconds).
+    return _layout_rule(t.shape, t.stride(), t.element_size())
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_rule(shape, strides, elem: int) -> Optional[bool]:
+    # Memoised: a model describes a few shapes, and the rule costs ~1.5 us of Python a
+    # tensor (2-core CPU), up to four tensors a launch.
+    (m, n), (s0, s1) = shape, strides
     for transposed, (rows, cols, row_stride, col_stride) in ((False, (m, n, s0, s1)), (True, (n, m, s1, s0))):
         if (
             col_stride == 1 and row_stride >= cols and (row_stride * elem) % 16 == 0
             and row_stride * elem < 2**40 and max(rows, cols) < 2**31
         ):
-            return (t.t() if transposed else t), transposed
+            return transposed
     return None
+
+
+# _tma_hardware's answers per CUDA device index: torch.cuda.get_device_capability costs
+# a few microseconds of Python, and the rule runs on every launch.
+_TMA_GPUS: dict = {}
 
 
 def _tma_hardware(device: torch.device) -> bool:
@@ -161,7 +172,12 @@ def _tma_hardware(device: torch.device) -> bool:
     9.0 or later (Hopper's TMA; not ROCm, whose capabilities mean something else), or the
     interpreter on CPU tensors when the kernel is asked for by name."""
     if device.type == "cuda":
-        return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+        has = _TMA_GPUS.get(device.index)
+        if has is None:
+            has = _TMA_GPUS[device.index] = (
+                torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
+            )
+        return has
     return INTERPRET and device.type == "cpu" and _kernel_mode.get() == "tma"
 
 
@@ -180,7 +196,7 @@ def gemm_kernel_for(
     supports it (``TMA_AVAILABLE``) and ``$TORCH_MATGRAD_TRITON_CONFIGS`` leaves it a
     configuration; the device has TMA (:func:`_tma_hardware`); the dtype is fp16 or bf16;
     there is a product (a launch that only sums has no tensor-core work); every operand
-    meets the descriptor rules (:func:`_descriptor_view`) and every output does so with
+    meets the descriptor rules (:func:`_descriptor_layout`) and every output does so with
     its rows contiguous (the kernel stores them as they are); on a GPU, a single named
     configuration fits its shared memory (:func:`tma_config_fits`); and, under
     ``"auto"``, more than ``SMALL_M`` rows: decoding shapes keep the pointer kernel's
@@ -192,8 +208,9 @@ def gemm_kernel_for(
 
 def _descriptor_plan(a, b, saved, outputs, flags_key):
     """:func:`gemm_kernel_for`'s rule (the flags as their items), answered with what the
-    descriptor launch needs: the descriptor views ``((a_view, A_T), (b_view, B_T))`` of
-    ``a`` and ``b``, or None for the pointer kernel."""
+    descriptor launch needs: ``((a, A_T), (b, B_T))``, each operand with whether its
+    descriptor describes its transpose (:func:`_descriptor_layout`), or None for the
+    pointer kernel."""
     if saved is not None or (flags_key is not None and _pointer_only(flags_key)):
         return None
     mode = _kernel_mode.get()
@@ -203,12 +220,11 @@ def _descriptor_plan(a, b, saved, outputs, flags_key):
         return None
     if mode == "auto" and a.shape[0] <= SMALL_M:
         return None
-    views = _descriptor_view(a), _descriptor_view(b)
-    if None in views:
+    a_t, b_t = _descriptor_layout(a), _descriptor_layout(b)
+    if a_t is None or b_t is None:
         return None
     for t in outputs:
-        view = None if t is None else _descriptor_view(t)
-        if t is not None and (view is None or view[1]):
+        if t is not None and _descriptor_layout(t) is not False:
             return None
     configs = launch.TMA.configs  # None: one configuration, no autotuner
     if (
@@ -219,7 +235,7 @@ def _descriptor_plan(a, b, saved, outputs, flags_key):
         # $TORCH_MATGRAD_TRITON_CONFIGS that does not fit this GPU is not run. (Only a
         # CUDA device has a shared-memory limit to ask for; the interpreter has none.)
         return None
-    return views
+    return (a, a_t), (b, b_t)
 
 
 class MLPOperands(NamedTuple):
