@@ -11,7 +11,13 @@ switched off, ``launch.direct_launches(False)``), under ``torch.no_grad``:
   the GPU work alone, with no host in the way (what an inference server that captures
   graphs pays).
 
-Then a profile of the slowest provider's host path (top functions by own and by cumulative time).
+Then, on a GPU, the Triton backend's host path layer by layer at a shape whose kernel
+takes a few microseconds (1 x 256 -> 256, so the loop of calls stays ahead of the GPU):
+the compiled kernel's launcher alone with the arguments our last launch gave it (Triton's
+own floor), ``launch.run_pointer_kernel``, ``fused_matmul``, ``triton_backend.forward``
+and the op, beside ``F.linear`` and the two output allocations: each difference is one
+layer's share. Then a profile of the slowest provider's host path (top functions by own
+and by cumulative time).
 
 ``--wrapper`` (any machine; on a CPU under ``TRITON_INTERPRET=1``) measures instead the
 host time of the launch wrapper alone, per launch: ``triton_backend.forward`` and the
@@ -123,6 +129,54 @@ def wrapper_us(rounds: int = 7, calls: int = 2000) -> dict:
     return best
 
 
+def breakdown_us(calls: int, device: str = "cuda") -> dict:
+    """Host microseconds per call of each layer of the Triton backend's inference path
+    (bf16, 1 x 256 -> 256, GELU-tanh with z; pointer kernel). On a GPU; with ``--wrapper``
+    also on the CPU, where the binary is the stand-in (the dry run of this code)."""
+    from torch_matgrad import triton_backend
+    from torch_matgrad.triton_kernels import launch, ops
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x, w, b = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((1, 256), (256, 256), (256,)))
+    forward = lambda: triton_backend.forward(x, w, b, "gelu_tanh")  # noqa: E731
+    with ops.gemm_kernel("pointer"), torch_matgrad.use_backend("triton"), torch.no_grad():
+        launch.POINTER.entries.clear()  # this launch's entry alone
+        forward()
+        ((key, entry),) = launch.POINTER.entries.items()
+        # The launcher's arguments of a launch, recorded by a stand-in for one call.
+        recorded = []
+        launch.POINTER.entries[key] = entry._replace(run=lambda *args: recorded.append(args))
+        forward()
+        launch.POINTER.entries[key] = entry
+        (args,) = recorded
+        out, z, _ = ops.fused_matmul(x, w.t(), bias=b, activation="gelu_tanh", store_z=True, check=False)
+        flags, flags_key = ops._flags(torch.bfloat16, "ieee", None, False, True, True, "gelu_tanh", True, False, False,
+                                      False, False, False, None)
+        layers = {
+            "F.linear + gelu_tanh (eager)": lambda: activate(F.linear(x, w, b), "gelu_tanh"),
+            "torch.empty x 2 (the outputs)": lambda: (torch.empty(1, 256, device=device, dtype=torch.bfloat16),
+                                                     torch.empty(1, 256, device=device, dtype=torch.bfloat16)),
+            "compiled kernel's launcher alone": lambda: entry.run(*args),
+            "launch.run_pointer_kernel": lambda: launch.run_pointer_kernel(
+                x, w.t(), out, None, b, z, None, flags, flags_key, ops._NO_MLP),
+            "ops.fused_matmul (check=False)": lambda: ops.fused_matmul(
+                x, w.t(), bias=b, activation="gelu_tanh", store_z=True, check=False),
+            "triton_backend.forward": forward,
+            "torch_matgrad.linear (triton backend)": lambda: torch_matgrad.linear(x, w, b, activation="gelu_tanh"),
+        }
+        best = dict.fromkeys(layers, float("inf"))
+        for _ in range(5):  # rounds interleaved, the best of each: other load hits every layer alike
+            for name, fn in layers.items():
+                best[name] = min(best[name], _host_us(fn, (), calls, sync))
+        return best
+
+
+def _print_breakdown(calls: int, device: str) -> None:
+    print(f"\nthe Triton backend's host path by layer ({device}), 1 x 256 -> 256 bf16 GELU-tanh + z, us per call:")
+    for name, us in breakdown_us(calls, device).items():
+        print(f"{us:8.1f}  {name}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,6 +189,7 @@ def main(argv=None) -> None:
         print(f"launch wrapper, host us per launch (binary stubbed; torch {torch.__version__}):")
         for name, us in wrapper_us().items():
             print(f"{us:8.1f}  {name}")
+        _print_breakdown(args.calls, "cpu")
         return
     cuda = args.device == "cuda"
     act = None if args.activation == "none" else args.activation
@@ -156,6 +211,8 @@ def main(argv=None) -> None:
                 print(f"{f'{m} x {k} x {n}':>18} {p:>8} {host:9.1f} {graph:9.1f}", flush=True)
                 if host > slowest[0]:
                     slowest = (host, (p, fn, (x, w, b)))
+    if cuda:
+        _print_breakdown(args.calls, "cuda")
     p, fn, fargs = slowest[1]
     profile = cProfile.Profile()
     with torch.no_grad():

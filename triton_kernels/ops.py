@@ -349,7 +349,7 @@ def fused_matmul(
         dual and has_c, hidden, epi_grad, (gate if hidden else g) is not None, colsum and has_c,
         mlp_activation if hidden or epi_grad else None,
     )
-    mlp = MLPOperands(
+    mlp = _NO_MLP if b2 is None and not epi_grad and not colsum else MLPOperands(
         b2=b2, bias2=bias2, e=u if epi_grad else None, e2=g if epi_grad else None, colsum=sums if colsum else None
     )
     rowsums = sums if rowsum else None
