@@ -85,6 +85,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 FAILED=()
+TIMES=()  # each stage's wall time against its limit, printed at the end
 
 # stage NAME SECONDS LOG COMMAND...: run with a time limit, append to LOG, record failure.
 STAGES=${STAGES:-tests warm-up quick-bench host-overhead host-bench mlp-bench train-step compile-bench}
@@ -104,12 +105,15 @@ stage() {
     fi
     echo "== $name (at most ${limit}s; log $log)"
     echo "\$ $*" >>"$OUT/$log"
+    local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >>"$OUT/$log" 2>&1
     rc=$?
+    local took=$((SECONDS - start))
+    TIMES+=("$(printf '%-14s %4ss of %4ss' "$name" "$took" "$limit")")
     case $rc in
-        0) echo "   ok" ;;
-        124 | 137) echo "   TIMED OUT"; FAILED+=("$name: timed out after ${limit}s") ;;
-        *) echo "   failed (exit $rc)"; FAILED+=("$name: exit $rc") ;;
+        0) echo "   ok (${took}s)" ;;
+        124 | 137) echo "   TIMED OUT (${took}s)"; FAILED+=("$name: timed out after ${limit}s") ;;
+        *) echo "   failed (exit $rc, ${took}s)"; FAILED+=("$name: exit $rc") ;;
     esac
     return $rc
 }
@@ -310,6 +314,8 @@ if [ -f "$OUT/kernels/kernel_choice.md" ]; then
     echo
 fi
 grep -h "^ceiling" "$OUT/setup.log"
+echo "Wall time per stage (limits are at least 1.5x the last measured time):"
+printf '  %s\n' "${TIMES[@]}"
 [ $GPU -eq 0 ] && echo "DRY RUN without a GPU: the figures above are CPU figures."
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${FAILED[@]}"
