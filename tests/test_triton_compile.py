@@ -423,31 +423,35 @@ def test_descriptor_kernel_registers_at_real_tiles():
 
 
 # ------------------------------------------------- linear cross-entropy kernels
-# ``triton_kernels/cross_entropy.py``: the forward (its four flags), the combining kernel
-# and the backward (its three loss flags and the gradients needed; grad_b only with a
-# bias). CI compiles each flag both ways in bf16 (every flag on, then each one off, plus
-# each gradient alone) and the other dtypes with every flag on: 22 per target. The whole
-# matrix with TORCH_MATGRAD_COMPILE_ALL=1 (225).
+# ``triton_kernels/cross_entropy.py``: the forward (its four flags), the combining kernel,
+# the backward (its three loss flags and the gradients needed; grad_b only with a bias)
+# and the logits kernel of the chunked op (its three flags; no product, so fp32 once). CI
+# compiles each flag both ways in bf16 (every flag on, then each one off, plus each
+# gradient alone) and the other dtypes with every flag on: 28 per target. The whole
+# matrix with TORCH_MATGRAD_COMPILE_ALL=1 (249).
 _CE_POINTER_TYPES = {
     "target_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "part_ptr": "*fp32", "d_ptr": "*fp32",
-    "grad_x_ptr": "*fp32", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32",
+    "grad_x_ptr": "*fp32", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32", "weight_ptr": "*fp32",
 }
 _CE_FLOATS = ("smoothing", "z_loss", "softcap", "filter_eps")
 _CE_FLAGS = {
     "lce_forward_kernel": ("HAS_BIAS", "SOFTCAP", "SMOOTHING", "SPLIT"),
     "lce_backward_kernel": ("HAS_BIAS", "SOFTCAP", "SMOOTHING", "NEED_X", "NEED_W", "NEED_B"),
+    "ce_logits_kernel": ("SOFTCAP", "SMOOTHING", "WRITE_GRAD"),
 }
-EXPECTED_CE, EXPECTED_CE_CI = 225, 22
+_CE_NO_PRODUCT = ("ce_logits_kernel",)  # no tl.dot: no INPUT_PRECISION, UPCAST
+EXPECTED_CE, EXPECTED_CE_CI = 249, 28
 _CE_META = {  # small tiles (64 rows for 4 warps still takes Hopper's wgmma path)
     "lce_forward_kernel": dict(BLOCK_M=64, BLOCK_V=32, BLOCK_K=16),
     "lce_backward_kernel": dict(BLOCK_M=64, BLOCK_V=32, BLOCK_K=16, GROUP_M=8),
     "lce_combine_kernel": dict(BLOCK_N=128),
+    "ce_logits_kernel": dict(BLOCK_V=1024),
 }
 
 
 def _ce_valid(kernel, flags):
     """The backward needs some gradient, and grad_b a bias."""
-    if kernel == "lce_forward_kernel":
+    if kernel != "lce_backward_kernel":
         return True
     return (flags["NEED_X"] or flags["NEED_W"] or flags["NEED_B"]) and (flags["HAS_BIAS"] or not flags["NEED_B"])
 
@@ -473,9 +477,12 @@ def ce_specialisations(every: bool = COMPILE_ALL):
                 sets += [{**every_on, **{n: n == need for n in ("NEED_X", "NEED_W", "NEED_B")}}
                          for need in ("NEED_X", "NEED_W", "NEED_B")]
         for i, (dtype, precision) in enumerate(dtypes):
+            if kernel in _CE_NO_PRODUCT and precision == "tf32":
+                continue  # no product: the same kernel as fp32's
             for flags in sets if every or i == 0 else [every_on]:
                 if _ce_valid(kernel, flags):
-                    flags = {**flags, "INPUT_PRECISION": precision, "UPCAST": False}
+                    if kernel not in _CE_NO_PRODUCT:
+                        flags = {**flags, "INPUT_PRECISION": precision, "UPCAST": False}
                     on = ",".join(name for name in names if flags[name]) or "-"
                     variants.append((kernel, f"{_TYPE[dtype]} {precision} {kernel} {on}", dtype, flags))
     return variants
@@ -490,7 +497,7 @@ def _compile_ce(target, kernel_name, dtype, flags, meta, options, unit_strides=N
     absent = {
         "bias_ptr": not flags.get("HAS_BIAS", True), "part_ptr": not flags.get("SPLIT", True),
         "grad_x_ptr": not flags.get("NEED_X", True), "grad_w_ptr": not flags.get("NEED_W", True),
-        "grad_b_ptr": not flags.get("NEED_B", True),
+        "grad_b_ptr": not flags.get("NEED_B", True), "weight_ptr": not flags.get("WRITE_GRAD", True),
     }
     constexprs = {**flags, **meta, **{name: None for name, none in absent.items() if none}}
     constexprs.update({name: 1 for name in unit_strides or ()})
@@ -535,15 +542,15 @@ def ce_register_report() -> int:
     from torch_matgrad.triton_kernels import cross_entropy
 
     units = ("stride_xh", "stride_wh", "stride_bias", "stride_target", "stride_loss", "stride_lse", "stride_d",
-             "stride_gxh", "stride_gwh", "stride_gb")
+             "stride_gxh", "stride_gwh", "stride_gb", "stride_weight")
     cases = []
     for capability in (90, 80):
         target = GPUTarget("cuda", capability, 32)
         for kernel, label, dtype, flags in ce_specialisations(every=False):
             if dtype != torch.bfloat16 or not all(flags.get(name, True) for name in _CE_FLAGS.get(kernel, ())):
                 continue
-            meta = dict(getattr(cross_entropy, {"lce_forward_kernel": "FORWARD_META",
-                                                "lce_combine_kernel": "COMBINE_META"}.get(kernel, "BACKWARD_META")))
+            meta = dict(getattr(cross_entropy, {"lce_forward_kernel": "FORWARD_META", "lce_combine_kernel": "COMBINE_META",
+                                                "ce_logits_kernel": "LOGITS_META"}.get(kernel, "BACKWARD_META")))
             options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
             kernel_units = [u for u in units if u in getattr(cross_entropy, kernel).arg_names]
             cases.append((f"sm_{capability}", label, functools.partial(_compile_ce, target, kernel, dtype, flags, meta,

@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _util import assert_rel_close
+from _util import REL_TOL, assert_rel_close
 
 pytestmark = pytest.mark.kernels
 triton = pytest.importorskip("triton")
 
 from test_triton_kernels import DEVICE, _randn, _to, poisoned_outputs  # noqa: E402, F401 (autouse fixture)
-from torch_matgrad import triton_backend  # noqa: E402
+from torch_matgrad import formulas, triton_backend  # noqa: E402
 from torch_matgrad.triton_kernels import cross_entropy as ce  # noqa: E402
 
 IGNORE = -100
@@ -34,7 +34,7 @@ ROWS, VOCAB, HIDDEN = SHAPE = 33, 70, 40
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Every launch of the three kernels, in order: ``(kernel name, grid)``."""
+    """Every launch of the four kernels, in order: ``(kernel name, grid)``."""
     seen = []
 
     class Recorded:
@@ -44,7 +44,7 @@ def launches(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: seen.append((self.name, grid)) or self.kernel[grid](*args, **kwargs)
 
-    for name in ("lce_forward_kernel", "lce_combine_kernel", "lce_backward_kernel"):
+    for name in ("lce_forward_kernel", "lce_combine_kernel", "lce_backward_kernel", "ce_logits_kernel"):
         monkeypatch.setattr(ce, name, Recorded(name, getattr(ce, name)))
     return seen
 
@@ -309,3 +309,147 @@ def test_wrapper_rejects_mismatches():
     with pytest.raises(ValueError, match="lse"):
         ce.linear_cross_entropy_backward(torch.ones(7, device=DEVICE), x, w, b, target,
                                          torch.zeros(7, dtype=torch.float64, device=DEVICE))
+
+
+# ------------------------------------------------------------------ the logits kernel
+# ``ce_logits_kernel`` (``cross_entropy_logits``): the loss and G_z of logits already
+# written, G_z over them. Under the interpreter a row is walked in blocks of 128 columns,
+# so 1000 classes are 8 blocks with a ragged last one; 1, 7 and 33 fit one block.
+
+
+def _logits_reference(z, target, weight, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """float64 ``(loss, lse, G_z)`` by ``formulas.cross_entropy_rows`` and
+    ``cross_entropy_grad_logits`` on the same (rounded) logits; ignored rows 0."""
+    s = formulas.softcapped(z.double().cpu(), softcap)
+    t = target.cpu()
+    kept = t != IGNORE
+    t_safe = torch.where(kept, t, 0)
+    loss, lse = formulas.cross_entropy_rows(s, t_safe, label_smoothing, z_loss)
+    w = torch.where(kept, weight.double().cpu().expand(t.shape), 0.0)
+    g = formulas.cross_entropy_grad_logits(s, lse, t_safe, w, label_smoothing, z_loss, softcap)
+    return torch.where(kept, loss, 0.0), torch.where(kept, lse, 0.0), g
+
+
+def _logits(rows, vocab, dtype):
+    """Logits spread over a few units (softmax neither flat nor one-hot), in ``dtype``."""
+    return _to(3 * torch.randn(rows, vocab, dtype=torch.float64), dtype)
+
+
+def _assert_close_to_terms(got, want, terms, dtype, what):
+    """``|got - want| <= REL_TOL[dtype] * (|want| + |terms|)`` (Frobenius norms): a
+    difference is rounded relative to the terms it is made of, and at ``V = 1`` the loss
+    and ``G_z`` cancel to 0 (``lse = s``, ``p = 1``) from terms of the size of ``lse``
+    and ``w``."""
+    err = (got.double().cpu() - want).norm().item()
+    bound = REL_TOL[dtype] * (want.norm() + terms.norm()).item()
+    assert err <= bound, f"{what}: error {err:.2e} > {bound:.2e} for {dtype}"
+
+
+def _check_logits(z, target, weight, dtype, **params):
+    """The kernel on a copy of ``z`` against :func:`_logits_reference`: loss and lse at
+    fp32's tolerance (fp32 statistics of the same logits), G_z at the dtype's."""
+    want = _logits_reference(z, target, weight, **params)
+    buf = z.clone()
+    loss, lse = ce.cross_entropy_logits(buf, target, weight, ignore_index=IGNORE, **params)
+    assert loss.dtype == lse.dtype == torch.float32 and buf.dtype == dtype
+    kept = (target != IGNORE).cpu()
+    _assert_close_to_terms(loss, want[0], want[1], torch.float32, "loss")
+    assert_rel_close(lse, want[1], torch.float32, "lse")
+    _assert_close_to_terms(buf, want[2], torch.where(kept, weight.double().cpu().expand(kept.shape), 0.0),
+                           dtype, "G_z")
+
+
+LOGITS_OPTIONS = {"plain": {}, **OPTIONS}
+
+
+@pytest.mark.parametrize("options", LOGITS_OPTIONS, ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 33, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_logits_kernel_matches_float64(dtype, vocab, options):
+    # Per-row weights (as "none" passes them), some rows ignored.
+    rows = 9
+    target = _targets(rows, vocab, ignored=(2, 7))
+    _check_logits(_logits(rows, vocab, dtype), target, torch.randn(rows, device=DEVICE), dtype,
+                  **LOGITS_OPTIONS[options])
+
+
+@pytest.mark.parametrize("weight", ["0-dim", "per-row"])
+def test_logits_kernel_weights(weight):
+    # A 0-dim w (the mean's 1 / n_kept, the sum's 1) reads one number for every row.
+    rows, vocab = 20, 300
+    target = _targets(rows, vocab, ignored=(0, 19))
+    w = torch.tensor(1 / 18, device=DEVICE) if weight == "0-dim" else torch.rand(rows, device=DEVICE)
+    _check_logits(_logits(rows, vocab, torch.bfloat16), target, w.double(), torch.bfloat16, **OPTIONS["all"])
+
+
+def test_logits_kernel_losses_alone_leave_the_logits(launches):
+    # Without a weight nothing is written over z; one launch of one program per row.
+    z = _logits(11, 70, torch.float32)
+    target = _targets(11, 70, ignored=(3,))
+    buf = z.clone()
+    loss, lse = ce.cross_entropy_logits(buf, target, ignore_index=IGNORE, label_smoothing=0.1, softcap=3.0)
+    want = _logits_reference(z, target, torch.tensor(1.0), label_smoothing=0.1, softcap=3.0)
+    assert torch.equal(buf, z)
+    assert_rel_close(loss, want[0], torch.float32)
+    assert_rel_close(lse, want[1], torch.float32)
+    assert launches == [("ce_logits_kernel", (11,))]
+
+
+def test_logits_kernel_every_row_ignored():
+    # Loss, lse and G_z exactly 0: nothing is read, zeros are written.
+    z = _logits(6, 200, torch.bfloat16)
+    target = torch.full((6,), IGNORE, device=DEVICE)
+    loss, lse = ce.cross_entropy_logits(z, target, torch.ones(6, device=DEVICE), z_loss=1e-2, softcap=2.0)
+    for t in (loss, lse, z):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_logits_kernel_row_stride_and_ignore_index_as_a_class():
+    # z as rows of a wider buffer: the columns past V are never touched. ignore_index may
+    # name a class: its rows count for nothing, the class's logits stay in the others.
+    vocab = 150
+    wide = _logits(8, vocab + 10, torch.float32)
+    before = wide.clone()
+    z = wide[:, :vocab]
+    target = torch.randint(0, vocab, (8,), device=DEVICE)
+    target[[1, 4]] = 5
+    w = torch.rand(8, device=DEVICE)
+    want = _logits_reference(z, torch.where(target == 5, IGNORE, target), w, label_smoothing=0.2)
+    loss, _ = ce.cross_entropy_logits(z, target, w, ignore_index=5, label_smoothing=0.2)
+    assert torch.equal(wide[:, vocab:], before[:, vocab:])
+    assert_rel_close(loss, want[0], torch.float32)
+    assert_rel_close(z, want[2], torch.float32)
+
+
+def test_logits_kernel_out_of_range_target_gives_nan_rows():
+    # Nothing is read at a bad target: that row's loss and G_z are NaN, the rest right.
+    z = _logits(7, 40, torch.float32)
+    target = _targets(7, 40, ignored=(0,))
+    good = target.clone()
+    w = torch.rand(7, device=DEVICE)
+    want = _logits_reference(z, good, w)
+    rest = torch.arange(7) != 3
+    for bad in (40, 2**40, -5):
+        target[3] = bad
+        buf = z.clone()
+        loss, _ = ce.cross_entropy_logits(buf, target, w)
+        assert torch.isnan(loss[3]) and torch.isnan(buf[3]).all()
+        assert_rel_close(loss[rest], want[0][rest], torch.float32)
+        assert_rel_close(buf[rest], want[2][rest], torch.float32)
+
+
+def test_logits_wrapper_rejects_mismatches():
+    z = _logits(4, 6, torch.float32)
+    target = _targets(4, 6)
+    with pytest.raises(ValueError, match="unit column stride"):
+        ce.cross_entropy_logits(z.t(), _targets(6, 4))
+    with pytest.raises(TypeError, match="unsupported dtype torch.float64"):
+        ce.cross_entropy_logits(z.double(), target)
+    with pytest.raises(ValueError, match="no classes"):
+        ce.cross_entropy_logits(z[:, :0], target)
+    with pytest.raises(ValueError, match="target must be"):
+        ce.cross_entropy_logits(z, target[:3])
+    with pytest.raises(ValueError, match=r"weight must be a float tensor of shape \(\) or \(4,\)"):
+        ce.cross_entropy_logits(z, target, torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ce.cross_entropy_logits(z, target, label_smoothing=-0.1)

@@ -57,6 +57,13 @@ Kernels (Triton tutorial 03's layout; one banner per phase):
   most softmax entries are negligible. Label smoothing's gradient is dense (``eps / V``
   everywhere), so the filter is off with smoothing.
 
+* :func:`ce_logits_kernel`: the loss and ``G_z`` of logits already written, for the
+  chunks of ``torch_matgrad.formulas.linear_cross_entropy`` (whose products stay cuBLAS's):
+  one program per row walks its ``z`` row in ``BLOCK_V`` blocks twice, first for the online
+  logsumexp (soft cap applied on the fly), then, with row weights, to write ``G_z`` over
+  ``z`` in ``z``'s dtype. A chunk's logits are read twice and written once in their own
+  dtype, where the same step in torch ops made ~8 fp32 passes.
+
 Out-of-range targets (neither ``ignore_index`` nor in ``[0, V)``): nothing is read at
 the target's index (its logit is picked from the ``z`` tiles by comparing column
 indices), so a bad target cannot read out of bounds. The kernels mark it instead: that
@@ -98,15 +105,22 @@ CE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FORWARD_META = dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3)
 BACKWARD_META = dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 COMBINE_META = dict(BLOCK_N=256, num_warps=4)
+# A streaming kernel: 4096 columns over 8 warps are 16 per thread, two 16-byte loads of
+# bf16 in flight per thread and pass; a 128256-class row is 32 blocks. ptxas (Triton 3.9,
+# bf16, every flag): 80 registers on sm_90, 79 on sm_80, no spills: three programs (24
+# warps, ~24 KiB of loads in flight) per SM.
+LOGITS_META = dict(BLOCK_V=4096, num_warps=8)
 # Interpreter: 16 x 32 x 16 tiles (tl.dot's minimum is 16) make the small test shapes
 # span several tiles with ragged edges in every dimension.
 INTERPRETER_FORWARD_META = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16)
 INTERPRETER_BACKWARD_META = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=2)
 INTERPRETER_COMBINE_META = dict(BLOCK_N=16)
+# 128 columns: a vocabulary of 1000 is 8 blocks with a ragged last one.
+INTERPRETER_LOGITS_META = dict(BLOCK_V=128)
 
 if INTERPRET:
-    FORWARD_META, BACKWARD_META, COMBINE_META = (
-        INTERPRETER_FORWARD_META, INTERPRETER_BACKWARD_META, INTERPRETER_COMBINE_META,
+    FORWARD_META, BACKWARD_META, COMBINE_META, LOGITS_META = (
+        INTERPRETER_FORWARD_META, INTERPRETER_BACKWARD_META, INTERPRETER_COMBINE_META, INTERPRETER_LOGITS_META,
     )
 
 # Per-row partials of a split forward: running max, sum of exp(z' - max), target logit,
@@ -341,6 +355,91 @@ def lce_backward_kernel(
                                       gw, mask=v_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
+@triton.jit
+def ce_logits_kernel(
+    # Pointers: the logits (G_z is written over them), targets, the rows' weights w
+    # (WRITE_GRAD only), outputs (per-row loss and lse, fp32)
+    z_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
+    # Dimensions and strides (elements): z is N x V with unit column stride; a 0-dim w
+    # has stride 0
+    V, stride_zn, stride_target, stride_weight, stride_loss, stride_lse,
+    # The loss's parameters
+    ignore_index, smoothing, z_loss, softcap,
+    # Specialisation flags
+    SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    # Meta-parameters
+    BLOCK_V: tl.constexpr,
+):
+    """One row's loss and lse (``formulas.cross_entropy_rows`` on ``s = c tanh(z / c)``)
+    and, with ``WRITE_GRAD``, its ``G_z`` (``formulas.cross_entropy_grad_logits``,
+    MATH.md item 12) written over ``z``."""
+    # -----------------------------------------------------------
+    # The program's row and target. An ignored row reads nothing: loss and lse 0, G_z 0
+    # (its w is 0). A target outside [0, V) reads nothing at its index: its loss is NaN
+    # and so is its G_z (the op's device-side assert names it).
+    row = tl.program_id(axis=0).to(tl.int64)
+    target = tl.load(target_ptr + row * stride_target)
+    kept = target != ignore_index
+    bad = kept & ((target < 0) | (target >= V))
+    z_row = z_ptr + row * stride_zn
+    blocks = tl.cdiv(V, BLOCK_V)
+
+    # -----------------------------------------------------------
+    # Pass 1: the online logsumexp of s per lane (running max m, sum exp(s - m)), and the
+    # row sum of s for label smoothing; ignored rows walk no block. Columns past V are
+    # -inf to the logsumexp and 0 to the sum; a lane's max stays -inf until it sees a
+    # column, and then exp(m - 0) = 0 keeps its sum at 0.
+    m = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    e = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    s_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for block in range(0, tl.where(kept, blocks, 0)):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        s = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        m_new = tl.maximum(m, tl.where(mask, s, float("-inf")))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = e * tl.exp(m - m_safe) + tl.where(mask, tl.exp(s - m_safe), 0.0)
+        m = m_new
+        if SMOOTHING:
+            s_sum += tl.where(mask, s, 0.0)
+    m_row = tl.where(kept, tl.max(m, axis=0), 0.0)
+    total = tl.sum(e * tl.exp(m - m_row), axis=0)
+    lse = tl.where(kept, m_row + tl.log(tl.where(kept, total, 1.0)), 0.0)
+    s_t = tl.load(z_row + tl.where(bad, 0, target), mask=kept & ~bad, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        s_t = softcap * _tanh(s_t / softcap)
+    loss = lse - (1.0 - smoothing) * s_t - (smoothing / V) * tl.sum(s_sum, axis=0) + z_loss * lse * lse
+    loss = tl.where(bad, float("nan"), tl.where(kept, loss, 0.0))
+    tl.store(loss_ptr + row * stride_loss, loss)
+    tl.store(lse_ptr + row * stride_lse, lse)
+
+    # -----------------------------------------------------------
+    # Pass 2: G_z = w ((1 + 2 zl lse) p - (1 - eps) Y - eps / V) * (1 - (s / c)^2) with
+    # p = exp(s - lse), stored over z in its dtype. Ignored rows read nothing and store
+    # zeros (w = 0, s = 0); a bad target's w is NaN.
+    if WRITE_GRAD:
+        w = tl.load(weight_ptr + row * stride_weight).to(tl.float32)
+        w = tl.where(bad, float("nan"), tl.where(kept, w, 0.0))
+        coef = w * (1.0 + 2.0 * z_loss * lse)
+        hit = w * (1.0 - smoothing)
+        spread = w * smoothing / V
+        read = tl.where(kept, V, 0)  # columns to read
+        for block in range(0, blocks):
+            cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            s = tl.load(z_row + cols, mask=cols < read, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            g = coef * tl.exp(s - lse) - tl.where(cols == target, hit, 0.0)
+            if SMOOTHING:
+                g -= spread
+            if SOFTCAP:
+                g = g * (1.0 - (s / softcap) * (s / softcap))  # tanh' = 1 - tanh^2, tanh = s / c
+            tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------- wrappers
 
 
@@ -488,3 +587,54 @@ def linear_cross_entropy_backward(
                 **meta,
             )
     return tuple(None if t is None else t.to(x.dtype) for t in (grad_x, grad_w, grad_b))
+
+
+def cross_entropy_logits(
+    z: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """``(loss, lse)`` per row (fp32, ``(N,)``) of the logits ``z`` ``(N, V)`` against
+    integer ``target`` ``(N,)``: ``formulas.cross_entropy_rows`` on the soft-capped
+    logits, 0 for ignored rows (their lse too), NaN for a target outside ``[0, V)``.
+
+    With ``weight`` (``w`` of MATH.md item 12: 0-dim or ``(N,)``, any float dtype; the
+    kernel zeroes ignored rows itself), ``G_z`` (``formulas.cross_entropy_grad_logits``)
+    is written over ``z`` IN PLACE, in ``z``'s dtype: pass only a buffer of your own.
+    ``z``: fp16, bf16 or fp32, unit column stride (any row stride).
+    """
+    if z.dim() != 2 or (z.shape[1] > 1 and z.stride(1) != 1):
+        raise ValueError(f"cross_entropy_logits: z must be (N, V) with unit column stride, got shape "
+                         f"{tuple(z.shape)}, strides {z.stride()}")
+    if z.dtype not in CE_DTYPES:
+        raise TypeError(f"cross_entropy_logits: unsupported dtype {z.dtype}; the kernel takes "
+                        f"{', '.join(map(str, CE_DTYPES))}")
+    n, v = z.shape
+    if v == 0:
+        raise ValueError("cross_entropy_logits: no classes (z has 0 columns)")
+    if target.shape != (n,) or target.dtype not in (torch.int64, torch.int32) or target.device != z.device:
+        raise ValueError(f"cross_entropy_logits: target must be an int64/int32 tensor of shape ({n},) on z's device")
+    if weight is not None and (weight.shape not in ((), (n,)) or not weight.is_floating_point()
+                               or weight.device != z.device):
+        raise ValueError(f"cross_entropy_logits: weight must be a float tensor of shape () or ({n},) on z's device")
+    params = _loss_params(label_smoothing, z_loss, softcap)
+    loss, lse = ops._empty((n,), torch.float32, z.device), ops._empty((n,), torch.float32, z.device)
+    if n == 0:
+        return loss, lse
+    if weight is not None:
+        weight = weight.to(torch.float32)
+    with _device(z):
+        ce_logits_kernel[(n,)](
+            z, target, weight, loss, lse,
+            v, z.stride(0), target.stride(0), weight.stride(0) if weight is not None and weight.dim() else 0,
+            loss.stride(0), lse.stride(0),
+            ignore_index, params["smoothing"], params["z_loss"], params["softcap"],
+            SOFTCAP=softcap is not None, SMOOTHING=label_smoothing > 0, WRITE_GRAD=weight is not None,
+            **LOGITS_META,
+        )
+    return loss, lse
