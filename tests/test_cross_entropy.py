@@ -83,25 +83,132 @@ def test_matches_eager_and_float64(backend, variant, reduction, dtype, rows):  #
         assert rel_err(a, b) <= tol, f"{name} ({backend}): {rel_err(a, b):.2e} > {tol:.2e}"
 
 
+@pytest.mark.parametrize("strategy", ["gemm", "kernels"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_strategy_matches_float64(reduction, dtype):
-    """The Triton backend's other strategy: the cross-entropy kernels (CCE's way)."""
+def test_triton_strategies_match_float64(strategy, reduction, dtype):
+    """The Triton backend's other strategies: the chunks' products in the fused GEMM, or
+    the cross-entropy kernels (CCE's way)."""
     x64 = torch.randn(37, 33, dtype=torch.float64, requires_grad=True)
     w64 = (torch.randn(67, 33, dtype=torch.float64) / 33**0.5).requires_grad_()
     t = _targets((37,), 67)
     ref = _call(reference, x64, w64, t, None, reduction, "smooth_zloss_softcap")
     x, w = (v.detach().to(dtype).requires_grad_() for v in (x64, w64))
-    with mg.use_backend("triton"), mg.dispatch.cross_entropy_strategy("kernels"), mg.dispatch.recording() as ran:
+    with mg.use_backend("triton"), mg.dispatch.cross_entropy_strategy(strategy), mg.dispatch.recording() as ran:
         got = _call(mg.linear_cross_entropy, x, w, t, None, reduction, "smooth_zloss_softcap")
         grad = torch.randn_like(ref)
         got_grads = torch.autograd.grad(got, [x, w], grad.to(dtype))
     assert ran == {("forward", "triton"): 1, ("backward", "triton"): 1}
     for a, b in zip([got, *got_grads], [ref, *torch.autograd.grad(ref, [x64, w64], grad)]):
         assert_rel_close(a, b, dtype)
-    with pytest.raises(ValueError, match="unknown strategy 'fused'; choose one of chunked, kernels"):
+    with pytest.raises(ValueError, match="unknown strategy 'fused'; choose one of chunked, gemm, kernels"):
         with mg.dispatch.cross_entropy_strategy("fused"):
             pass
+
+
+@pytest.fixture
+def logits_launches(monkeypatch):
+    """The grid of every launch of the fused logits kernel (the Triton backend's
+    ``"chunked"`` strategy), in order."""
+    kernels = pytest.importorskip("torch_matgrad.triton_kernels.cross_entropy")
+    kernel, seen = kernels.ce_logits_kernel, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(grid) or kernel[grid](*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "ce_logits_kernel", Recorded())
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fused_chunks_match_float64(logits_launches, reduction, bias, dtype):
+    """The Triton backend's default strategy (CPU tensors under the interpreter, as CUDA
+    ones): torch's products, each chunk's losses and G_z from the fused kernel, written
+    over the chunk's logits. 37 rows in chunks of 16: the forward launches the kernel once
+    a chunk; under "none" the backward recomputes the chunks, once more each."""
+    rows, vocab, hidden = 37, 300, 24  # 300 classes: three interpreter blocks, the last ragged
+    x64 = torch.randn(rows, hidden, dtype=torch.float64, requires_grad=True)
+    w64 = (torch.randn(vocab, hidden, dtype=torch.float64) * 2 / hidden**0.5).requires_grad_()
+    b64 = torch.randn(vocab, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves64 = [v for v in (x64, w64, b64) if v is not None]
+    t = _targets((rows,), vocab)
+    ref = _call(reference, x64, w64, t, b64, reduction, "smooth_zloss_softcap")
+    grad = torch.randn_like(ref)
+    leaves = [v.detach().to(dtype).requires_grad_() for v in leaves64]
+    x, w, b = leaves if bias else (*leaves, None)
+    with mg.use_backend("triton"), mg.dispatch.recording() as ran:
+        got = _call(mg.linear_cross_entropy, x, w, t, b, reduction, "smooth_zloss_softcap", chunk_size=16)
+        got_grads = torch.autograd.grad(got, leaves, grad.to(dtype))
+    assert ran == {("forward", "triton"): 1, ("backward", "triton"): 1}
+    assert logits_launches == [(16,), (16,), (5,)] * (2 if reduction == "none" else 1)
+    # The eager head and loss in the same dtype set the bar (at least the dtype's own).
+    eager_leaves = [v.detach().to(dtype).requires_grad_() for v in leaves64]
+    eager = _call(reference, eager_leaves[0], eager_leaves[1], t, eager_leaves[2] if bias else None, reduction,
+                  "smooth_zloss_softcap")
+    eager_grads = torch.autograd.grad(eager, eager_leaves, grad.to(dtype))
+    want = torch.autograd.grad(ref, leaves64, grad)
+    for name, a, r, e in zip(["loss", "x", "w", "b"], [got, *got_grads], [ref, *want], [eager, *eager_grads]):
+        tol = max(REL_TOL[dtype], 2 * rel_err(e, r))
+        assert a.dtype == dtype and rel_err(a, r) <= tol, f"{name}: {rel_err(a, r):.2e} > {tol:.2e}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_chunks_stay_out_of_grad_mode(logits_launches, reduction):
+    """The kernel writes G_z in place and is not differentiable: a backward under
+    create_graph runs torch ops (one differentiable chunk), whose own gradient is the
+    torch backend's; the forward's launches are all there is."""
+    x = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    t, upstream = _targets((12,), 30), torch.rand(12 if reduction == "none" else ())
+
+    def second_order(backend):
+        with mg.use_backend(backend), mg.dispatch.recording() as ran:
+            loss = mg.linear_cross_entropy(x, w, t, reduction=reduction, z_loss=1e-2, chunk_size=5)
+            gx, gw = torch.autograd.grad(loss, [x, w], upstream, create_graph=True)
+        return ran, torch.autograd.grad(gx.square().sum() + gw.square().sum(), [x, w])
+
+    ran, got = second_order("triton")
+    assert ran == {("forward", "triton"): 1, ("backward", "torch"): 1}
+    assert logits_launches == [(5,), (5,), (2,)]
+    for a, b in zip(got, second_order("torch")[1]):
+        assert_rel_close(a, b, torch.float32)
+
+
+def test_fused_chunks_without_gradients_and_their_default_size(logits_launches):
+    """Under no_grad the kernel gives the losses alone and nothing is written over the
+    inputs. The default chunk counts the kernel's logits in the input dtype: on a GPU
+    256 MiB are 1046 rows of bf16 at Llama-3's 128256 classes (523 of fp32), the K of
+    grad_W's product; torch ops count fp32 on every device."""
+    x, w = torch.randn(20, 8, dtype=torch.bfloat16), torch.randn(50, 8, dtype=torch.bfloat16)
+    t = _targets((20,), 50)
+    before = [v.clone() for v in (x, w, t)]
+    with mg.use_backend("triton"), torch.no_grad():
+        got = mg.linear_cross_entropy(x, w, t, label_smoothing=0.1)
+    assert_rel_close(got, reference(x.double(), w.double(), t, label_smoothing=0.1), torch.bfloat16)
+    assert all(torch.equal(a, v) for a, v in zip(before, (x, w, t)))
+    assert logits_launches == [(20,)]
+    assert formulas.chunk_rows(10**6, 128256, None, "cuda", itemsize=2) == 1046
+    assert formulas.chunk_rows(10**6, 128256, None, "cuda", itemsize=4) == 523
+    assert formulas.chunk_rows(10**6, 128256, None, "cuda") == 523  # torch ops: fp32
+
+
+@pytest.mark.cuda
+def test_auto_runs_the_fused_chunks_on_cuda(logits_launches):
+    """On CUDA "auto" gives the LM head to the Triton backend's fused chunks (fp16, bf16,
+    fp32); "torch" stays torch ops, and so does float64."""
+    x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(100, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = _targets((64,), 100).cuda()
+    with mg.dispatch.recording() as ran:
+        mg.linear_cross_entropy(x, w, t).backward()
+    assert ran == {("forward", "triton"): 1, ("backward", "triton"): 1} and logits_launches == [(64,)]
+    for backend, dtype in (("torch", torch.bfloat16), ("auto", torch.float64)):
+        with mg.use_backend(backend), mg.dispatch.recording() as ran:
+            mg.linear_cross_entropy(x.detach().to(dtype).requires_grad_(), w.detach().to(dtype), t).backward()
+        assert ran == {("forward", "torch"): 1, ("backward", "torch"): 1} and len(logits_launches) == 1
 
 
 def test_grad_logits_is_autograd_of_the_rows_loss():

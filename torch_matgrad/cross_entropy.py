@@ -67,7 +67,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # their backward.
         ctx.save_for_backward(x, weight, bias, target, lse)
         ctx.stored = tuple(grads) if options.reduction != "none" and lse is None else None
-        ctx.options, ctx.backend = options, backend
+        ctx.options, ctx.backend, ctx.strategy = options, backend, dispatch.current_cross_entropy_strategy()
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -77,7 +77,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             return (None,) * 7
         stored, ctx.stored = ctx.stored, None
         grads = dispatch.cross_entropy_backward(
-            grad_loss, stored, lse, x, weight, bias, target, ctx.options, tuple(ctx.needs_input_grad[:3]), ctx.backend
+            grad_loss, stored, lse, x, weight, bias, target, ctx.options, tuple(ctx.needs_input_grad[:3]), ctx.backend,
+            ctx.strategy,
         )
         return (*grads, None, None, None, None)
 
@@ -159,9 +160,10 @@ def linear_cross_entropy(
         z_loss: adds ``z_loss * lse^2`` per row (``lse`` the logsumexp of the logits
             the softmax sees), reduced like the loss (PaLM's auxiliary loss).
         softcap: ``c``: the softmax sees ``c * tanh(z / c)`` (Gemma 2), ``z`` the logits.
-        chunk_size: tokens per chunk (default: as many as keep one chunk's fp32 logits
-            within ``formulas.CHUNK_BYTES`` for the device); smaller uses less memory, larger fewer
-            and bigger products.
+        chunk_size: tokens per chunk (default: as many as keep one chunk's logits within
+            ``formulas.CHUNK_BYTES`` for the device: counted in fp32 for torch ops, in the
+            input dtype for the Triton backend's fused kernel); smaller uses less memory,
+            larger fewer and bigger products.
 
     Returns:
         The loss: 0-dim, or shaped like ``target`` under ``"none"``; in ``input``'s
@@ -194,7 +196,7 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, op
         _check_targets(target, weight.shape[0], options)
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     t2 = target.reshape(-1).long()
-    backend = dispatch.chosen_backend(x2, weight, bias)
+    backend = dispatch.cross_entropy_backend(x2, weight, bias)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weight, bias))
     if transformed or not any(needs):
         # torch.func transforms differentiate the chunked torch ops themselves (as they

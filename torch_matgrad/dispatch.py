@@ -48,6 +48,7 @@ import os
 from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 from torch import Tensor
 
 from . import formulas
@@ -297,27 +298,33 @@ def mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activa
 
 
 #: How the Triton backend computes the linear cross-entropy (:func:`cross_entropy_strategy`).
-CE_STRATEGIES = ("chunked", "kernels")
+CE_STRATEGIES = ("chunked", "gemm", "kernels")
 _ce_strategy = "chunked"
 
 
 @contextlib.contextmanager
 def cross_entropy_strategy(name: str) -> Iterator[None]:
     """How the Triton backend runs the linear cross-entropy of the ops whose forward runs
-    inside the block (their backward follows the forward):
+    inside the block (a backward that recomputes chunks follows the forward's strategy):
 
     ``"chunked"`` (default)
-        :func:`formulas.linear_cross_entropy` with each chunk's products in the fused
-        GEMM: the gradients come in the forward, as on every other device.
+        :func:`formulas.linear_cross_entropy`'s chunks with torch's products (cuBLAS on a
+        GPU) and each chunk's losses and ``G_z`` in one fused kernel, written over the
+        chunk's logits (``triton_backend.lce_chunk``; fp16, bf16, fp32): the gradients
+        come in the forward, as on every other device.
+    ``"gemm"``
+        The same, with each product in the fused GEMM kernel
+        (``triton_backend.forward`` / ``backward``).
     ``"kernels"``
         The cross-entropy kernels (``triton_kernels/cross_entropy.py``, CCE's way): the
         forward keeps each row's logsumexp, the backward recomputes the logits tile by
         tile; no ``(rows, V)`` chunk is ever written. For fp16, bf16 and fp32.
 
-    ``"chunked"`` stays the default: on an H200 (bf16; ``bench --lm-head``'s
-    ``matgrad_triton`` and ``matgrad_kernels``, ``benchmarks/results/nvidia-h200``) the
-    kernels took 1.7x and 1.5x its step time at 4096 x 2048 x 32000 and 8192 x 4096 x
-    128256, with 0.55x and 1.0x its peak memory."""
+    Measured before the fused kernel, on an H200 (bf16; ``bench --lm-head``,
+    ``benchmarks/results/nvidia-h200``): the kernels took 1.7x and 1.5x the step time of
+    ``"gemm"`` with torch's elementwise ops at 4096 x 2048 x 32000 and 8192 x 4096 x
+    128256, and the torch backend's chunks 0.89x and 0.64x of it; ``"chunked"`` is that
+    torch path with its elementwise passes fused."""
     global _ce_strategy
     if name not in CE_STRATEGIES:
         raise ValueError(f"cross_entropy_strategy: unknown strategy {name!r}; choose one of {', '.join(CE_STRATEGIES)}")
@@ -328,6 +335,37 @@ def cross_entropy_strategy(name: str) -> Iterator[None]:
         _ce_strategy = previous
 
 
+def current_cross_entropy_strategy() -> str:
+    """The strategy in force (:func:`cross_entropy_strategy`): the op keeps its forward's."""
+    return _ce_strategy
+
+
+def cross_entropy_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
+    """:func:`chosen_backend` for the linear cross-entropy, with one rule of its own:
+    ``"auto"`` runs CUDA tensors of the fused kernel's dtypes (fp16, bf16, fp32) on the
+    Triton backend when Triton imports, outside ``torch.compile`` and ``torch.func``
+    transforms (forward-mode AD included), whose fallbacks still apply. Its default
+    strategy, ``"chunked"``, is the torch backend's chunks and cuBLAS products with each
+    chunk's elementwise step in one kernel: on an H200 (bf16, 8192 x 4096 x 128256) the
+    torch backend took 77.5 ms a step against eager's 40.7, its products ~38 ms of it and
+    the rest ~8 fp32 elementwise passes per chunk and ``grad_W``'s traffic, which the
+    kernel and larger chunks remove (``docs/lm_head.md``)."""
+    if (x.is_cuda and requested_backend() == "auto" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and _fw_ad._current_level < 0
+            and _triton() is not None and x.dtype in _triton().CE_DTYPES):
+        with use_backend("triton"):
+            return chosen_backend(x, weight, bias)
+    return chosen_backend(x, weight, bias)
+
+
+def _chunk_hooks(x: Tensor, strategy: str):
+    """``(linear, elementwise)`` of :func:`formulas.linear_cross_entropy` on the Triton
+    backend: the fused GEMM for the products under ``"gemm"`` (else torch ops), the fused
+    kernel for each chunk's losses and ``G_z`` in its dtypes (else torch ops)."""
+    backend = _triton()
+    return (backend if strategy == "gemm" else None), (backend.lce_chunk if x.dtype in backend.CE_DTYPES else None)
+
+
 def _kernel_options(options) -> dict:
     return dict(ignore_index=options.ignore_index, label_smoothing=options.label_smoothing, z_loss=options.z_loss,
                 softcap=options.softcap)
@@ -335,9 +373,10 @@ def _kernel_options(options) -> dict:
 
 def cross_entropy_forward(x, weight, bias, target, options, row_weight, needs, backend: str):
     """``(loss, grad_x, grad_W, grad_b, lse)`` of the linear cross-entropy on ``backend``:
-    the chunked rows of :func:`formulas.linear_cross_entropy` (``lse`` None), whose
-    products run there; or, on the Triton backend under ``cross_entropy_strategy("kernels")``,
-    the kernels' per-row losses and logsumexps (no gradients: the backward computes them)."""
+    the chunked rows of :func:`formulas.linear_cross_entropy` (``lse`` None), on the
+    Triton backend with :func:`_chunk_hooks`; or, on the Triton backend under
+    ``cross_entropy_strategy("kernels")``, the kernels' per-row losses and logsumexps (no
+    gradients: the backward computes them)."""
     if _ran is not None:
         _ran["forward", backend] += 1
     if backend == "torch":
@@ -345,13 +384,16 @@ def cross_entropy_forward(x, weight, bias, target, options, row_weight, needs, b
     if _ce_strategy == "kernels" and x.dtype in _triton().CE_DTYPES:
         loss, lse = _triton().lce_forward(x, weight, bias, target, **_kernel_options(options))
         return loss, None, None, None, lse
-    return (*formulas.linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, _triton()), None)
+    hooks = _chunk_hooks(x, _ce_strategy)
+    return (*formulas.linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, *hooks), None)
 
 
-def cross_entropy_backward(grad_loss, stored, lse, x, weight, bias, target, options, needs, backend: str):
+def cross_entropy_backward(grad_loss, stored, lse, x, weight, bias, target, options, needs, backend: str,
+                           strategy: str):
     """The linear cross-entropy's gradients on the backend its forward ran (the same
-    exceptions as :func:`backward`): the kernels' backward where the forward kept
-    ``lse``, else :func:`formulas.linear_cross_entropy_backward`."""
+    exceptions as :func:`backward`: under grad mode, torch ops), ``strategy`` the
+    forward's: the kernels' backward where the forward kept ``lse``, else
+    :func:`formulas.linear_cross_entropy_backward`."""
     backend = _backward_backend(backend, grad_loss, None)
     if _ran is not None and grad_loss is not None:
         _ran["backward", backend] += 1
@@ -361,5 +403,5 @@ def cross_entropy_backward(grad_loss, stored, lse, x, weight, bias, target, opti
         row_weight = formulas.backward_row_weight(grad_loss, target, options, torch.float32)
         return _triton().lce_backward(row_weight, x, weight, bias, target, lse, needs=needs, **_kernel_options(options))
     return formulas.linear_cross_entropy_backward(
-        grad_loss, stored, x, weight, bias, target, options, needs, _triton()
+        grad_loss, stored, x, weight, bias, target, options, needs, *_chunk_hooks(x, strategy)
     )

@@ -377,11 +377,17 @@ def mlp_backward(
 #: The reductions of ``linear_cross_entropy``, as ``F.cross_entropy`` names them.
 REDUCTIONS = ("mean", "sum", "none")
 
-#: Bytes of one chunk's logits (fp32) that set the default rows per chunk, per device
-#: type (others: "cuda"'s); the chunk's working set is a few tensors of this size. On a
-#: CPU 32 MiB keeps them in glibc's heap, reused warm from chunk to chunk; a GPU needs
-#: larger products to keep busy (docs/lm_head.md has the measurements).
-CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}
+#: Bytes of one chunk's logits that set the default rows per chunk, per device type
+#: (others: "cuda"'s), counted in the dtype the chunk's loss step works in: fp32 for torch
+#: ops (they upcast; the working set is a few tensors of this size), the input dtype for
+#: the Triton backend's fused kernel (the logits are its one chunk-sized tensor). On a CPU
+#: 32 MiB keeps torch's tensors in glibc's heap, reused warm from chunk to chunk. On a GPU
+#: the chunk is the K of ``grad_W += G_z^T x``, which reads and writes all of ``grad_W``
+#: (1 GiB in bf16 at 128256 x 4096) once per chunk: 256 MiB of bf16 logits are 1046 rows
+#: there, 8 chunks and 16 GiB of ``grad_W`` traffic (~4 ms at 4 TB/s, under the product's
+#: 12.7 ms at 680 TFLOP/s), where the 261 rows of 128 MiB of fp32 made 31 chunks and 62 GiB
+#: (docs/lm_head.md).
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
 
 class CrossEntropyOptions(NamedTuple):
@@ -395,11 +401,12 @@ class CrossEntropyOptions(NamedTuple):
     chunk_rows: Optional[int] = None
 
 
-def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None, device_type: str = "cpu") -> int:
-    """Rows per chunk: ``requested``, else as many as keep one chunk's fp32 logits
-    within :data:`CHUNK_BYTES` (at least one, at most every row)."""
+def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None, device_type: str = "cpu",
+               itemsize: int = 4) -> int:
+    """Rows per chunk: ``requested``, else as many as keep one chunk's logits, at
+    ``itemsize`` bytes each, within :data:`CHUNK_BYTES` (at least one, at most every row)."""
     budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
-    return max(1, min(rows, requested or budget // (4 * max(vocab, 1))))
+    return max(1, min(rows, requested or budget // (itemsize * max(vocab, 1))))
 
 
 def softcapped(z: Tensor, softcap: Optional[float]) -> Tensor:
@@ -446,6 +453,28 @@ def cross_entropy_grad_logits(
     return g
 
 
+def cross_entropy_chunk(
+    z: Tensor, target: Tensor, row_weight: Optional[Tensor], options: CrossEntropyOptions
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(loss, G_z)`` of one chunk's logits ``z`` (rows, V) in torch ops: each row's
+    loss (:func:`cross_entropy_rows` on the soft-capped logits; 0 on ignored rows) in
+    float32 (float64 for float64 logits) and, with ``row_weight`` (``w`` of item 12 before
+    ignored rows are zeroed: 0-dim or (rows,)), ``G_z`` (:func:`cross_entropy_grad_logits`)
+    in ``z``'s dtype, else None. Out of place (differentiable). The Triton backend's
+    ``lce_chunk`` has this interface and writes ``G_z`` over ``z``."""
+    compute = torch.promote_types(z.dtype, torch.float32)
+    s = softcapped(z.to(compute), options.softcap)
+    kept = kept_rows(target, options)
+    t_safe = torch.where(kept, target, 0)
+    loss, lse = cross_entropy_rows(s, t_safe, options.label_smoothing, options.z_loss)
+    loss = torch.where(kept, loss, 0)
+    if row_weight is None:
+        return loss, None
+    w = torch.where(kept, row_weight.to(compute), 0)
+    g = cross_entropy_grad_logits(s, lse, t_safe, w, options.label_smoothing, options.z_loss, options.softcap)
+    return loss, g.to(z.dtype)
+
+
 def kept_rows(target: Tensor, options: CrossEntropyOptions) -> Tensor:
     """The rows whose target is a class: every row but those equal to ``ignore_index``."""
     return target != options.ignore_index
@@ -479,6 +508,7 @@ def linear_cross_entropy(
     row_weight: Optional[Tensor],
     needs: Tuple[bool, bool, bool],
     linear=None,
+    elementwise=None,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(loss, grad_x, grad_W, grad_b)`` chunk by chunk of rows, never forming the
     whole ``(rows, V)`` logits.
@@ -491,31 +521,35 @@ def linear_cross_entropy(
     ``grad_b = G_z^T 1`` (item 10).
 
     ``linear`` computes the chunk's products: None for torch ops (``grad_W`` and
-    ``grad_b`` accumulated in place), or a backend with this module's linear-layer
-    interface, :func:`forward` and :func:`backward` (the Triton backend's fused GEMMs).
-    A single chunk runs only out-of-place ops: differentiable, as double backward needs.
+    ``grad_b`` accumulated in place: on a GPU cuBLAS accumulates in fp32 and rounds
+    once per chunk), or a backend with this module's linear-layer interface,
+    :func:`forward` and :func:`backward` (the Triton backend's fused GEMMs).
+    ``elementwise`` computes the chunk's losses and ``G_z`` from its logits: None for
+    :func:`cross_entropy_chunk` (torch ops), or a function with its interface that may
+    write ``G_z`` over the logits (the Triton backend's fused kernel: not differentiable,
+    so never under grad mode). With torch ops a single chunk runs only out-of-place ops:
+    differentiable, as double backward needs.
     """
     rows, vocab = x.shape[0], weight.shape[0]
-    step = chunk_rows(rows, vocab, options.chunk_rows, x.device.type)
-    compute = torch.promote_types(x.dtype, torch.float32)
+    # The rows per chunk count the chunk's largest tensor: torch ops' fp32 upcast (fp64
+    # inputs too: the CPU's measured chunks), or the fused kernel's logits as they are.
+    itemsize = 4 if elementwise is None else x.element_size()
+    step = chunk_rows(rows, vocab, options.chunk_rows, x.device.type, itemsize)
+    elementwise = elementwise or cross_entropy_chunk
     need_x, need_w, need_b = needs if row_weight is not None else (False, False, False)
     losses, grads_x = [], []
     grad_w = grad_b = None
     for start in range(0, max(rows, 1), step):
         x_c, t_c = x[start : start + step], target[start : start + step]
         z = (forward(x_c, weight, bias, None) if linear is None else linear.forward(x_c, weight, bias, None))[0]
-        s = softcapped(z.to(compute), options.softcap)
-        kept = kept_rows(t_c, options)
-        t_safe = torch.where(kept, t_c, 0)
-        loss, lse = cross_entropy_rows(s, t_safe, options.label_smoothing, options.z_loss)
-        losses.append(torch.where(kept, loss, 0))
-        if not (need_x or need_w or need_b):
+        w_c = None
+        if need_x or need_w or need_b:
+            w_c = row_weight if row_weight.dim() == 0 else row_weight[start : start + step]
+        loss, g = elementwise(z, t_c, w_c, options)
+        del z  # torch ops' G_z is a new tensor; the fused kernel's is z itself
+        losses.append(loss)
+        if g is None:
             continue
-        w_c = row_weight if row_weight.dim() == 0 else row_weight[start : start + step]
-        w_c = torch.where(kept, w_c.to(compute), 0)
-        g = cross_entropy_grad_logits(s, lse, t_safe, w_c, options.label_smoothing, options.z_loss, options.softcap)
-        g = g.to(x.dtype)
-        del z, s
         if linear is None:
             if need_x:
                 grads_x.append(grad_input(g, weight))
@@ -528,6 +562,8 @@ def linear_cross_entropy(
             grads_x.append(gx)
             grad_w = gw if grad_w is None else grad_w.add_(gw)
             grad_b = gb if grad_b is None else grad_b.add_(gb)
+            del gx, gw, gb
+        del g  # before the next chunk's logits: one chunk-sized tensor at a time
     loss = losses[0] if len(losses) == 1 else torch.cat(losses)
     grad_x = None if not need_x else (grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x))
     return loss, grad_x, grad_w, grad_b
@@ -551,6 +587,7 @@ def linear_cross_entropy_backward(
     options: CrossEntropyOptions,
     needs: Tuple[bool, bool, bool],
     linear=None,
+    elementwise=None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(grad_x, grad_W, grad_b)`` of the reduced loss, ``grad_loss`` being its upstream
     gradient (0-dim for ``"mean"`` and ``"sum"``, ``(rows,)`` for ``"none"``).
@@ -560,10 +597,11 @@ def linear_cross_entropy_backward(
     ``grad_loss`` in place and returned (no copy of ``grad_W``). Without them (``"none"``, whose upstream gradient differs per row), or when the
     backward must itself be differentiable (grad mode on: double backward), the chunks are
     recomputed with the row weights ``w_i = grad_loss_i`` (``"none"``) or
-    ``grad_loss * reduction_weight`` (item 12), in one chunk under grad mode."""
+    ``grad_loss * reduction_weight`` (item 12), in one chunk under grad mode; ``linear``
+    and ``elementwise`` as :func:`linear_cross_entropy`'s."""
     if stored is not None and not torch.is_grad_enabled():
         return tuple(None if g is None else g.mul_(grad_loss) for g in stored)
     row_weight = backward_row_weight(grad_loss, target, options, torch.promote_types(x.dtype, torch.float32))
     if torch.is_grad_enabled():
         options = options._replace(chunk_rows=max(x.shape[0], 1))
-    return linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, linear)[1:]
+    return linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, linear, elementwise)[1:]

@@ -55,13 +55,15 @@ from typing import Iterator, Optional, Tuple
 from torch import Tensor
 
 from .formulas import NEEDS_PREACTIVATION, grad_preactivation
-from .triton_kernels.cross_entropy import CE_DTYPES, linear_cross_entropy_backward, linear_cross_entropy_forward
+from .triton_kernels.cross_entropy import (
+    CE_DTYPES, cross_entropy_logits, linear_cross_entropy_backward, linear_cross_entropy_forward,
+)
 from .triton_kernels.fused_gemm import INTERPRET
 from .triton_kernels.ops import SUPPORTED_DTYPES, fused_matmul
 
 __all__ = [
     "CE_DTYPES", "GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy", "lce_backward",
-    "lce_forward", "mlp_backward", "mlp_forward",
+    "lce_chunk", "lce_forward", "mlp_backward", "mlp_forward",
 ]
 
 #: Ways to form ``G_z = G * act'(z)`` in the backward; see the module docstring.
@@ -220,3 +222,16 @@ def lce_backward(grad_rows, x, weight, bias, target, lse, *, ignore_index=-100, 
         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, needs=needs,
         filter_eps=filter_eps,
     )
+
+
+def lce_chunk(z, target, row_weight, options):
+    """``(loss, G_z)`` of one chunk's logits ``z`` with the interface of
+    :func:`torch_matgrad.formulas.cross_entropy_chunk` (MATH.md item 12), in one fused
+    kernel (``triton_kernels/cross_entropy.py``'s ``ce_logits_kernel``): ``G_z`` is
+    written over ``z`` (the chunk loop's own buffer) and returned, None without
+    ``row_weight``; ``loss`` fp32, 0 on ignored rows. fp16, bf16, fp32 (``CE_DTYPES``)."""
+    loss, _ = cross_entropy_logits(
+        z, target, row_weight, ignore_index=options.ignore_index, label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss, softcap=options.softcap,
+    )
+    return loss, (None if row_weight is None else z)
