@@ -7,22 +7,35 @@ Providers (``N`` tokens, hidden size ``H``, vocabulary ``V``; no bias, as LM hea
 ``eager``
     ``F.cross_entropy(F.linear(x, W), target)``: the baseline.
 ``torch_matgrad``
-    The op (mean), whose forward computes the gradients chunk by chunk.
+    The op (mean), whose forward computes the gradients chunk by chunk: on CUDA "auto"
+    runs the Triton backend's ``"chunked"`` strategy (cuBLAS products, each chunk's loss
+    and ``G_z`` in one fused kernel), on a CPU torch ops.
 ``matgrad_recompute``
     The op under ``reduction="none"``, averaged by the caller: its backward recomputes
     each chunk's logits (CCE's way; what the mean would cost without the gradients in
     the forward), one product more than ``torch_matgrad``.
 ``matgrad_triton``, ``matgrad_kernels``
-    The op with the Triton backend asked for: its chunk products in the fused GEMM
-    (``"chunked"``, the default), or the cross-entropy kernels
+    The op with the Triton backend asked for: its chunk products in the fused GEMM as
+    well (``"gemm"``), or the cross-entropy kernels
     (:func:`torch_matgrad.dispatch.cross_entropy_strategy` ``"kernels"``).
 ``compile``
     ``torch.compile`` of the eager head and loss.
 
 For each shape one training step (forward, backward into ``x`` and ``W``) is timed per
 provider, by the linear bench's timers, after its loss and gradients are compared with
-eager's. The peak memory of one step above the inputs and parameters is measured per
-provider in a fresh child process, after a warm-up step (compiling included): on CUDA
+eager's. Two memory columns per provider:
+
+``peak_mib``
+    The peak memory of one step above the inputs and parameters.
+``working_mib``
+    The same less the bytes of the gradients the step returns (``grad_x`` and
+    ``grad_W``: the same for every provider, which must hold them at the end): the peak
+    working memory above inputs, parameters and gradients, Cut Cross-Entropy's
+    accounting. A provider whose peak comes before its gradients exist (eager's, in its
+    loss) is credited with them too.
+
+The peak is measured per provider in a fresh child process, after a warm-up step
+(compiling included): on CUDA
 ``max_memory_allocated``; on a CPU the resident set's high-water mark (Linux
 ``VmHWM``, reset through ``/proc/self/clear_refs`` once the warm-up's freed memory is
 handed back with ``malloc_trim``). The resident set sees every byte the step touches,
@@ -60,10 +73,10 @@ SHAPES = {
 }
 PROVIDERS = ("eager", "torch_matgrad", "matgrad_recompute", "matgrad_triton", "matgrad_kernels", "compile")
 #: The Triton backend's providers and their strategy.
-TRITON = {"matgrad_triton": "chunked", "matgrad_kernels": "kernels"}
+TRITON = {"matgrad_triton": "gemm", "matgrad_kernels": "kernels"}
 COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "N", "H", "V", "dtype",
            "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "peak_mib", "peak_vs_eager",
-           "max_rel_diff_vs_eager")
+           "working_mib", "working_vs_eager", "max_rel_diff_vs_eager")
 
 
 def eager(x, w, t):
@@ -161,13 +174,17 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, providers:
             timed = timer(steps)
             del steps
             peaks = {name: _peak_in_child(name, n, h, v, device, dtype_name) for name in providers}
-            base_t, base_m = timed["eager"][0], peaks["eager"]
+            grads_mib = (x.numel() + w.numel()) * x.element_size() / 2**20  # grad_x, grad_W
+            working = {name: peak - grads_mib for name, peak in peaks.items()}
+            base_t, base_m, base_w = timed["eager"][0], peaks["eager"], working["eager"]
             for name in providers:
                 median, p20, p80 = timed[name]
                 row = {**env, "N": n, "H": h, "V": v, "dtype": dtype_name, "provider": name,
                        "median_ms": f"{median:.1f}", "p20_ms": f"{p20:.1f}", "p80_ms": f"{p80:.1f}",
                        "time_vs_eager": f"{median / base_t:.3f}", "peak_mib": f"{peaks[name]:.1f}",
-                       "peak_vs_eager": f"{peaks[name] / base_m:.3f}", "max_rel_diff_vs_eager": f"{diffs[name]:.1e}"}
+                       "peak_vs_eager": f"{peaks[name] / base_m:.3f}", "working_mib": f"{working[name]:.1f}",
+                       "working_vs_eager": f"{working[name] / base_w:.3f}",
+                       "max_rel_diff_vs_eager": f"{diffs[name]:.1e}"}
                 writer.writerow(row)
                 rows.append(row)
             f.flush()
@@ -177,11 +194,14 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, providers:
 
 def report(rows: Sequence[dict], markdown: bool = False) -> str:
     header = ["N x H x V", "dtype", "provider", "step ms", "time / eager", "peak MiB", "peak / eager",
-              "max rel diff vs eager"]
+              "working MiB", "working / eager", "max rel diff vs eager"]
     lines = [[f"{r['N']} x {r['H']} x {r['V']}", r["dtype"], r["provider"], r["median_ms"], r["time_vs_eager"],
-              r["peak_mib"], r["peak_vs_eager"], r["max_rel_diff_vs_eager"]] for r in rows]
+              r["peak_mib"], r["peak_vs_eager"], r["working_mib"], r["working_vs_eager"], r["max_rel_diff_vs_eager"]]
+             for r in rows]
     note = ("Peak: one training step's memory above the inputs and parameters, each provider in a fresh process "
-            "(CPU: resident-set high-water mark; CUDA: max_memory_allocated).")
+            "(CPU: resident-set high-water mark; CUDA: max_memory_allocated). Working: the peak less the "
+            "gradients the step returns (grad_x, grad_W; the same for every provider), Cut Cross-Entropy's "
+            "accounting.")
     return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n\n" + note + "\n"
 
 
