@@ -180,8 +180,9 @@ def test_fused_chunks_stay_out_of_grad_mode(logits_launches, reduction):
 def test_fused_chunks_without_gradients_and_their_default_size(logits_launches):
     """Under no_grad the kernel gives the losses alone and nothing is written over the
     inputs. The default chunk counts the kernel's logits in the input dtype: on a GPU
-    256 MiB are 1046 rows of bf16 at Llama-3's 128256 classes (523 of fp32), the K of
-    grad_W's product; torch ops count fp32 on every device."""
+    256 MiB are 1046 rows of bf16 at Llama-3's 128256 classes, 1024 in whole 128-row
+    tiles (512 of fp32), the K of grad_W's product; torch ops count fp32 on every device,
+    and a CPU's chunks are not rounded."""
     x, w = torch.randn(20, 8, dtype=torch.bfloat16), torch.randn(50, 8, dtype=torch.bfloat16)
     t = _targets((20,), 50)
     before = [v.clone() for v in (x, w, t)]
@@ -190,9 +191,11 @@ def test_fused_chunks_without_gradients_and_their_default_size(logits_launches):
     assert_rel_close(got, reference(x.double(), w.double(), t, label_smoothing=0.1), torch.bfloat16)
     assert all(torch.equal(a, v) for a, v in zip(before, (x, w, t)))
     assert logits_launches == [(20,)]
-    assert formulas.chunk_rows(10**6, 128256, None, "cuda", itemsize=2) == 1046
-    assert formulas.chunk_rows(10**6, 128256, None, "cuda", itemsize=4) == 523
-    assert formulas.chunk_rows(10**6, 128256, None, "cuda") == 523  # torch ops: fp32
+    assert formulas.chunk_rows(10**6, 128256, None, "cuda", itemsize=2) == 1024
+    assert formulas.chunk_rows(10**6, 128256, None, "cuda", itemsize=4) == 512  # and torch ops'
+    assert formulas.chunk_rows(10**6, 128256, None, "cpu") == 65
+    assert formulas.chunk_rows(10**6, 2**20, None, "cuda", itemsize=2) == 128  # one tile still
+    assert formulas.chunk_rows(10**6, 2**22, None, "cuda", itemsize=2) == 32  # less: as many as fit
 
 
 @pytest.mark.cuda

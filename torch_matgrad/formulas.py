@@ -383,9 +383,10 @@ REDUCTIONS = ("mean", "sum", "none")
 #: the Triton backend's fused kernel (the logits are its one chunk-sized tensor). On a CPU
 #: 32 MiB keeps torch's tensors in glibc's heap, reused warm from chunk to chunk. On a GPU
 #: the chunk is the K of ``grad_W += G_z^T x``, which reads and writes all of ``grad_W``
-#: (1 GiB in bf16 at 128256 x 4096) once per chunk: 256 MiB of bf16 logits are 1046 rows
-#: there, 8 chunks and 16 GiB of ``grad_W`` traffic (~4 ms at 4 TB/s, under the product's
-#: 12.7 ms at 680 TFLOP/s), where the 261 rows of 128 MiB of fp32 made 31 chunks and 62 GiB
+#: (1 GiB in bf16 at 128256 x 4096) once per chunk: 256 MiB of bf16 logits are 1024 rows
+#: there (:func:`chunk_rows`), 8 chunks and 15 GiB of ``grad_W`` traffic (the first chunk
+#: writes it, the others read and write it: ~3.7 ms at 4.3 TB/s, under the product's
+#: 12.7 ms at 680 TFLOP/s), where the 261 rows of 128 MiB of fp32 made 32 chunks and 63 GiB
 #: (docs/lm_head.md).
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 
@@ -404,9 +405,15 @@ class CrossEntropyOptions(NamedTuple):
 def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None, device_type: str = "cpu",
                itemsize: int = 4) -> int:
     """Rows per chunk: ``requested``, else as many as keep one chunk's logits, at
-    ``itemsize`` bytes each, within :data:`CHUNK_BYTES` (at least one, at most every row)."""
+    ``itemsize`` bytes each, within :data:`CHUNK_BYTES` (at least one, at most every row),
+    on a GPU in whole 128-row tiles of the products: 1046 rows would be 9 x 16 tiles of
+    128 x 256 in ``grad_x = G_z W`` (2 waves on an H200's 132 SMs, the second 12 tiles),
+    1024 are 8 x 16 (one wave), and ``grad_W``'s K is 16 whole steps of 64."""
     budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
-    return max(1, min(rows, requested or budget // (itemsize * max(vocab, 1))))
+    fit = budget // (itemsize * max(vocab, 1))
+    if device_type != "cpu" and fit >= 128:
+        fit -= fit % 128
+    return max(1, min(rows, requested or fit))
 
 
 def softcapped(z: Tensor, softcap: Optional[float]) -> Tensor:
