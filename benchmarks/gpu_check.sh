@@ -32,7 +32,10 @@
 #                descriptor (TMA) kernel, both forced, benchmarks/kernel_choice.py), decode/
 #                (bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels),
 #                profile.log (the kernels of one training step, the layer at 4096^3 and the
-#                MLP blocks)
+#                MLP blocks), lm_head/ (bench --lm-head, bf16, 4096 x 2048 x 32000 and
+#                8192 x 4096 x 128256: linear_cross_entropy's training step and its two
+#                peak-memory columns against eager F.linear + F.cross_entropy, beside the
+#                Triton backend's other strategies; no torch.compile)
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
@@ -51,8 +54,9 @@
 # the binary stubbed instead of host_overhead's GPU tables; their figures say nothing about
 # any GPU). Each stage has a time limit (setup 40, ceilings 20, tests 240, warm-up 120,
 # quick bench 90, host overhead 60, host bench 30, MLP bench 45, training step 45, compile
-# bench 120; on request kernel comparison 60, decode bench 45, profiles 60); the default
-# stages' limits add up to 13.8 min with the 10 s grace each, but what they take is less:
+# bench 120; on request kernel comparison 60, decode bench 45, profiles 60, LM head bench
+# 180); the default stages' limits add up to 13.8 min with the 10 s grace each, but what
+# they take is less:
 # on an H100 with an empty Triton cache, tests, warm-up, quick bench, kernel comparison,
 # profiles and MLP bench took 4.9 min (3b39b49); the stages since are predicted at ~0.5 min
 # (host overhead), ~0.3 (host bench), ~0.5 (training step) and ~1.5-2 (compile bench, most
@@ -70,7 +74,8 @@
 #   JOBS=...                  pytest-xdist workers (default: the CPU count, at most 16)
 #   STAGES="tests quick-bench ..."  run only these stages (setup and ceilings always run):
 #                             tests warm-up quick-bench host-overhead host-bench mlp-bench
-#                             train-step compile-bench kernel-choice decode-bench profile;
+#                             train-step compile-bench kernel-choice decode-bench profile
+#                             lm-head-bench;
 #                             "all" runs every one; the default is "tests warm-up quick-bench
 #                             host-overhead host-bench mlp-bench train-step compile-bench"
 #   TORCH_MATGRAD_TRITON_CONFIGS=...  narrow the autotuning (warm-up and benchmarks)
@@ -223,6 +228,9 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     COMPILE="--shapes transformer_pair --dtype bf16 --activation gelu_tanh --mode full \
 --providers eager,torch_matgrad,compile_default,compile --rep-ms 50"
     HOST_OVERHEAD="--calls 200"
+    # matgrad_recompute comes with torch_matgrad, matgrad_kernels with matgrad_triton.
+    LM_HEAD=(-m torch_matgrad bench --lm-head --dtype bf16 --providers eager,torch_matgrad,matgrad_triton
+             --rep-ms 50)
     MARKS="cuda or kernels"
     KERNELS=""
     # Whether "auto" gives the quick shapes (bf16, rows of 4096) to the descriptor kernel here.
@@ -240,6 +248,9 @@ else
     COMPILE="--device cpu --shapes tiny --dtype fp32 --activation gelu_tanh --mode full \
 --providers eager,torch_matgrad,compile_default --rep-ms 20"
     HOST_OVERHEAD="--wrapper"
+    LM_HEAD=(-c "import sys; from torch_matgrad.__main__ import main; from torch_matgrad.bench import lm_head
+lm_head.SHAPES['cpu'] = [(64, 16, 300)]
+sys.exit(main(sys.argv[1:]))" bench --lm-head --device cpu --providers eager,torch_matgrad --rep-ms 20)
     MARKS="cuda"
     KERNELS="--device cpu"
 fi
@@ -279,6 +290,17 @@ stage host-overhead 60 host_overhead.log env $([ $GPU -eq 0 ] && echo TRITON_INT
 stage train-step 45 train.log "$PY" "$ROOT/benchmarks/train_step.py" $([ $GPU -eq 0 ] && echo --rounds 3 --steps 2)
 # shellcheck disable=SC2086
 stage compile-bench 120 bench.log "$PY" -m torch_matgrad bench $COMPILE --no-plot --out "$OUT/compile"
+# The LM head: 5 providers x 2 shapes, each step timed (~1-2 s at --rep-ms 50) and its peak
+# measured in a fresh process (~5-8 s: imports, CUDA context, warm-up step), after the
+# Triton kernels compile once on a cold cache (the fused logits kernel twice, the three
+# cross-entropy kernels, three GEMMs in the one configuration of each kernel named here:
+# ~25 s): ~100 s predicted. The full bench took ~300 s on the H200 with torch.compile,
+# which compiles in the timing process and again in each shape's memory child (four
+# compiles of the step), and every GEMM configuration autotuned: compile is left out. The
+# dry run: one tiny shape on the CPU, torch ops.
+stage lm-head-bench 180 bench.log env \
+    TORCH_MATGRAD_TRITON_CONFIGS="${TORCH_MATGRAD_TRITON_CONFIGS:-128x128x64_s4_w8,tma_128x256x64_s3_w8}" \
+    "$PY" "${LM_HEAD[@]}" --out "$OUT/lm_head"
 # Host overhead of whole layer calls, and the MLP block without compiling (tens of
 # seconds per compiled case): what the GPU adds to the CPU figures of both. (The dry run
 # skips them: tests/test_bench.py runs both modes on the CPU.)
@@ -293,7 +315,7 @@ if [ $GPU -eq 1 ]; then
 fi
 
 echo
-for md in host/host.md mlp/mlp.md; do
+for md in host/host.md mlp/mlp.md lm_head/lm_head.md; do
     [ -f "$OUT/$md" ] && cat "$OUT/$md" && echo
 done
 for log in host_overhead.log train.log; do
