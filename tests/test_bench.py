@@ -372,11 +372,51 @@ def test_mlp_mode_times_and_counts_saved_bytes(tmp_path, monkeypatch, capsys):
     assert tuple(columns) == blocks.COLUMNS and len(rows) == 2 * (1 + providers.count(",") + 1)
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["saved_mib"]) > 0
+        traced = r["provider"] in blocks.TRACED
+        assert (r["tensor_peak_mib"] != "") == traced and (r["aten_ops"] != "") == traced
+        assert r["peak_mem_mib"] == r["tensor_peak_mib"]  # a CPU's peak is the traced one
+        if traced:
+            assert float(r["tensor_peak_mib"]) > 0 and int(r["aten_ops"]) > 0
         if r["provider"] != "eager":
             # x and the pre-activation(s) against eager's x, z and h (gated: x, g, act(g), u, h)
             per_token = {"plain_gelu": (16 + 40, 16 + 2 * 40), "gated_silu": (16 + 2 * 40, 16 + 4 * 40)}[r["kind"]]
             assert float(r["saved_vs_eager"]) == pytest.approx(per_token[0] / per_token[1], abs=1e-3)
     assert "| 33 x 16 x 40 | fp32 | gated_silu | torch_matgrad |" in (tmp_path / "mlp.md").read_text()
+
+
+def test_allocation_trace_counts_storages_as_cudas_allocator():
+    from torch_matgrad.bench.allocations import AllocationTracker, block_bytes
+
+    assert [block_bytes(n) for n in (0, 1, 512, 513, 4000)] == [0, 512, 512, 1024, 4096]
+    before = torch.ones(1000)  # allocated before the trace: never counted
+    with AllocationTracker() as t:
+        a = torch.ones(1000)  # 4000 bytes: a 4096-byte block
+        view = a[10:]  # a view shares the storage
+        b = torch.zeros(10)  # 40 bytes: 512
+        before.add_(a)  # in place: nothing new
+        c = a * 2  # 4096 more: the peak
+        torch.mul(a, 3, out=c)  # out=: c's storage, already counted
+        assert (t.current, t.peak) == (8704, 8704)
+        del c
+        del a
+        assert t.current == 4608  # the view keeps a's storage
+        del view, b
+    assert (t.current, t.peak) == (0, 8704) and t.ops >= 6
+
+
+def test_allocation_trace_of_the_eager_blocks_step_is_computable_by_hand():
+    # Eager plain GELU, fp32, M x d x H = 64 x 32 x 128: the forward keeps z, h (M x H)
+    # and out (M x d); the down layer's backward adds grad_h (M x H) and grad_Wd (d x H)
+    # before its bias sum (d floats: one 512-byte block), which is the step's peak.
+    from torch_matgrad.bench import blocks
+    from torch_matgrad.bench.allocations import step_allocations
+
+    m, d, hidden = 64, 32, 128
+    model = blocks.blocks(d, hidden, "plain_gelu", "cpu", torch.float32, ["eager"])["eager"]
+    x, grad = torch.randn(m, d, requires_grad=True), torch.randn(m, d)
+    peak, ops = step_allocations(lambda: torch.autograd.grad(model(x), [x, *model.parameters()], grad))
+    assert peak == 4 * (3 * m * hidden + m * d + d * hidden) + 512
+    assert ops == 22  # forward 5 (t, addmm, gelu, t, addmm), backward 17
 
 
 def test_lm_head_mode_times_and_measures_peak_memory(tmp_path, monkeypatch):

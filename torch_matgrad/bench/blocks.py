@@ -5,10 +5,13 @@ For each shape (tokens ``M``, width ``d``, hidden width ``H``) and each kind (pl
 GELU as in GPT-2, gated SiLU as in Llama) one training step (forward, backward into the
 input and every parameter) is timed per provider, by the linear bench's timers, and
 the bytes the forward saves for backward are counted (``saved_tensors_hooks``: distinct
-storages, Parameters left out), and the peak memory of the step (CUDA: the allocator's
-peak; CPU: torch's profiler's memory timeline, :func:`cpu_peak_mib`). The
-compiled eager block shows what AOTAutograd's partitioner already recomputes; the
-compiled fused block is recorded beside it. Rows go to ``mlp.csv`` and ``mlp.md``.
+storages, Parameters left out). For the providers that run aten ops (the eager block
+and the fused one on torch ops) one step is also traced (:mod:`.allocations`): the
+peak of the tensor storages it allocates, as CUDA's allocator counts them, and its aten
+ops, a proxy for host time. Peak memory: on CUDA the allocator's peak, which also counts
+the kernels' own scratch; on a CPU the traced peak. The compiled eager block shows what
+AOTAutograd's partitioner already recomputes; the compiled fused block is recorded
+beside it. Rows go to ``mlp.csv`` and ``mlp.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from ..mlp import FusedMLP, saved_bytes
+from .allocations import step_allocations
 from .measure import peak_mem_mib
 from .providers import in_context, provider_context
 from .report import format_table, heading
@@ -36,7 +40,11 @@ KINDS = {"plain_gelu": (False, "gelu"), "gated_silu": (True, "silu")}
 #: launches); ``torch_matgrad`` runs what "auto" chooses.
 PROVIDERS = ("eager", "torch_matgrad", "matgrad_triton", "compile", "compile_matgrad")
 COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "M", "d", "H", "dtype", "kind",
-           "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "saved_mib", "saved_vs_eager", "peak_mem_mib")
+           "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "saved_mib", "saved_vs_eager", "peak_mem_mib",
+           "tensor_peak_mib", "aten_ops")
+#: The providers whose step the allocation trace sees whole: the Triton kernels' launches
+#: and a compiled graph's kernels are no aten ops (a compiled step ran uncompiled under it).
+TRACED = ("eager", "torch_matgrad")
 _ACT = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -65,27 +73,18 @@ def blocks(d: int, hidden: int, kind: str, device: str, dtype: torch.dtype, prov
     return {name: made[name] for name in providers}
 
 
-def cpu_peak_mib(step: Callable[[], object]) -> float:
-    """MiB that ``step`` allocates on the CPU at its peak, above what was allocated
-    before it: every allocation and free that torch's profiler records, in order (its
-    memory timeline; torch's CPU allocator keeps no peak counter)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
-    totals = [sum(s) for s in sizes]  # the first: what was allocated before the step
-    return (max(totals) - totals[0]) / 2**20
-
-
-def step_peak_mib(step: Callable[[], object], device: str, provider: str) -> str:
-    """The peak memory of one ``step`` above what it started with, in MiB; "" for the Triton
-    kernels on a CPU: their interpreter's allocations say nothing of a GPU's, and the
-    profiler's memory timeline of its thousands of small tensors took 90 s to build."""
+def step_memory(step: Callable[[], object], device: str, provider: str) -> Dict[str, str]:
+    """The ``peak_mem_mib``, ``tensor_peak_mib`` and ``aten_ops`` columns of one ``step``:
+    the peak is CUDA's allocator's above what the step started with, or on a CPU the
+    traced tensors' (the CPU allocator keeps no peak); "" where not measured (:data:`TRACED`)."""
+    traced = provider in TRACED
+    tensors, ops = step_allocations(step) if traced else (None, None)
     if device == "cuda":
-        return f"{peak_mem_mib(step):.4g}"
-    return "" if provider == "matgrad_triton" else f"{cpu_peak_mib(step):.4g}"
+        peak = f"{peak_mem_mib(step):.4g}"
+    else:
+        peak = f"{tensors / 2**20:.4g}" if traced else ""
+    return {"peak_mem_mib": peak, "tensor_peak_mib": f"{tensors / 2**20:.4g}" if traced else "",
+            "aten_ops": str(ops) if traced else ""}
 
 
 def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: torch.dtype,
@@ -121,8 +120,7 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: tor
                     row = {**env, "M": m, "d": d, "H": hidden, "dtype": dtype_name, "kind": kind, "provider": name,
                            "median_ms": f"{median:.4f}", "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}",
                            "time_vs_eager": f"{median / base_t:.3f}", "saved_mib": f"{saved[name] / 2**20:.3f}",
-                           "saved_vs_eager": f"{saved[name] / base_s:.3f}",
-                           "peak_mem_mib": step_peak_mib(steps[name], device, name)}
+                           "saved_vs_eager": f"{saved[name] / base_s:.3f}", **step_memory(steps[name], device, name)}
                     writer.writerow(row)
                     rows.append(row)
                 f.flush()
@@ -132,7 +130,13 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, dtype: tor
 
 def report(rows: Sequence[dict], markdown: bool = False) -> str:
     header = ["M x d x H", "dtype", "kind", "provider", "step ms", "time / eager", "saved MiB", "saved / eager",
-              "peak MiB"]
+              "peak MiB", "tensors MiB", "aten ops"]
     lines = [[f"{r['M']} x {r['d']} x {r['H']}", r["dtype"], r["kind"], r["provider"], r["median_ms"],
-              r["time_vs_eager"], r["saved_mib"], r["saved_vs_eager"], r["peak_mem_mib"] or "-"] for r in rows]
-    return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n"
+              r["time_vs_eager"], r["saved_mib"], r["saved_vs_eager"], r["peak_mem_mib"] or "-",
+              r["tensor_peak_mib"] or "-", r["aten_ops"] or "-"] for r in rows]
+    note = ("Peak: one training step's memory above its inputs and parameters (CUDA: max_memory_allocated, "
+            "the kernels' scratch included; CPU: tensors). Tensors: the peak of the live storages the step's aten "
+            "ops allocate, each rounded up to 512 bytes as CUDA's caching allocator counts them (the "
+            "bench.allocations trace: the same figure on every device). Aten ops: dispatched per step, forward and "
+            "backward, a proxy for host time. '-': not traced (Triton launches and compiled kernels are no aten ops).")
+    return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n\n" + note + "\n"
