@@ -215,8 +215,13 @@ def backward(
 
 
 def mlp_hidden(u: Tensor, g: Optional[Tensor], activation: Optional[str]) -> Tensor:
-    """``h = act(u)`` (plain) or ``h = act(g) * u`` (gated)."""
-    return activate(u, activation) if g is None else activate(g, activation) * u
+    """``h = act(u)`` (plain) or ``h = act(g) * u`` (gated; with grad mode off, in
+    ``act(g)``'s memory: one ``(M, H)`` tensor fewer at once)."""
+    if g is None:
+        return activate(u, activation)
+    if activation is None or torch.is_grad_enabled():
+        return activate(g, activation) * u
+    return activate(g, activation).mul_(u)
 
 
 def mlp_forward(
@@ -236,57 +241,50 @@ def mlp_forward(
     return preactivation(mlp_hidden(u, g, activation), down_w, down_b), u, g
 
 
-def _grad_preactivation_into(grad: Tensor, saved: Tensor, activation: Optional[str]) -> Tensor:
-    """:func:`grad_preactivation` written into ``grad``'s own memory (PyTorch's derivative
-    kernels' ``out=`` forms): for a first-order backward, on a temporary of its own."""
-    if activation is None:
-        return grad
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward.grad_input(grad, saved, 0, grad_input=grad)
-    if activation in ("gelu", "gelu_tanh"):
-        approximate = "tanh" if activation == "gelu_tanh" else "none"
-        return torch.ops.aten.gelu_backward.grad_input(grad, saved, approximate=approximate, grad_input=grad)
-    return torch.ops.aten.silu_backward.grad_input(grad, saved, grad_input=grad)
-
-
 def mlp_grad_preactivations(
-    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str], act_g: Optional[Tensor] = None,
-    inplace: bool = False,
+    grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str]
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(G_u, G_g)`` from ``grad_h = dL/dh`` (items 1 and 3): plain
     ``G_u = grad_h * act'(u)``; gated, the product rule (item 1) on ``act(g) * u``,
-    ``G_u = grad_h * act(g)`` and ``G_g = grad_h * u * act'(g)`` (``act_g``: ``act(g)``
-    if the caller has it). ``inplace``: ``grad_h`` is a temporary of the caller's,
-    overwritten by ``G_u`` (plain) or ``G_g`` (gated) instead of allocating them."""
+    ``G_u = grad_h * act(g)`` and ``G_g = grad_h * u * act'(g)``. Out of place and
+    differentiable (double backward)."""
     if g is None:
-        return (_grad_preactivation_into if inplace else grad_preactivation)(grad_h, u, activation), None
-    act_g = activate(g, activation) if act_g is None else act_g
-    g_u = grad_h * act_g
-    if inplace:
-        return g_u, _grad_preactivation_into(grad_h.mul_(u), g, activation)
-    return g_u, grad_preactivation(grad_h * u, g, activation)
+        return grad_preactivation(grad_h, u, activation), None
+    return grad_h * activate(g, activation), grad_preactivation(grad_h * u, g, activation)
 
 
-# A first-order backward of a plain block rebuilds h for grad_Wd in this many row chunks:
-# h whole would outlast u, G_u's products and the weight gradients (one (M, H) tensor
-# more than eager PyTorch's peak, which frees z before its first layer's products).
-_HIDDEN_CHUNKS = 2
+def _grad_preactivation_out(grad: Tensor, saved: Tensor, activation: Optional[str], out: Tensor) -> Tensor:
+    """:func:`grad_preactivation` written into ``out`` (PyTorch's derivative kernels'
+    ``out=`` forms; ``out`` may be ``grad`` or ``saved`` themselves: one read and one
+    write per element). The identity returns ``grad`` and writes nothing."""
+    if activation is None:
+        return grad
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(grad, saved, 0, grad_input=out)
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu_backward.grad_input(grad, saved, approximate=approximate, grad_input=out)
+    return torch.ops.aten.silu_backward.grad_input(grad, saved, grad_input=out)
 
 
-def _grad_down_weight(grad_out: Tensor, u: Tensor, act_g: Optional[Tensor], activation: Optional[str],
-                      inplace: bool) -> Tensor:
-    """``grad_Wd = G^T h`` with ``h`` rebuilt: gated, ``act(g) * u`` in ``act_g``'s memory
-    when ``inplace``; plain, ``act(u)`` whole, or with ``inplace`` in row chunks whose
-    products add up in place (``h`` never whole)."""
-    if act_g is not None:
-        # (Without an activation act_g is g itself, which is saved: not overwritten.)
-        return grad_weight(grad_out, act_g.mul_(u) if inplace and activation is not None else act_g * u)
-    rows = u.shape[0]
-    step = max(1, -(-rows // _HIDDEN_CHUNKS)) if inplace else max(rows, 1)
-    grad_w = grad_weight(grad_out[:step], activate(u[:step], activation))
-    for start in range(step, rows, step):
-        grad_w.addmm_(grad_out[start:start + step].t(), activate(u[start:start + step], activation))
-    return grad_w
+def _activate_(z: Tensor, activation: Optional[str]) -> Tensor:
+    """``act(z)`` written over ``z`` (the ``out=`` forms of :func:`activate`'s kernels)."""
+    if activation is None:
+        return z
+    if activation == "relu":
+        return z.relu_()
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu.out(z, approximate="tanh" if activation == "gelu_tanh" else "none", out=z)
+    return torch.ops.aten.silu.out(z, out=z)
+
+
+def _graph_dies_after_this_backward() -> bool:
+    """True inside a backward whose graph is not kept (no ``retain_graph``, no
+    ``create_graph``) and under no ``torch.func`` transform: the tensors saved for it die
+    when it returns, and it may write over them, as AOTAutograd's compiled backwards
+    reuse ("donate") their saved buffers then. Outside any backward, False."""
+    return (torch._C._current_graph_task_id() != -1 and not torch._C._autograd._get_current_graph_task_keep_graph()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def mlp_backward(
@@ -311,49 +309,96 @@ def mlp_backward(
     activation's chain rule (:func:`mlp_grad_preactivations`); and the first maps are
     items 9-11 again, ``grad_x`` summing what flows through both ``Wu`` and ``Wg``.
 
-    Peak memory: ``u`` (and ``g``) stay saved until the backward returns, where eager
-    PyTorch frees its pre-activation before its first layer's products, so the order
-    and the temporaries are chosen for a peak no higher than eager's. In a first-order
-    backward (grad mode off) every temporary is overwritten in place where it dies
-    (``G_u`` or ``G_g`` into ``grad_h``, gated ``h`` into ``act(g)``) and each ``G`` is freed
-    after its products; gated, ``grad_Wd`` comes before the first layer's products (its
-    ``h`` reuses ``act(g)``), plain after them, with ``h`` rebuilt in row chunks. Under
-    ``create_graph`` the same formulas run out of place, differentiably.
+    Under ``create_graph`` the formulas run out of place, differentiably. A first-order
+    backward (grad mode off) runs the same formulas for memory, in the order and the
+    buffers below.
     """
+    if torch.is_grad_enabled():
+        return _mlp_backward_differentiable(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation,
+                                            needs)
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
-    inplace = not torch.is_grad_enabled()
+    # Peak memory (bench.allocations; bf16 at 4096 x 1024 x 4096: (M, H) tensors 32 MiB,
+    # (M, d) and the weights 8): u (and g) stay saved until this returns, where eager
+    # PyTorch frees each pre-activation once its node has run. So:
+    # - grad_Wd first, with h whole (one GEMM, no row chunks), while nothing else of
+    #   width H but u (and g) is alive; h dies before grad_h = G Wd is formed.
+    # - When the graph dies with this backward, u and g are dead once h is used: G_u
+    #   (plain; gated G_g) is written over u, gated G_u over g, and grad_h dies before the
+    #   first layer's products, which then hold no temporary of width H beside the saved
+    #   ones. With retain_graph, grad_h and one new buffer hold them instead.
+    # - The first layer's products in the order grad_x, then grad_W: the H200's peaks sat
+    #   at these products (cuBLAS's own scratch, ~128 MiB there, docs/mlp.md), so they
+    #   run where the fewest bytes are live.
+    # Step peak (tensors): plain GELU 88 -> 80 MiB, gated SiLU 176 -> 112, against eager's
+    # 112 and 208; aten ops per step 24 -> 17 and 29 -> 30, against eager's 22 and 36.
+    donate = _graph_dies_after_this_backward()
     grad_down_w = grad_down_b = g_u = g_g = None
     if grad_out is not None:
-        act_g = None if g is None else activate(g, activation)  # once, for G_u and h
-        if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
-            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation, act_g, inplace)
-        if need_down_w and g is not None:
-            grad_down_w = _grad_down_weight(grad_out, u, act_g, activation, inplace)
-        act_g = None
+        if need_down_w:
+            grad_down_w = grad_weight(grad_out, mlp_hidden(u, g, activation))  # h dies here
         if need_down_b:
             grad_down_b = grad_bias(grad_out)
+        if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
+            if g is None and activation is None and donate:  # G_u is grad_h: written where u (h, used) was
+                g_u = torch.mm(grad_out, down_w, out=u)
+            elif g is None:
+                grad_h = grad_input(grad_out, down_w)
+                g_u = _grad_preactivation_out(grad_h, u, activation, out=u if donate else grad_h)
+            elif donate:
+                grad_h = grad_input(grad_out, down_w)
+                g_g = _grad_preactivation_out(u.mul_(grad_h), g, activation, out=u)
+                g_u = _activate_(g, activation).mul_(grad_h)
+            else:
+                grad_h = grad_input(grad_out, down_w)
+                g_u = activate(g, activation) * grad_h
+                g_g = _grad_preactivation_out(grad_h.mul_(u), g, activation, out=grad_h)
+            grad_h = None
+    if grad_u is not None:
+        g_u = grad_u if g_u is None else g_u.add_(grad_u)
+    if grad_g is not None:
+        g_g = grad_g if g_g is None else g_g.add_(grad_g)
+    grad_x = None
+    if need_x:
+        for grad_z, weight in ((g_g, gate_w), (g_u, up_w)):
+            if grad_z is not None:
+                grad_x = grad_input(grad_z, weight) if grad_x is None else grad_x.addmm_(grad_z, weight)
+    grad_gate_w = grad_weight(g_g, x) if need_gate_w and g_g is not None else None
+    grad_gate_b = grad_bias(g_g) if need_gate_b and g_g is not None else None
+    g_g = None  # a temporary (retain_graph) freed before the up projection's product
+    grad_up_w = grad_weight(g_u, x) if need_up_w and g_u is not None else None
+    grad_up_b = grad_bias(g_u) if need_up_b and g_u is not None else None
+    return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b
+
+
+def _mlp_backward_differentiable(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs):
+    """:func:`mlp_backward` out of place, in differentiable torch ops (double backward)."""
+    need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
+    grad_down_w = grad_down_b = g_u = g_g = None
+    if grad_out is not None:
+        if need_down_w:
+            grad_down_w = grad_weight(grad_out, mlp_hidden(u, g, activation))
+        if need_down_b:
+            grad_down_b = grad_bias(grad_out)
+        if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
+            g_u, g_g = mlp_grad_preactivations(grad_input(grad_out, down_w), u, g, activation)
     if grad_u is not None:
         g_u = grad_u if g_u is None else g_u + grad_u
     if grad_g is not None:
         g_g = grad_g if g_g is None else g_g + grad_g
-    grad_x = grad_up_w = grad_up_b = grad_gate_w = grad_gate_b = None
-    if g_u is not None:
-        grad_x = grad_input(g_u, up_w) if need_x else None
-        grad_up_w = grad_weight(g_u, x) if need_up_w else None
-        grad_up_b = grad_bias(g_u) if need_up_b else None
-        g_u = None  # freed before the gate's products
-    if g_g is not None:
-        if need_x:
-            if grad_x is None:
-                grad_x = grad_input(g_g, gate_w)
-            else:
-                grad_x = grad_x.addmm_(g_g, gate_w) if inplace else grad_x + grad_input(g_g, gate_w)
-        grad_gate_w = grad_weight(g_g, x) if need_gate_w else None
-        grad_gate_b = grad_bias(g_g) if need_gate_b else None
-        g_g = None
-    if grad_out is not None and need_down_w and g is None:
-        grad_down_w = _grad_down_weight(grad_out, u, None, activation, inplace)
-    return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b
+    grad_x = None
+    for grad_z, weight in ((g_u, up_w), (g_g, gate_w)):
+        if need_x and grad_z is not None:
+            term = grad_input(grad_z, weight)
+            grad_x = term if grad_x is None else grad_x + term
+    return (
+        grad_x,
+        grad_weight(g_u, x) if need_up_w and g_u is not None else None,
+        grad_bias(g_u) if need_up_b and g_u is not None else None,
+        grad_weight(g_g, x) if need_gate_w and g_g is not None else None,
+        grad_bias(g_g) if need_gate_b and g_g is not None else None,
+        grad_down_w,
+        grad_down_b,
+    )
 
 
 # ------------------------------------------------------- softmax cross-entropy (LM head)
