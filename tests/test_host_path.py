@@ -30,6 +30,7 @@ def test_no_gradient_skips_the_function_and_matches_bit_for_bit(mode, activation
     with_grad = layer(x)  # the Function path when the parameters require grad
     for cls in (function.EagerLinearFunction, function.LinearFunction):
         monkeypatch.setattr(cls, "apply", None)  # any use now raises TypeError
+    monkeypatch.setattr(function, "_eager_linear", None)
     context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
     with context():
         got = layer(x)
@@ -37,14 +38,15 @@ def test_no_gradient_skips_the_function_and_matches_bit_for_bit(mode, activation
     assert torch.equal(got, want) and torch.equal(got, with_grad.detach())
 
 
-def test_training_path_binds_no_signature(monkeypatch):
+@pytest.mark.parametrize("op", ["linear", "mlp"])
+def test_training_path_binds_no_signature(monkeypatch, op):
     calls = []
     real = inspect.signature
+    layer = mg.Linear(8, 4, activation="silu") if op == "linear" else mg.FusedMLP(8, 16, activation="silu", gated=True)
     monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(a) or real(*a, **k))
-    layer = mg.Linear(8, 4, activation="silu")
     x = torch.randn(3, 8, requires_grad=True)
     layer(x).sum().backward()
-    assert calls == [] and x.grad is not None and layer.weight.grad is not None
+    assert calls == [] and x.grad is not None and all(p.grad is not None for p in layer.parameters())
 
 
 def _tensors():

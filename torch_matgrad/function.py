@@ -92,21 +92,30 @@ class ForwardModeLinearFunction(LinearFunction):
         return _vmap_rule(ForwardModeLinearFunction, info, in_dims, x, weight, bias, activation, backend)
 
 
-class EagerLinearFunction(torch.autograd.Function):
-    """:class:`LinearFunction` in the combined style (``forward`` takes ``ctx``), which
-    :func:`linear` applies outside functorch transforms and ``torch.compile``: the same
-    forward, saved tensors and backward. ``apply`` of a Function that defines
+def combined_style(function: type) -> type:
+    """The new-style Function ``function`` (``forward`` without ``ctx``, then
+    ``setup_context``) in the combined style (``forward(ctx, ...)``): the same forward,
+    saved tensors and backward, for the ops to apply outside functorch transforms and
+    ``torch.compile`` (:func:`direct_apply`). ``apply`` of a Function that defines
     ``setup_context`` binds its arguments through ``inspect.signature`` on every call (in
     Python up to torch 2.13, in C++ from 2.14): ~100 us on a 2-core CPU, six times
     ``F.linear`` on small inputs. A combined ``forward`` is never bound."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation, backend):
-        output = LinearFunction.forward(x, weight, bias, activation, backend)
-        LinearFunction.setup_context(ctx, (x, weight, bias, activation, backend), output)
+    def forward(ctx, *args):
+        output = function.forward(*args)
+        function.setup_context(ctx, args, output)
         return output
 
-    backward = LinearFunction.backward
+    return type(f"Eager{function.__name__}", (torch.autograd.Function,), {
+        "__doc__": f":class:`{function.__name__}` in the combined style (:func:`combined_style`).",
+        "__module__": function.__module__,
+        "forward": staticmethod(forward),
+        "backward": staticmethod(function.backward),
+    })
+
+
+#: :class:`LinearFunction` as :func:`linear` applies it outside transforms and compiling.
+EagerLinearFunction = combined_style(LinearFunction)
 
 
 def _vmap_rule(function, info, in_dims, x, weight, bias, activation, backend):
@@ -306,7 +315,7 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
         function = ForwardModeLinearFunction if _fw_ad._current_level >= 0 else LinearFunction
         out, _ = function.apply(x2, weight, bias, activation, backend)
     else:
-        out, _ = _eager_apply(*_unwrap_dead_wrappers((x2, weight, bias, activation, backend)))
+        out, _ = _eager_linear(x2, weight, bias, activation, backend)
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
 
@@ -328,15 +337,21 @@ torch.fx.wrap("linear")
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 # Outside functorch transforms and torch.compile, ``Function.apply`` (Python up to torch
-# 2.13) only unwraps dead functorch wrappers and calls the C++ ``apply``: ``_apply`` does
-# both itself, ~10 us less per training step at 1 x 64 -> 64 on a 2-core CPU.
+# 2.13) only unwraps dead functorch wrappers and calls the C++ ``apply``: the ops do both
+# themselves, ~10 us less per training step at 1 x 64 -> 64 on a 2-core CPU.
 try:
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 
-    _eager_apply = super(torch.autograd.Function, EagerLinearFunction).apply
-except (ImportError, AttributeError):  # pragma: no cover - a torch without these internals
+    def direct_apply(function: type):
+        """``function.apply`` (a combined-style Function: :func:`combined_style`) as a
+        call of its C++ ``apply`` with dead functorch wrappers unwrapped."""
+        apply = super(torch.autograd.Function, function).apply
+        return lambda *args: apply(*_unwrap_dead_wrappers(args))
 
-    def _unwrap_dead_wrappers(args):
-        return args
+except ImportError:  # pragma: no cover - a torch without these internals
 
-    _eager_apply = EagerLinearFunction.apply
+    def direct_apply(function: type):
+        return function.apply
+
+
+_eager_linear = direct_apply(EagerLinearFunction)
