@@ -8,6 +8,10 @@ three row blocks and 70 classes three vocabulary tiles, both with ragged edges. 
 outputs are NaN-filled (``poisoned_outputs``, from the GEMM tests): a row the forward
 forgets to write fails. The backward adds into zeroed fp32 buffers, so a tile it forgets
 shows as a missing share of a gradient.
+
+The logits kernel of the chunked op (``ce_logits_kernel``) is checked against the float64
+``formulas.cross_entropy_rows`` and ``cross_entropy_grad_logits`` (themselves tested
+against autograd in ``test_cross_entropy.py``) on the same rounded logits.
 """
 
 from __future__ import annotations
