@@ -27,15 +27,16 @@
 #   compile/     bf16 full steps with GELU-tanh at two transformer projections: eager,
 #                torch_matgrad, torch.compile of the eager layer in the default mode and
 #                with max-autotune (compile time kept out of the timing, in first_call_s)
+#   lm_head/     bench --lm-head, bf16, 4096 x 2048 x 32000 and 8192 x 4096 x 128256:
+#                linear_cross_entropy's training step and its two peak-memory columns
+#                against eager F.linear + F.cross_entropy, beside the Triton backend's other
+#                strategies (no torch.compile)
 #   On request (STAGES): kernels/ (bf16, the four quick shapes, each product the backend
 #                launches, grad_W + grad_b among them: the pointer GEMM kernel against the
 #                descriptor (TMA) kernel, both forced, benchmarks/kernel_choice.py), decode/
 #                (bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels),
 #                profile.log (the kernels of one training step, the layer at 4096^3 and the
-#                MLP blocks), lm_head/ (bench --lm-head, bf16, 4096 x 2048 x 32000 and
-#                8192 x 4096 x 128256: linear_cross_entropy's training step and its two
-#                peak-memory columns against eager F.linear + F.cross_entropy, beside the
-#                Triton backend's other strategies; no torch.compile)
+#                MLP blocks)
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
