@@ -38,14 +38,19 @@ def test_no_gradient_skips_the_function_and_matches_bit_for_bit(mode, activation
     assert torch.equal(got, want) and torch.equal(got, with_grad.detach())
 
 
-@pytest.mark.parametrize("op", ["linear", "mlp"])
+@pytest.mark.parametrize("op", ["linear", "mlp", "linear_cross_entropy"])
 def test_training_path_binds_no_signature(monkeypatch, op):
     calls = []
     real = inspect.signature
-    layer = mg.Linear(8, 4, activation="silu") if op == "linear" else mg.FusedMLP(8, 16, activation="silu", gated=True)
+    layer = {
+        "linear": lambda: mg.Linear(8, 4, activation="silu"),
+        "mlp": lambda: mg.FusedMLP(8, 16, activation="silu", gated=True),
+        "linear_cross_entropy": lambda: mg.LinearCrossEntropy(8, 5),
+    }[op]()
     monkeypatch.setattr(inspect, "signature", lambda *a, **k: calls.append(a) or real(*a, **k))
     x = torch.randn(3, 8, requires_grad=True)
-    layer(x).sum().backward()
+    out = layer(x, torch.tensor([0, 4, 2])) if op == "linear_cross_entropy" else layer(x)
+    out.sum().backward()
     assert calls == [] and x.grad is not None and all(p.grad is not None for p in layer.parameters())
 
 

@@ -27,7 +27,15 @@ from torch import Tensor, nn
 
 from . import dispatch, formulas
 from .formulas import REDUCTIONS, CrossEntropyOptions
-from .function import _autocast, _autocast_enabled, _check, _check_one_dtype, _describe
+from .function import (
+    _autocast,
+    _autocast_enabled,
+    _check,
+    _check_one_dtype,
+    _describe,
+    combined_style,
+    direct_apply,
+)
 from .modules import _check_linear, _share
 
 _OP = "torch_matgrad.linear_cross_entropy"
@@ -205,8 +213,14 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, op
         loss = formulas.reduce_loss(dispatch.cross_entropy_forward(
             x2, weight, bias, t2, options, None, (False,) * 3, backend)[0], t2, options)
     else:
-        loss = LinearCrossEntropyFunction.apply(x2, weight, bias, t2, options, needs, backend)[0]
+        apply = LinearCrossEntropyFunction.apply if torch.compiler.is_compiling() else _eager_apply
+        loss = apply(x2, weight, bias, t2, options, needs, backend)[0]
     return loss.view(target.shape) if options.reduction == "none" else loss
+
+
+# Outside torch.compile (and transforms, which take the torch ops above): no per-call
+# signature binding (function.combined_style).
+_eager_apply = direct_apply(combined_style(LinearCrossEntropyFunction))
 
 
 class LinearCrossEntropy(nn.Module):
