@@ -27,15 +27,7 @@ from torch import Tensor, nn
 
 from . import dispatch, formulas
 from .formulas import REDUCTIONS, CrossEntropyOptions
-from .function import (
-    _autocast,
-    _autocast_enabled,
-    _check,
-    _check_one_dtype,
-    _describe,
-    combined_style,
-    direct_apply,
-)
+from .function import _autocast, _autocast_enabled, _check, _check_one_dtype, _describe, combined_style, direct_apply
 from .modules import _check_linear, _share
 
 _OP = "torch_matgrad.linear_cross_entropy"
