@@ -75,6 +75,8 @@
 #   PYTHON=...                the interpreter (default python3)
 #   TORCH_MATGRAD_COMMIT=...  the commit to record where the tree has no .git
 #   JOBS=...                  pytest-xdist workers (default: the CPU count, at most 16)
+#   PACK=1                    leave OUTDIR holding one archive, gpu_check.tar.gz, of everything
+#                             it wrote (for a transfer that carries only a few files back)
 #   STAGES="tests quick-bench ..."  run only these stages (setup and ceilings always run):
 #                             tests warm-up quick-bench host-overhead host-bench mlp-bench
 #                             train-step compile-bench kernel-choice decode-bench profile
@@ -342,6 +344,11 @@ grep -h "^ceiling" "$OUT/setup.log"
 echo "Wall time per stage (limits are at least 1.5x the last measured time):"
 printf '  %s\n' "${TIMES[@]}"
 [ $GPU -eq 0 ] && echo "DRY RUN without a GPU: the figures above are CPU figures."
+if [ "${PACK:-0}" = 1 ]; then
+    PACKED=$(mktemp -d)/gpu_check.tar.gz
+    (cd "$OUT" && tar -czf "$PACKED" . && find . -mindepth 1 -delete && mv "$PACKED" .) \
+        && echo "packed: $OUT/gpu_check.tar.gz" || FAILED+=("pack: exit $?")
+fi
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${FAILED[@]}"
     exit 1
