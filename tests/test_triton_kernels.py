@@ -431,3 +431,104 @@ def test_one_entry_per_kind_of_launch(monkeypatch):
     forward(torch.randn(70, 25, device=DEVICE)[:, 1:])  # 4 bytes off alignment, row stride 25
     forward(torch.randn(70, 24, device=DEVICE, dtype=torch.float64), w.double())
     assert len(cached.entries) == 5
+
+
+def _tritons_binder(fn):
+    """Triton's own argument binder of the kernel ``fn`` for an sm_90 target, what
+    ``JITFunction.run`` calls on every launch: ``(arguments by name, specialisation,
+    options)``, the specialisation (each argument's type, 16-byte alignment or integer
+    class, and every constexpr) being the key of Triton's binary cache."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)  # the interpreter wraps the Python function
+    return create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+# (m, k, n, layout, dtype, bias, activation): what Triton specialises on, crossed: one row
+# (a constexpr 1), rows a multiple of 16 or not within one bucket (20, 24, 32), another
+# bucket (33), K not a multiple of 16 (40), no bias, a transposed view (describable at 24
+# and 32 rows, not at 20), a sliced view (misaligned rows: the pointer kernel only),
+# another dtype, each kernel's epilogue with and without z.
+_SWEEP = [
+    (1, 32, 48, "contiguous", torch.bfloat16, True, "gelu_tanh"),
+    (20, 32, 48, "contiguous", torch.bfloat16, False, None),
+    (32, 32, 48, "contiguous", torch.bfloat16, False, None),
+    (32, 32, 48, "contiguous", torch.bfloat16, True, "gelu_tanh"),
+    (33, 32, 48, "contiguous", torch.bfloat16, True, "gelu_tanh"),
+    (20, 40, 48, "contiguous", torch.bfloat16, True, None),
+    (32, 32, 48, "transposed", torch.bfloat16, True, None),
+    (24, 32, 48, "transposed", torch.bfloat16, False, "gelu_tanh"),
+    (20, 32, 48, "transposed", torch.bfloat16, True, None),
+    (20, 32, 48, "sliced", torch.bfloat16, True, "relu"),
+    (20, 32, 48, "contiguous", torch.float32, True, "relu"),
+]
+
+
+@pytest.mark.skipif(not ops.INTERPRET, reason="on a GPU test_direct_launch_is_tritons_binary runs both paths")
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+def test_one_entry_is_one_binary_and_one_tuning(monkeypatch, kernel):
+    # Every launch the cache serves from one entry is one launch to Triton: one
+    # specialisation from Triton's own binder (so the direct call runs the binary
+    # JITFunction.run would pick) and one key of its autotuner (so the configuration is
+    # the one it would choose). The sweep: the linear op's three launches per case of
+    # _SWEEP, and on the pointer kernel the MLP blocks' launches at 1, 20 and 32 tokens.
+    import torch_matgrad
+
+    if kernel == "tma" and not ops.TMA_AVAILABLE:
+        pytest.skip("no tensor descriptors in this Triton")
+    tuned_on = {fused_gemm_kernel: configs._AUTOTUNE_KEY, tma_gemm_kernel: configs._TMA_AUTOTUNE_KEY}
+    binders, seen = {}, {}
+    call = launch.CachedKernel.__call__
+
+    def recording(self, key, grid, args, constexprs):
+        call(self, key, grid, args, constexprs)
+        entry = self.entries[key]
+        if self.fn not in binders:
+            binders[self.fn] = _tritons_binder(self.fn)
+        bound, specialisation, _ = binders[self.fn](*(args(entry.meta) if callable(args) else args), *entry.tail)
+        # Autotuner.run's key: the named arguments, then the dtype of every argument that
+        # has one (the configuration's meta-parameters are not arguments yet).
+        given = {name: v for name, v in bound.items() if name not in entry.meta}
+        tuning = [given[name] for name in tuned_on[self.fn]]
+        tuning += [str(v.dtype) for v in given.values() if hasattr(v, "dtype")]
+        seen.setdefault((self.fn, key), set()).add((repr(specialisation), repr(tuning)))
+
+    monkeypatch.setattr(launch.CachedKernel, "__call__", recording)
+    with ops.gemm_kernel(kernel):
+        for m, k, n, layout, dtype, bias, activation in _SWEEP:
+            _check_all(m, k, n, dtype, activation, bias, layout)
+        # Pointers 2 bytes past a 16-byte boundary, strides as before.
+        x, w, b = (_to(torch.randn(*s, dtype=torch.float64), torch.bfloat16) for s in ((32, 32), (48, 32), (48,)))
+        for xi, bi in ((x, b), (_off_alignment(x), b), (x, _off_alignment(b))):
+            out, _ = triton_backend.forward(xi, w, bi, None)
+            assert_rel_close(out, formulas.forward(x.double(), w.double(), b.double(), None)[0], torch.bfloat16, "out")
+        if kernel == "pointer":
+            for m, gated in ((1, True), (20, False), (20, True), (32, True)):
+                x = torch.randn(m, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+                shapes = ((48, 32), (48, 32), (24, 48))
+                up, gate, down = (torch.randn(*s, device=DEVICE, dtype=torch.bfloat16) for s in shapes)
+                with torch_matgrad.use_backend("triton"):
+                    out = torch_matgrad.mlp(x, up, down, None, None, "silu", gate if gated else None)
+                out.backward(torch.randn_like(out))
+    split = {entry: launches for entry, launches in seen.items() if len(launches) > 1}
+    assert not split, f"one cache entry, several Triton launches: {split}"
+    # The sweep can tell: with the integer classes or the alignments left out of the key
+    # (their places in launch.py's keys), launches Triton compiles apart would share an entry.
+    fn = tma_gemm_kernel if kernel == "tma" else fused_gemm_kernel
+    assert sum(f is fn for f, _ in seen) >= 8
+    for part in (-1, 8 if kernel == "tma" else 4):  # integer classes; (bias) pointer alignment
+        coarse = {}
+        for (f, key), launches in seen.items():
+            if f is fn:
+                rest = list(key)
+                del rest[part]
+                coarse.setdefault(tuple(rest), set()).update(spec for spec, _ in launches)
+        assert any(len(specs) > 1 for specs in coarse.values()), part
+
+
+def _off_alignment(t):
+    """A copy of ``t`` with its strides, starting one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    return flat.view(t.shape).copy_(t)
