@@ -422,14 +422,20 @@ def test_allocation_trace_of_the_eager_blocks_step_is_computable_by_hand():
 def test_lm_head_mode_times_and_measures_peak_memory(tmp_path, monkeypatch):
     from torch_matgrad.bench import lm_head
 
-    monkeypatch.setitem(lm_head.SHAPES, "cpu", [(64, 16, 300)])
+    n, h, v = 64, 256, 1000
+    monkeypatch.setitem(lm_head.SHAPES, "cpu", [(n, h, v)])
     rc = main(["bench", "--lm-head", "--device", "cpu", "--providers", "torch_matgrad", "--rep-ms", "5",
                "--out", str(tmp_path)])  # compiling would take minutes on a CPU; eager always runs
     assert rc == 0
     columns, rows = _read_csv(tmp_path / "lm_head.csv")
     assert tuple(columns) == lm_head.COLUMNS
     assert [r["provider"] for r in rows] == ["eager", "torch_matgrad", "matgrad_recompute"]
+    grads_mib = (n * h + v * h) * 4 / 2**20  # grad_x and grad_W in fp32: 1.04 MiB, which working leaves out
+    eager_working = float(rows[0]["working_mib"])
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["peak_mib"]) >= 0
         assert float(r["max_rel_diff_vs_eager"]) <= 1e-5
-    assert "| 64 x 16 x 300 | fp32 | torch_matgrad |" in (tmp_path / "lm_head.md").read_text()
+        working = float(r["working_mib"])
+        assert working == pytest.approx(float(r["peak_mib"]) - grads_mib, abs=0.11)  # both printed to 0.1 MiB
+        assert float(r["working_vs_eager"]) == pytest.approx(working / eager_working, abs=0.1 / eager_working)
+    assert f"| {n} x {h} x {v} | fp32 | torch_matgrad |" in (tmp_path / "lm_head.md").read_text()
