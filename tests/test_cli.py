@@ -70,14 +70,18 @@ def test_check_prints_each_row_as_it_finishes(monkeypatch, capsys):
     printed = []
 
     def rows(function, *args, interpreter):
-        for i in range(2):
+        for op in ("none", "lm-head mean"):
             printed.append(capsys.readouterr().out)  # what was on screen before this row
-            yield ("torch", "cpu", "none", "yes", True, True, 1e-7, "torch/torch")
+            yield ("torch", "cpu", op, "yes", True, True, 1e-7, "torch/torch")
 
     monkeypatch.setattr(check, "rows_on_every_backend", rows)
     assert check.run(argparse.Namespace(seed=0, no_interpreter=False)) == 0
     assert "backend" in printed[0] and "torch/torch" in printed[1]  # row 1 shown before row 2 ran
-    assert "2 passed, 0 failed" in capsys.readouterr().out
+    rest = capsys.readouterr().out
+    assert "2 passed, 0 failed" in rest
+    table = [line for line in "".join([*printed, rest]).splitlines() if " | " in line]
+    columns = [[i for i, c in enumerate(line) if c == "|"] for line in table]
+    assert len(table) == 3 and columns[1] == columns[2] == columns[0], table  # the columns line up
 
 
 @pytest.mark.parametrize("interpreter", [True, False])
