@@ -8,6 +8,8 @@ worker that hangs is killed after ``TIMEOUT_S``.
 
 import copy
 import importlib
+import os
+import sys
 import time
 
 import pytest
@@ -146,10 +148,20 @@ def _worker(rank, scenario, backend, store):
             SCENARIOS[scenario](rank)
         # Tear down only once both ranks are done: a rank destroying gloo's process
         # group while its peer still talks to it can abort the peer ("terminate called
-        # without an active exception", seen under load).
+        # without an active exception", seen under load). The barrier is gloo's own, so
+        # a rank may leave it while its peer still reads; the file store says when both
+        # have left it.
         dist.barrier()
+        done = dist.distributed_c10d._get_default_store()
+        done.set(f"done{rank}", "1")
+        done.wait([f"done{r}" for r in range(WORLD)])
     finally:
         dist.destroy_process_group()
+    # Passed: leave without the interpreter's finalisation, where gloo's threads have
+    # also aborted a worker (pytorch#179291). A failure raises above, for spawn to report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(scenario, backend, tmp_path):
