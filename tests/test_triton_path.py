@@ -239,6 +239,20 @@ def test_auto_runs_what_measured_fastest(monkeypatch):
             assert dispatch.chosen_backend(big, big.double()) == "torch"  # mixed dtypes
 
 
+def test_an_ops_own_auto_rule_is_its_alone():
+    # An op with its own meaning of "auto" (the LM head's on CUDA) passes it in, rather
+    # than forcing a backend for every op for a moment; a request or a fallback still wins.
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    with torch_matgrad.use_backend("auto"):
+        if triton_backend.INTERPRET:
+            assert dispatch.chosen_backend(x, x, auto="triton") == "triton"
+            assert dispatch.chosen_backend(x, x.double(), auto="triton") == "torch"  # mixed dtypes
+        assert dispatch.chosen_backend(x, x) == dispatch.AUTO == "torch"
+        assert dispatch.cross_entropy_backend(x, x, None) == "torch"  # a CPU tensor: the shared rule
+    with torch_matgrad.use_backend("torch"):
+        assert dispatch.chosen_backend(x, x, auto="triton") == "torch"
+
+
 def test_vmap_of_grad_falls_back_in_backward():
     # The backward of vmap(grad(f)) sees batched tensors; they must reach torch ops.
     w = torch.randn(3, 4, device=DEVICE, dtype=torch.float64)

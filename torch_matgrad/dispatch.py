@@ -190,14 +190,15 @@ def _triton_fallback(tensors) -> Optional[str]:
     return None
 
 
-def chosen_backend(x: Tensor, *params: Optional[Tensor]) -> str:
+def chosen_backend(x: Tensor, *params: Optional[Tensor], auto: Optional[str] = None) -> str:
     """The implementation (``"torch"`` or ``"triton"``) of an op on the input ``x`` and
     its parameters (weights and biases, None for absent ones) whose forward starts now:
-    the request, then every fallback. The op records it, and its backward runs the same
-    one (see the module docstring for the exceptions)."""
+    the request (``"auto"`` meaning ``auto``, default :data:`AUTO`), then every fallback.
+    The op records it, and its backward runs the same one (see the module docstring for
+    the exceptions)."""
     requested = _forced or _env_backend or _bad_env()
     if requested == "auto":
-        requested = AUTO
+        requested = auto or AUTO
     if requested == "torch":
         return "torch"
     if torch.compiler.is_compiling() or torch._C._is_tracing():
@@ -353,12 +354,9 @@ def cross_entropy_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
     torch backend took 77.5 ms a step against eager's 40.7, its products ~38 ms of it and
     the rest ~8 fp32 elementwise passes per chunk and ``grad_W``'s traffic, which the
     kernel and larger chunks remove (``docs/lm_head.md``)."""
-    if (x.is_cuda and requested_backend() == "auto" and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active() and _fw_ad._current_level < 0
-            and _triton() is not None and x.dtype in _triton().CE_DTYPES):
-        with use_backend("triton"):
-            return chosen_backend(x, weight, bias)
-    return chosen_backend(x, weight, bias)
+    fused = (x.is_cuda and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+             and _fw_ad._current_level < 0 and _triton() is not None and x.dtype in _triton().CE_DTYPES)
+    return chosen_backend(x, weight, bias, auto="triton" if fused else None)
 
 
 def _chunk_hooks(x: Tensor, strategy: str):

@@ -289,11 +289,11 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
     if backend != "torch" and not (
         x.shape[-1] == weight.shape[1] and x.device == weight.device and (bias is None or bias.device == x.device)
     ):
-        # No kernel launches on inputs that F.linear would refuse. The callers checked the
-        # rest (linear's _valid, or the full checks), and a Triton backend means one dtype
-        # (dispatch): what is left costs ~0.5 us, the full checks ~2.6 (2-core CPU).
+        # No kernel launches on inputs that F.linear would refuse: the full checks raise,
+        # naming the mismatch. The callers checked the rest (linear's _valid, or the full
+        # checks), and a Triton backend means one dtype (dispatch): what is left costs
+        # ~0.5 us, the full checks ~2.6 (2-core CPU).
         _check(x, weight, bias, activation)
-        _check_dtypes(x, weight, bias)
     # vmap/grad need the Function's rules, and so do forward-mode AD's tangents.
     transformed = torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0
     if not transformed and not (torch.is_grad_enabled() and (
