@@ -249,13 +249,15 @@ def _gpt2(**config):
 def test_gpt2_conv1d_is_swapped_sharing_parameters():
     from transformers.pytorch_utils import Conv1D
 
+    from torch_matgrad.surgery import conv1d as ours
+
     ref = _gpt2()
     model = copy.deepcopy(ref)
     params, keys = dict(model.named_parameters()), list(model.state_dict())
     assert tm.replace_linear(model) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per block; lm_head
     block = model.transformer.h[0]
     for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-        assert type(layer) is tm.hf.Conv1D and isinstance(layer, Conv1D)
+        assert type(layer) is ours.Conv1D and isinstance(layer, Conv1D)
     assert type(model.lm_head) is tm.Linear and model.lm_head.weight is model.transformer.wte.weight  # still tied
     assert all(p is params[k] for k, p in model.named_parameters()) and list(model.state_dict()) == keys
     assert tm.replace_linear(model) == 0
@@ -309,15 +311,17 @@ def test_gpt2_resize_token_embeddings_brings_back_a_stock_untied_head():
 
 
 def test_peft_lora_on_swapped_gpt2_matches_the_original():
-    """torch_matgrad.hf.Conv1D is a Conv1D: PEFT adapts it as one (fan_in_fan_out)."""
+    """torch_matgrad.surgery.conv1d.Conv1D is a Conv1D: PEFT adapts it as one (fan_in_fan_out)."""
     pytest.importorskip("peft")
+    from torch_matgrad.surgery import conv1d as ours
+
     ref = _gpt2()
     model = copy.deepcopy(ref)
     tm.replace_linear(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PEFT: "setting fan_in_fan_out to True"
         lora, want = _lora(model, ["c_attn", "c_fc"]), _lora(ref, ["c_attn", "c_fc"])
-    assert type(lora.base_model.model.transformer.h[0].attn.c_attn.base_layer) is tm.hf.Conv1D
+    assert type(lora.base_model.model.transformer.h[0].attn.c_attn.base_layer) is ours.Conv1D
     ids = torch.randint(0, 64, (2, 12))
     assert_rel_close(lora(input_ids=ids).logits, want(input_ids=ids).logits, torch.float32, what="LoRA logits")
 

@@ -58,16 +58,16 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "
 @pytest.fixture
 def op_calls(monkeypatch):
     """How many times the fused op ran (a counting wrapper around it)."""
-    from torch_matgrad import hf
+    from torch_matgrad.surgery import causal_lm
 
     calls = []
-    op = hf.linear_cross_entropy
+    op = causal_lm.linear_cross_entropy
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("softcap"))
         return op(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "linear_cross_entropy", counted)
+    monkeypatch.setattr(causal_lm, "linear_cross_entropy", counted)
     return calls
 
 
@@ -256,10 +256,12 @@ def test_composes_with_replace_linear_and_fuse_mlps(first, op_calls):
 
 def test_a_peft_model_fuses_the_causal_lm_inside(op_calls):
     peft = pytest.importorskip("peft")
+    from torch_matgrad.surgery import causal_lm
+
     ref = peft.get_peft_model(_tiny("mistral"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model = copy.deepcopy(ref)
     assert mg.fuse_lm_head_loss(model) == 1  # the PeftModel itself has no lm_head of its own
-    assert isinstance(model.base_model.model.__dict__["forward"], mg.hf.LMHeadLossForward)
+    assert isinstance(model.base_model.model.__dict__["forward"], causal_lm.LMHeadLossForward)
     ids, labels = _batch()
     got, want = model(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
     assert got.logits is None and len(op_calls) == 1

@@ -70,3 +70,57 @@ def test_doc_python_runs_as_printed(page, block, tmp_path):
     # The snippet's trailing comments show what it prints.
     for shown in re.findall(r"print\(.*\)\s+# (.*)", block):
         assert shown in done.stdout
+
+
+def _package_imports():
+    """``{module: modules of the package it imports}`` for every module under
+    ``torch_matgrad/`` (and the kernels), the imports inside functions included."""
+    import ast
+
+    roots = {"torch_matgrad": ROOT / "torch_matgrad", "torch_matgrad.triton_kernels": ROOT / "triton_kernels"}
+    files = {}
+    for package, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("").parts
+            if package == "torch_matgrad" and rel[0] == "triton_kernels":
+                continue
+            name = ".".join((package, *rel)).removesuffix(".__init__")
+            files[name] = path
+    graph = {}
+    for name, path in files.items():
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = base[: len(base) - node.level + 1] if node.level else []
+                target = ".".join(parts + ([node.module] if node.module else []))
+                if not node.level:
+                    target = node.module or ""
+                targets = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in files and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    # A package's __init__ re-exporting its modules is the one import that points up.
+    graph = _package_imports()
+    assert "torch_matgrad.surgery.layers" in graph and "torch_matgrad.surgery.common" in graph["torch_matgrad.surgery.layers"]
+    edges = {(a, b) for a, deps in graph.items() for b in deps if not a.startswith(b + ".")}
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(b for a, b in edges if a == node):
+            assert state.get(nxt) != "open", f"import circle: {' -> '.join(path + [nxt])}"
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
