@@ -56,8 +56,15 @@ def canonical_activation(activation: Optional[str]) -> Optional[str]:
     name = activation.lower() if isinstance(activation, str) else activation
     if name in ACTIVATION_NAMES:
         return None if name == "none" else name
+    # Other libraries' names for exactly these functions (transformers' ACT2FN among
+    # them), said in the error rather than accepted: one spelling everywhere. Not
+    # "gelu_fast" (a rounded constant) nor "quick_gelu" (another function).
+    same = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+            "gelu_python_tanh": "gelu_tanh", "gelu_python": "gelu", "linear": "none", "identity": "none"}
+    fix = same.get(name) or (name.replace("-", "_") if isinstance(name, str) else None)
+    hint = f"use {fix!r}, the same function; " if fix in ACTIVATION_NAMES else ""
     raise ValueError(
-        f"torch_matgrad: unknown activation {activation!r}; choose one of "
+        f"torch_matgrad: unknown activation {activation!r}; {hint}choose one of "
         f"{', '.join(repr(a) for a in ACTIVATION_NAMES)} (None is 'none'; any case)"
     )
 
@@ -314,7 +321,7 @@ def mlp_backward(
     buffers below.
     """
     if torch.is_grad_enabled():
-        return _mlp_backward_differentiable(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation,
+        return mlp_backward_out_of_place(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation,
                                             needs)
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
     # Peak memory (bench.allocations; bf16 at 4096 x 1024 x 4096: (M, H) tensors 32 MiB,
@@ -370,8 +377,10 @@ def mlp_backward(
     return grad_x, grad_up_w, grad_up_b, grad_gate_w, grad_gate_b, grad_down_w, grad_down_b
 
 
-def _mlp_backward_differentiable(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs):
-    """:func:`mlp_backward` out of place, in differentiable torch ops (double backward)."""
+def mlp_backward_out_of_place(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs):
+    """:func:`mlp_backward` out of place, in differentiable torch ops: double backward,
+    and the backward that ``torch.compile`` traces for the block's custom op (Inductor
+    plans the buffers itself, the saved ones included)."""
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
     grad_down_w = grad_down_b = g_u = g_g = None
     if grad_out is not None:
