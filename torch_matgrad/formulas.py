@@ -322,7 +322,7 @@ def mlp_backward(
     """
     if torch.is_grad_enabled():
         return mlp_backward_out_of_place(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation,
-                                            needs)
+                                         needs)
     need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs
     # Peak memory (bench.allocations; bf16 at 4096 x 1024 x 4096: (M, H) tensors 32 MiB,
     # (M, d) and the weights 8): u (and g) stay saved until this returns, where eager
