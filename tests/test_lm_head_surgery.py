@@ -237,6 +237,27 @@ def test_restore_gives_back_the_class_forward_and_copies_keep_the_fusion(op_call
     assert twin(input_ids=ids, labels=labels).logits is None and len(op_calls) == 1
 
 
+def test_compiles_without_a_graph_break_to_the_models_own_loss_and_gradients():
+    ref = _tiny("llama")
+    model = _fused_copy(ref)
+    ids, labels = _batch()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    want = ref(input_ids=ids, labels=labels)
+    want.loss.backward()
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=labels)
+    assert got.logits is None
+    assert_rel_close(got.loss, want.loss, torch.float32, "compiled loss")
+    got.loss.backward()
+    want_grads, got_grads = _grads(ref), _grads(model)
+    assert list(got_grads) == list(want_grads)
+    for name in want_grads:
+        assert_rel_close(got_grads[name], want_grads[name], torch.float32, name)
+
+
 @pytest.mark.parametrize("first", ["fuse_lm_head_loss", "replace_linear"])
 def test_composes_with_replace_linear_and_fuse_mlps(first, op_calls):
     ref = _tiny("qwen2")

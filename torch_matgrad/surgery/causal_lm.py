@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -67,10 +68,11 @@ class LMHeadLossForward:
     call only, keeps the hidden states and passes on an empty slice of them), then
     computes ``ForCausalLMLoss`` with :func:`torch_matgrad.linear_cross_entropy` from the
     kept hidden states: the logits are never formed and the output's ``logits`` is None
-    (with ``return_dict=False``, the tuple keeps None in their place). Any other call
-    (no labels, gradients off as in ``generate``, or a head or loss function changed
-    since fusing, with a warning) is the model's own forward. ``inspect.signature``
-    sees the model's own signature (``generate`` and ``Trainer`` read it).
+    (with ``return_dict=False``, the tuple keeps None in their place); ``torch.compile``
+    traces all of it as one graph. Any other call (no labels, gradients off as in
+    ``generate``, or a head or loss function changed since fusing, with a warning) is the
+    model's own forward. ``inspect.signature`` sees the model's own signature
+    (``generate`` and ``Trainer`` read it).
     """
 
     def __init__(self, model: nn.Module):
@@ -107,11 +109,16 @@ class LMHeadLossForward:
             kept.append(inputs[0])
             return (inputs[0].narrow(-2, 0, 0),)
 
-        handle = model.lm_head.register_forward_pre_hook(keep_hidden, prepend=True)
+        # The head's hook table (empty: lm_head_refusal) is swapped for one holding
+        # keep_hidden, for this call only. torch.compile traces a new table, where it
+        # neither sees a hook added to the old one nor traces register_forward_pre_hook's
+        # handle (a graph break that left the rest of the forward to eager).
+        head = model.lm_head
+        hooks, head._forward_pre_hooks = head._forward_pre_hooks, OrderedDict(keep=keep_hidden)
         try:
             out = stock(*args, return_dict=True, **kwargs)
         finally:
-            handle.remove()
+            head._forward_pre_hooks = hooks
         if len(kept) != 1:
             raise RuntimeError(f"torch_matgrad.fuse_lm_head_loss: {type(model).__name__}'s forward called its "
                                f"lm_head {len(kept)} times, not once; restore_lm_head_loss(model) gives its own back")
