@@ -666,3 +666,109 @@ def linear_cross_entropy_backward(
     if torch.is_grad_enabled():
         options = options._replace(chunk_rows=max(x.shape[0], 1))
     return linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, linear, elementwise)[1:]
+
+
+# --------------------------------------------------------------- low-rank update (LoRA)
+#
+# LoRA (PEFT's ``result = base(x) + lora_B(lora_A(dropout(x))) * scaling``) adds a rank-r
+# update to a linear map, usually a frozen one:
+#
+#     z = x W^T + b + s t B^T,   t = drop(x) A^T,   drop(x) = c (M * x),   out = act(z),
+#
+# ``M`` the dropout's 0/1 mask (none without dropout) and ``c = 1 / (1 - p)`` its scale
+# (0 at p = 1: everything dropped). Each product is item 6 in rows, so the backward is
+# items 9-11 on each of them, chained (item 3); the dropout is elementwise,
+# ``diag(c M)``, its own transpose (items 1, 3): the backward masks as the forward does.
+# ``c`` is applied to the r columns of ``t`` and of its gradient, never to ``(rows, d)``.
+
+
+def masked(v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``M * v`` for the dropout's boolean mask ``M``; ``v`` itself without one."""
+    return v if mask is None else v * mask
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    mask: Optional[Tensor],
+    scaling: float,
+    dropout_scale: float,
+    activation: Optional[str],
+    linear_forward=forward,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """``(out, z, t)`` of the LoRA map for 2-D ``x`` (rows): ``t = c (M * x) A^T`` and
+    ``z = x W^T + b + s t B^T`` (item 6 for each product), ``out = act(z)``; ``z`` only
+    for the activations whose derivative needs it (:data:`NEEDS_PREACTIVATION`).
+
+    ``linear_forward`` computes ``x W^T + b`` with :func:`forward`'s interface (the
+    dispatcher passes the op's backend); the rank-r products are torch ops everywhere."""
+    t = preactivation(masked(x, mask), lora_A, None)
+    if dropout_scale != 1:
+        t = t * dropout_scale
+    z = torch.addmm(linear_forward(x, weight, bias, None)[0], t, lora_B.t(), alpha=scaling)
+    out = activate(z, activation)
+    return out, (z if activation in NEEDS_PREACTIVATION else None), t
+
+
+def lora_backward(
+    grad_out: Optional[Tensor],
+    grad_z: Optional[Tensor],
+    grad_t: Optional[Tensor],
+    x: Optional[Tensor],
+    weight: Optional[Tensor],
+    lora_A: Optional[Tensor],
+    lora_B: Optional[Tensor],
+    t: Optional[Tensor],
+    mask: Optional[Tensor],
+    saved: Optional[Tensor],
+    scaling: float,
+    dropout_scale: float,
+    activation: Optional[str],
+    needs: Tuple[bool, bool, bool, bool, bool],
+    linear_backward=backward,
+) -> Tuple[Optional[Tensor], ...]:
+    """``(grad_x, grad_W, grad_b, grad_A, grad_B)`` of :func:`lora_forward`, those flagged
+    in ``needs``; ``grad_z`` and ``grad_t`` flow straight into ``z`` and ``t`` (outputs of
+    the op, for double backward), and any gradient may be None. With
+    ``G_z = G_out * act'(z)`` (items 1, 3; ``saved`` as for :func:`backward`):
+
+    * ``grad_W = G_z^T x``, ``grad_b = G_z^T 1``, ``G_z W`` (items 9-11), by
+      ``linear_backward`` (:func:`backward`'s interface: the op's backend);
+    * ``grad_B = s G_z^T t`` (items 9, 10: ``t`` is the input of the map ``s B``);
+    * ``G_t = s G_z B`` (item 11), and through ``t = c (M * x) A^T``, with
+      ``G_u = c G_t``: ``grad_A = G_u^T (M * x)`` (items 9, 10) and
+      ``grad_x = G_z W + M * (G_u A)`` (item 11, then the mask: items 1, 3).
+
+    Out of place and differentiable under grad mode (double backward); a first-order
+    backward adds the low-rank term into ``grad_x`` in place (a fresh product)."""
+    need_x, need_w, need_b, need_a, need_lb = needs
+    g = None if grad_out is None else grad_preactivation(grad_out, saved, activation)
+    if grad_z is not None:
+        g = grad_z if g is None else g + grad_z
+    grad_x = grad_w = grad_b = grad_a = grad_lb = g_t = None
+    if g is not None:
+        grad_x, grad_w, grad_b = linear_backward(g, None, x, weight, None, None, (need_x, need_w, need_b))
+        if need_lb:
+            grad_lb = grad_weight(g, t) * scaling
+        if need_x or need_a:
+            g_t = grad_input(g, lora_B) * scaling
+    if grad_t is not None and (need_x or need_a):
+        g_t = grad_t if g_t is None else g_t + grad_t
+    if g_t is None:
+        return grad_x, grad_w, grad_b, grad_a, grad_lb
+    g_u = g_t * dropout_scale if dropout_scale != 1 else g_t
+    if need_a:
+        grad_a = grad_weight(g_u, masked(x, mask))
+    if need_x:
+        in_place = not torch.is_grad_enabled()
+        if grad_x is None:
+            grad_x = masked(grad_input(g_u, lora_A), mask)
+        elif mask is None:
+            grad_x = grad_x.addmm_(g_u, lora_A) if in_place else torch.addmm(grad_x, g_u, lora_A)
+        else:
+            g_xa = grad_input(g_u, lora_A)
+            grad_x = grad_x.addcmul_(g_xa, mask) if in_place else torch.addcmul(grad_x, g_xa, mask)
+    return grad_x, grad_w, grad_b, grad_a, grad_lb
