@@ -276,7 +276,9 @@ def test_autocast_behaves_like_f_linear():
         (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(1, 3)), ValueError, r"bias must have shape \(3,\).*got \(1, 3\)"),
         (lambda: (torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64), None), TypeError, r"one dtype.*input torch.float32, weight torch.float64"),
         (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, dtype=torch.bfloat16)), TypeError, r"bias torch.bfloat16"),
-        (lambda: (torch.randn(2, 4), torch.randn(3, 4, device="meta"), None), RuntimeError, r"one device.*input on cpu, weight on meta"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4, device="meta"), None), RuntimeError,
+         r"one device.*input on cpu, weight on meta; meta tensors hold no data: materialise them \(a module with "
+         r"\.to_empty\(device='cpu'\)"),
         (lambda: (torch.ones(2, 4, dtype=torch.int64), torch.randn(3, 4), None), TypeError, r"input has dtype torch.int64"),
         (lambda: (torch.randn(2, 4), torch.randn(3, 4, dtype=torch.complex64), None), TypeError, r"weight has dtype torch.complex64"),
         (lambda: ([[1.0, 2.0]], torch.randn(3, 2), None), TypeError, r"input must be a torch.Tensor, got list"),
@@ -291,12 +293,50 @@ def test_bad_input_errors(make, error, match):
         mg.linear(x, w, b)
 
 
+@pytest.mark.cuda
+def test_device_errors_name_the_fix():
+    layer, x = mg.LinearAct(4, 3, activation="gelu").cuda(), torch.randn(2, 4)
+    fix = r"move them to one device with \.to\(device\): the module with \.to\('cpu'\), or the input with \.to\('cuda:0'\)"
+    with pytest.raises(RuntimeError, match=r"one device, got input on cpu, weight on cuda:0, bias on cuda:0; " + fix):
+        layer(x)
+    with pytest.raises(RuntimeError, match=r"down_weight on cuda:0; move them to one device with \.to\(device\), "
+                                           r"e\.g\. the module with \.to\('cpu'\)"):
+        mg.mlp(x, torch.randn(5, 4), torch.randn(3, 5, device="cuda"))
+
+
+def test_device_error_wording_without_a_gpu():
+    # The words test_device_errors_name_the_fix checks on a GPU, for a machine without one.
+    fix = mg.function._device_fix(torch.device("cpu"), torch.device("cuda:1"))
+    assert fix == "move them to one device with .to(device): the module with .to('cpu'), or the input with .to('cuda:1')"
+    with pytest.raises(RuntimeError, match=r"down_weight on meta; move them to one device .* \.to\('cpu'\)"):
+        mg.mlp(torch.randn(2, 4), torch.randn(5, 4), torch.randn(3, 5, device="meta"))
+
+
 @pytest.mark.parametrize("activation", ["tanh", "gelu-tanh", "", 1])
 def test_unknown_activation(activation):
     with pytest.raises(ValueError, match=r"unknown activation.*'none', 'relu', 'gelu', 'gelu_tanh', 'silu'"):
         mg.linear(torch.randn(2, 3), torch.randn(4, 3), activation=activation)
     with pytest.raises(ValueError, match="unknown activation"):
         mg.Linear(3, 4, activation=activation)
+
+
+# Other libraries' names (transformers' ACT2FN) for exactly the op's functions: the error
+# names the op's spelling. gelu_fast rounds sqrt(2/pi); quick_gelu is x * sigmoid(1.702 x).
+SAME_FUNCTION = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                 "gelu_python_tanh": "gelu_tanh", "gelu_python": "gelu", "linear": "none"}
+
+
+@pytest.mark.parametrize("name", [*SAME_FUNCTION, "gelu_fast", "quick_gelu", "gelu-tanh"])
+def test_unknown_activation_names_the_same_function(name):
+    fix = SAME_FUNCTION.get(name) or {"gelu-tanh": "gelu_tanh"}.get(name)
+    with pytest.raises(ValueError) as raised:
+        mg.Linear(3, 4, activation=name.upper())
+    message = str(raised.value)
+    assert (f"use {fix!r}, the same function" in message) if fix else ("use '" not in message), message
+    if name in SAME_FUNCTION:  # it is the same function
+        act2fn = pytest.importorskip("transformers.activations").ACT2FN
+        z = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+        torch.testing.assert_close(act2fn[name](z), activate_ref(z, mg.formulas.canonical_activation(fix)), rtol=1e-12, atol=1e-12)
 
 
 def test_unknown_backend(backend_env):

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -177,8 +176,19 @@ def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=
     if len({t.device for _, t in tensors}) > 1:
         raise RuntimeError(
             f"{op}: expected all tensors on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in tensors)
+            + "; " + _device_fix(x.device, next(t.device for _, t in tensors if t.device != x.device))
         )
     return activation
+
+
+def _device_fix(input_device: torch.device, other: torch.device) -> str:
+    """The fix for an input on ``input_device`` and a parameter on ``other``."""
+    if "meta" in (input_device.type, other.type):
+        real = other if input_device.type == "meta" else input_device
+        return (f"meta tensors hold no data: materialise them (a module with .to_empty(device='{real}'), "
+                "then initialise or load its weights)")
+    return (f"move them to one device with .to(device): the module with .to('{input_device}'), "
+            f"or the input with .to('{other}')")
 
 
 def _check_one_dtype(named, op: str = "torch_matgrad.linear") -> None:
@@ -254,8 +264,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     to the autocast dtype, the output has that dtype, and parameter gradients come
     back in the parameters' own dtype.
     """
-    if torch._C._is_any_autocast_enabled():
-        return _linear_autocast(x, weight, bias, activation)
+    if torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state():  # folded to None by Dynamo
+        return _linear_checked(x, weight, bias, activation)
     if not _valid(x, weight, bias, activation):
         activation = _check(x, weight, bias, activation)
         _check_dtypes(x, weight, bias)
@@ -269,8 +279,19 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
         raise
 
 
-def _linear_autocast(x, weight, bias, activation) -> Tensor:
-    activation = _check(x, weight, bias, activation)
+def _linear_checked(x, weight, bias, activation) -> Tensor:
+    """:func:`linear` with the full checks first: under autocast (the casts come after
+    them) and under ``torch.jit.trace``."""
+    # A trace records sizes as traced values, and comparing them warns (TracerWarning)
+    # that the outcome is kept as a constant; filters cannot silence that for good
+    # (pytest resets them for each test). The checks record nothing: they run with the
+    # tracer paused, on plain ints.
+    tracing = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        activation = _check(x, weight, bias, activation)
+    finally:
+        torch._C._set_tracing_state(tracing)
     device_type = x.device.type
     if not _autocast_enabled(device_type):  # autocast is on for another device
         _check_dtypes(x, weight, bias)
@@ -318,16 +339,6 @@ def _apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Option
         out, _ = _eager_linear(x2, weight, bias, activation, backend)
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
-
-# Under torch.jit.trace the sizes :func:`_valid` compares are traced values, and each
-# comparison warns that the trace treats it as a constant. It is one: a validity check
-# of parameter shapes, whose outcome never changes what the trace computes. Ignored for
-# this module only (as torch ignores its own, TracerWarning.ignore_lib_warnings), rather
-# than asking "tracing?" on every call.
-warnings.filterwarnings(
-    "ignore", message="Converting a tensor to a Python boolean", category=torch.jit.TracerWarning,
-    module=__name__.replace(".", r"\."),
-)
 
 # torch.fx.symbolic_trace records calls of this module's ``linear`` as one node
 # (instead of tracing into its checks, which need real tensors); __init__ and modules

@@ -102,7 +102,8 @@ def _check_mlp(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Opt
             raise TypeError(f"{_OP}: {name} must be a floating torch.Tensor, got "
                             + (_describe(t) if isinstance(t, Tensor) else type(t).__name__))
         if t.device != x.device:
-            raise RuntimeError(f"{_OP}: expected all tensors on one device, got input on {x.device}, {name} on {t.device}")
+            raise RuntimeError(f"{_OP}: expected all tensors on one device, got input on {x.device}, {name} on {t.device}"
+                               f"; move them to one device with .to(device), e.g. the module with .to('{x.device}')")
     if down_w.dim() != 2 or down_w.shape[1] != hidden:
         raise ValueError(
             f"{_OP}: down_weight must be 2-D (out_features, {hidden}) to follow up_weight of shape "
