@@ -220,9 +220,9 @@ def test_grad_logits_is_autograd_of_the_rows_loss():
     t, w = torch.randint(0, 9, (6,)), torch.rand(6, dtype=torch.float64)
     for eps, zl, cap in VARIANTS.values():
         s = formulas.softcapped(z, cap)
-        loss, lse = formulas.cross_entropy_rows(s, t, eps, zl)
+        loss, lse, e, total = formulas.cross_entropy_rows(s, t, eps, zl)
         want = torch.autograd.grad((w * loss).sum(), z)[0]
-        got = formulas.cross_entropy_grad_logits(s, lse, t, w, eps, zl, cap)
+        got = formulas.cross_entropy_grad_logits(s, e, total, lse, t, w, eps, zl, cap)
         assert_rel_close(got, want, torch.float64)
 
 
@@ -267,6 +267,34 @@ def test_logits_are_never_formed_whole(reduction):
     assert seen.largest == chunk * vocab  # a chunk's logits, never more (W is vocab x 8)
     default = formulas.chunk_rows(10**6, 32000)
     assert default * 32000 * 4 <= formulas.CHUNK_BYTES["cpu"] < (default + 1) * 32000 * 4
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_working_memory_is_one_set_of_chunk_buffers(variant, reduction, dtype):
+    """Every chunk reuses the same buffers: the step's peak of torch's storages is the
+    gradients, the chunk's logits, an fp32 copy of them for a half dtype and a second
+    fp32 buffer under a soft cap, plus per-row vectors; a chunk-sized temporary more
+    (what the chunks allocated and freed one by one, wherever the allocator put them)
+    breaks the bound."""
+    from torch_matgrad.bench.allocations import block_bytes, step_allocations
+
+    rows, vocab, hidden, chunk = 256, 1000, 16, 32  # eight chunks
+    x = torch.randn(rows, hidden, dtype=dtype, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=dtype, requires_grad=True)
+    t = _targets((rows,), vocab)
+    cap = VARIANTS[variant][2]
+
+    def step():
+        loss = _call(mg.linear_cross_entropy, x, w, t, None, reduction, variant, chunk_size=chunk)
+        return torch.autograd.grad(loss.sum(), [x, w])
+
+    peak, _ = step_allocations(step)
+    logits = chunk * vocab
+    buffers = block_bytes(logits * dtype.itemsize) + block_bytes(logits * 4) * ((dtype != torch.float32) + (cap is not None))
+    grads = block_bytes(x.numel() * x.element_size()) + block_bytes(w.numel() * w.element_size())
+    assert grads + buffers <= peak < grads + buffers + logits  # rows' vectors: a few KiB
 
 
 def test_what_is_kept_is_the_inputs_and_the_gradients():

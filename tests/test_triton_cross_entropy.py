@@ -328,9 +328,9 @@ def _logits_reference(z, target, weight, *, label_smoothing=0.0, z_loss=0.0, sof
     t = target.cpu()
     kept = t != IGNORE
     t_safe = torch.where(kept, t, 0)
-    loss, lse = formulas.cross_entropy_rows(s, t_safe, label_smoothing, z_loss)
+    loss, lse, e, total = formulas.cross_entropy_rows(s, t_safe, label_smoothing, z_loss)
     w = torch.where(kept, weight.double().cpu().expand(t.shape), 0.0)
-    g = formulas.cross_entropy_grad_logits(s, lse, t_safe, w, label_smoothing, z_loss, softcap)
+    g = formulas.cross_entropy_grad_logits(s, e, total, lse, t_safe, w, label_smoothing, z_loss, softcap)
     return torch.where(kept, loss, 0.0), torch.where(kept, lse, 0.0), g
 
 

@@ -31,9 +31,11 @@ to nn.Linear").
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -433,9 +435,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 #: Bytes of one chunk's logits that set the default rows per chunk, per device type
 #: (others: "cuda"'s), counted in the dtype the chunk's loss step works in: fp32 for torch
-#: ops (they upcast; the working set is a few tensors of this size), the input dtype for
-#: the Triton backend's fused kernel (the logits are its one chunk-sized tensor). On a CPU
-#: 32 MiB keeps torch's tensors in glibc's heap, reused warm from chunk to chunk. On a GPU
+#: ops (they upcast; the working set is one to three buffers of this size), the input
+#: dtype for the Triton backend's fused kernel (the logits are its one chunk-sized
+#: tensor). On a CPU 32 MiB stays warm in cache from pass to pass over a chunk. On a GPU
 #: the chunk is the K of ``grad_W += G_z^T x``, which reads and writes all of ``grad_W``
 #: (1 GiB in bf16 at 128256 x 4096) once per chunk: 256 MiB of bf16 logits are 1024 rows
 #: there (:func:`chunk_rows`), 8 chunks and 15 GiB of ``grad_W`` traffic (the first chunk
@@ -470,70 +472,121 @@ def chunk_rows(rows: int, vocab: int, requested: Optional[int] = None, device_ty
     return max(1, min(rows, requested or fit))
 
 
-def softcapped(z: Tensor, softcap: Optional[float]) -> Tensor:
-    """``s = c tanh(z / c)``, or ``z`` without a soft cap."""
-    return z if softcap is None else torch.tanh(z / softcap) * softcap
+def softcapped(z: Tensor, softcap: Optional[float], out: Optional[Tensor] = None) -> Tensor:
+    """``s = c tanh(z / c)``, or ``z`` without a soft cap; written into ``out`` if given."""
+    if softcap is None:
+        return z
+    return torch.mul(torch.tanh(torch.div(z, softcap, out=out), out=out), softcap, out=out)
+
+
+# The chunk's functions below take ``out=None`` (new tensors, differentiable: double
+# backward and torch.func transforms) or a buffer that every chunk reuses, so that the
+# working memory is the same from run to run: chunk-sized temporaries, each freed before
+# the next, landed in whatever blocks glibc had free, and the CPU's peak varied 4x.
 
 
 def cross_entropy_rows(
-    s: Tensor, target: Tensor, label_smoothing: float, z_loss: float
-) -> Tuple[Tensor, Tensor]:
-    """``(loss, lse)`` per row of the logits ``s`` (rows, V) against class indices
-    ``target`` (rows,), all in range: ``loss_i = lse_i - (1 - eps) s_{i,y_i} -
+    s: Tensor, target: Tensor, label_smoothing: float, z_loss: float, out: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, e, total)`` per row of the logits ``s`` (rows, V) against class
+    indices ``target`` (rows,), all in range: ``loss_i = lse_i - (1 - eps) s_{i,y_i} -
     (eps / V) sum_j s_ij + zl lse_i^2``, which is ``F.cross_entropy``'s
     ``-(1 - eps) log p_{i,y_i} - (eps / V) sum_j log p_ij`` (``log p = s - lse``) plus
-    the z-loss."""
-    lse = torch.logsumexp(s, -1)
-    loss = lse - (1 - label_smoothing) * s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    the z-loss; ``e = exp(s - m)``, ``m`` each row's max, and ``total`` its row sums
+    (rows, 1): ``softmax(s) = e / total`` and ``lse = m + log(total)``.
+
+    ``e`` is written into ``out`` if given, which may be ``s`` itself (the loss reads
+    ``s`` first)."""
+    loss = -(1 - label_smoothing) * s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     if label_smoothing:
         loss = loss - (label_smoothing / s.shape[-1]) * s.sum(-1)
+    # torch.logsumexp's shift, detached: any constant gives the same lse and derivative.
+    m = s.detach().amax(-1, keepdim=True)
+    e = torch.exp(torch.sub(s, m, out=out), out=out)
+    total = e.sum(-1, keepdim=True)
+    lse = (m + total.log()).squeeze(-1)
+    loss = loss + lse
     if z_loss:
         loss = loss + z_loss * lse.square()
-    return loss, lse
+    return loss, lse, e, total
 
 
 def cross_entropy_grad_logits(
-    s: Tensor, lse: Tensor, target: Tensor, weight: Tensor, label_smoothing: float, z_loss: float,
-    softcap: Optional[float],
+    s: Tensor, e: Tensor, total: Tensor, lse: Tensor, target: Tensor, weight: Tensor, label_smoothing: float,
+    z_loss: float, softcap: Optional[float], overwrite: bool = False,
 ) -> Tensor:
     """``G_z = dL/dz`` for ``L = sum_i w_i loss_i`` (MATH.md item 12):
-    ``w_i ((1 + 2 zl lse_i) p_i - (1 - eps) Y_i - eps / V)`` with ``p_i = exp(s_i -
-    lse_i)`` and ``Y`` one-hot (item 2 on ``lse``'s derivative ``p``; the rest is linear
-    in ``s``), times the soft cap's derivative ``1 - (s / c)^2`` (items 1, 3: elementwise,
-    ``tanh' = 1 - tanh^2``). ``weight`` (rows,) is ``w``: 0 on ignored rows.
+    ``w_i ((1 + 2 zl lse_i) p_i - (1 - eps) Y_i - eps / V)`` with ``p_i = e_i / total_i``
+    (:func:`cross_entropy_rows`) and ``Y`` one-hot (item 2 on ``lse``'s derivative ``p``;
+    the rest is linear in ``s``), times the soft cap's derivative ``1 - (s / c)^2``
+    (items 1, 3: elementwise, ``tanh' = 1 - tanh^2``). ``weight`` (rows,) is ``w``: 0 on
+    ignored rows.
 
-    Out-of-place torch ops throughout, so that the result is differentiable (double
-    backward) and nothing the caller holds is overwritten."""
+    Out of place, or with ``overwrite`` written over ``e`` (and, under a soft cap, over
+    ``s``, a tensor other than ``e`` then)."""
+    out, s_out = (e, s) if overwrite else (None, None)
     coef = weight if not z_loss else weight * (1 + 2 * z_loss * lse)
-    g = torch.exp(s - lse.unsqueeze(-1)) * coef.unsqueeze(-1)
-    g = g.scatter_add(-1, target.unsqueeze(-1), (-(1 - label_smoothing) * weight).unsqueeze(-1).to(g.dtype))
+    g = torch.mul(e, coef.unsqueeze(-1) / total, out=out)
+    picked = (-(1 - label_smoothing) * weight).unsqueeze(-1).to(g.dtype)
+    g = torch.scatter_add(g, -1, target.unsqueeze(-1), picked, out=out)
     if label_smoothing:
-        g = g - (label_smoothing / s.shape[-1]) * weight.unsqueeze(-1)
+        g = torch.sub(g, (label_smoothing / s.shape[-1]) * weight.unsqueeze(-1), out=out)
     if softcap is not None:
-        g = g * (1 - (s / softcap).square())
+        ratio_sq = torch.square(torch.div(s, softcap, out=s_out), out=s_out)
+        g = torch.addcmul(g, g, ratio_sq, value=-1, out=out)  # g (1 - (s / c)^2)
     return g
 
 
 def cross_entropy_chunk(
-    z: Tensor, target: Tensor, row_weight: Optional[Tensor], options: CrossEntropyOptions
+    z: Tensor, target: Tensor, row_weight: Optional[Tensor], options: CrossEntropyOptions,
+    buffers: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(loss, G_z)`` of one chunk's logits ``z`` (rows, V) in torch ops: each row's
     loss (:func:`cross_entropy_rows` on the soft-capped logits; 0 on ignored rows) in
     float32 (float64 for float64 logits) and, with ``row_weight`` (``w`` of item 12 before
     ignored rows are zeroed: 0-dim or (rows,)), ``G_z`` (:func:`cross_entropy_grad_logits`)
-    in ``z``'s dtype, else None. Out of place (differentiable). The Triton backend's
-    ``lce_chunk`` has this interface and writes ``G_z`` over ``z``."""
+    in ``z``'s dtype, else None.
+
+    Out of place (differentiable), or with ``buffers`` (:func:`chunk_buffers`) in place:
+    ``s`` and ``e`` in them or over ``z``, ``G_z`` in ``z``'s dtype over one of them, and
+    nothing chunk-sized allocated. The Triton backend's ``lce_chunk`` has this interface
+    (without ``buffers``) and writes ``G_z`` over ``z``."""
     compute = torch.promote_types(z.dtype, torch.float32)
-    s = softcapped(z.to(compute), options.softcap)
+    s_buf, e_buf = (None, None) if buffers is None else (b if b is None else b[: z.shape[0]] for b in buffers)
+    s = z.to(compute) if s_buf is None else s_buf.copy_(z)  # z itself in its compute dtype
+    s = softcapped(s, options.softcap, out=None if buffers is None else s)
     kept = kept_rows(target, options)
     t_safe = torch.where(kept, target, 0)
-    loss, lse = cross_entropy_rows(s, t_safe, options.label_smoothing, options.z_loss)
+    e_out = None if buffers is None else (s if e_buf is None else e_buf)
+    loss, lse, e, total = cross_entropy_rows(s, t_safe, options.label_smoothing, options.z_loss, e_out)
     loss = torch.where(kept, loss, 0)
     if row_weight is None:
         return loss, None
     w = torch.where(kept, row_weight.to(compute), 0)
-    g = cross_entropy_grad_logits(s, lse, t_safe, w, options.label_smoothing, options.z_loss, options.softcap)
-    return loss, g.to(z.dtype)
+    g = cross_entropy_grad_logits(s, e, total, lse, t_safe, w, options.label_smoothing, options.z_loss,
+                                  options.softcap, overwrite=buffers is not None)
+    if buffers is None or g.dtype == z.dtype:
+        return loss, g.to(z.dtype)
+    return loss, z.copy_(g)
+
+
+def chunk_buffers(z: Tensor, options: CrossEntropyOptions) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The buffers of :func:`cross_entropy_chunk` for logits like ``z``, the full
+    chunk's: ``s`` over ``z`` where ``z`` has the compute dtype, else in a buffer of it;
+    ``e`` over ``s`` without a soft cap, else (``G_z`` needs ``s`` then) in a buffer of
+    its own."""
+    compute = torch.promote_types(z.dtype, torch.float32)
+    s_buf = None if z.dtype == compute else torch.empty_like(z, dtype=compute)
+    e_buf = None if options.softcap is None else torch.empty_like(z, dtype=compute)
+    return s_buf, e_buf
+
+
+def _buffers_reusable() -> bool:
+    """Whether the chunks may write into buffers reused from chunk to chunk: nothing
+    differentiates or batches their ops (grad mode off, no ``torch.func`` transform, no
+    forward AD), nor traces them (``torch.compile`` plans its own buffers)."""
+    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                or _fw_ad._current_level >= 0 or torch.compiler.is_compiling())
 
 
 def kept_rows(target: Tensor, options: CrossEntropyOptions) -> Tensor:
@@ -590,19 +643,35 @@ def linear_cross_entropy(
     write ``G_z`` over the logits (the Triton backend's fused kernel: not differentiable,
     so never under grad mode). With torch ops a single chunk runs only out-of-place ops:
     differentiable, as double backward needs.
+
+    Where nothing differentiates, batches or traces the chunks, torch products write
+    each chunk's logits into one buffer and ``grad_x``'s rows into ``grad_x`` itself,
+    and torch ops work in :func:`chunk_buffers`: the working memory is the same whatever
+    the allocator does with freed blocks.
     """
     rows, vocab = x.shape[0], weight.shape[0]
     # The rows per chunk count the chunk's largest tensor: torch ops' fp32 upcast (fp64
     # inputs too: the CPU's measured chunks), or the fused kernel's logits as they are.
     itemsize = 4 if elementwise is None else x.element_size()
     step = chunk_rows(rows, vocab, options.chunk_rows, x.device.type, itemsize)
-    elementwise = elementwise or cross_entropy_chunk
     need_x, need_w, need_b = needs if row_weight is not None else (False, False, False)
+    logits = grad_x = None
+    if linear is None and _buffers_reusable():
+        logits = x.new_empty(step, vocab)
+        grad_x = x.new_empty(x.shape) if need_x else None
+        if elementwise is None:
+            elementwise = functools.partial(cross_entropy_chunk, buffers=chunk_buffers(logits, options))
+    elementwise = elementwise or cross_entropy_chunk
     losses, grads_x = [], []
     grad_w = grad_b = None
     for start in range(0, max(rows, 1), step):
         x_c, t_c = x[start : start + step], target[start : start + step]
-        z = (forward(x_c, weight, bias, None) if linear is None else linear.forward(x_c, weight, bias, None))[0]
+        if linear is None:  # F.linear's kernels
+            z_out = None if logits is None else logits[: x_c.shape[0]]
+            wt = weight.t()
+            z = torch.mm(x_c, wt, out=z_out) if bias is None else torch.addmm(bias, x_c, wt, out=z_out)
+        else:
+            z = linear.forward(x_c, weight, bias, None)[0]
         w_c = None
         if need_x or need_w or need_b:
             w_c = row_weight if row_weight.dim() == 0 else row_weight[start : start + step]
@@ -613,7 +682,7 @@ def linear_cross_entropy(
             continue
         if linear is None:
             if need_x:
-                grads_x.append(grad_input(g, weight))
+                grads_x.append(torch.mm(g, weight, out=None if grad_x is None else grad_x[start : start + step]))
             if need_w:
                 grad_w = grad_weight(g, x_c) if grad_w is None else grad_w.addmm_(g.t(), x_c)
             if need_b:
@@ -626,7 +695,8 @@ def linear_cross_entropy(
             del gx, gw, gb
         del g  # before the next chunk's logits: one chunk-sized tensor at a time
     loss = losses[0] if len(losses) == 1 else torch.cat(losses)
-    grad_x = None if not need_x else (grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x))
+    if need_x and grad_x is None:
+        grad_x = grads_x[0] if len(grads_x) == 1 else torch.cat(grads_x)
     return loss, grad_x, grad_w, grad_b
 
 
