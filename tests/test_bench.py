@@ -424,6 +424,7 @@ def test_lm_head_mode_times_and_measures_peak_memory(tmp_path, monkeypatch):
 
     n, h, v = 64, 256, 1000
     monkeypatch.setitem(lm_head.SHAPES, "cpu", [(n, h, v)])
+    monkeypatch.setitem(lm_head.PEAK_RUNS, "cpu", 3)
     rc = main(["bench", "--lm-head", "--device", "cpu", "--providers", "torch_matgrad", "--rep-ms", "5",
                "--out", str(tmp_path)])  # compiling would take minutes on a CPU; eager always runs
     assert rc == 0
@@ -433,8 +434,13 @@ def test_lm_head_mode_times_and_measures_peak_memory(tmp_path, monkeypatch):
     grads_mib = (n * h + v * h) * 4 / 2**20  # grad_x and grad_W in fp32: 1.04 MiB, which working leaves out
     eager_working = float(rows[0]["working_mib"])
     assert eager_working > 0.3  # eager holds its logits, their fp32 copy and G_z besides the gradients
+    eager_lowest = float(rows[0]["peak_min_mib"])
     for r in rows:
-        assert float(r["median_ms"]) > 0 and float(r["peak_mib"]) >= 0
+        assert float(r["median_ms"]) > 0 and r["peak_runs"] == "3"
+        lowest, median, highest = (float(r[c]) for c in ("peak_min_mib", "peak_mib", "peak_max_mib"))
+        assert 0 <= lowest <= median <= highest  # the median of three runs is one of them
+        worst = highest / eager_lowest  # of the printed values: within what their rounding allows, as below
+        assert float(r["worst_vs_eager"]) == pytest.approx(worst, abs=0.051 * (1 + worst) / (eager_lowest - 0.05))
         assert float(r["max_rel_diff_vs_eager"]) <= 1e-5
         working = float(r["working_mib"])
         assert working == pytest.approx(float(r["peak_mib"]) - grads_mib, abs=0.11)  # both printed to 0.1 MiB

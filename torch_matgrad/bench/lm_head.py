@@ -20,28 +20,35 @@ Providers (``N`` tokens, hidden size ``H``, vocabulary ``V``; no bias, as LM hea
     (:func:`torch_matgrad.dispatch.cross_entropy_strategy` ``"kernels"``).
 ``compile``
     ``torch.compile`` of the eager head and loss.
+``compile_matgrad``
+    ``torch.compile`` of the op (mean): what a compiling user gets from it.
 
 For each shape one training step (forward, backward into ``x`` and ``W``) is timed per
 provider, by the linear bench's timers, after its loss and gradients are compared with
-eager's. Two memory columns per provider:
+eager's. The memory columns per provider:
 
-``peak_mib``
-    The peak memory of one step above the inputs and parameters.
+``peak_mib``, ``peak_min_mib``, ``peak_max_mib``
+    The peak memory of one step above the inputs and parameters: the median, lowest
+    and highest of :data:`PEAK_RUNS` runs.
+``peak_vs_eager``, ``worst_vs_eager``
+    The median over eager's median, and the highest over eager's lowest: the ratio that
+    every pair of runs meets.
 ``working_mib``
-    The same less the bytes of the gradients the step returns (``grad_x`` and
+    The median peak less the bytes of the gradients the step returns (``grad_x`` and
     ``grad_W``: the same for every provider, which must hold them at the end): the peak
     working memory above inputs, parameters and gradients, Cut Cross-Entropy's
     accounting. A provider whose peak comes before its gradients exist (eager's, in its
     loss) is credited with them too.
 
-The peak is measured per provider in a fresh child process, after a warm-up step
-(compiling included): on CUDA
-``max_memory_allocated``; on a CPU the resident set's high-water mark (Linux
-``VmHWM``, reset through ``/proc/self/clear_refs`` once the warm-up's freed memory is
-handed back with ``malloc_trim``). The resident set sees every byte the step touches,
-torch's allocations and its libraries' (oneDNN) alike, where torch's CPU allocator
-keeps no peak counter; a fresh process keeps one provider's leftovers from another's
-figure. Rows go to ``lm_head.csv`` and ``lm_head.md``.
+Each run measures a peak in a fresh child process, after a warm-up step (compiling
+included): on CUDA ``max_memory_allocated``; on a CPU the resident set's high-water mark
+(Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` once the warm-up's freed
+memory is handed back with ``malloc_trim``). The resident set sees every byte the step
+touches, torch's allocations and its libraries' (oneDNN) alike, where torch's CPU
+allocator keeps no peak counter; a fresh process keeps one provider's leftovers from
+another's figure. The resident set also depends on where glibc places each allocation,
+which differs from process to process: hence the runs. Rows go to ``lm_head.csv`` and
+``lm_head.md``.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import csv
 import ctypes
 import gc
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -71,12 +79,17 @@ SHAPES = {
     "cpu": [(1024, 1024, 32000), (4096, 1024, 32000)],
     "cuda": [(4096, 2048, 32000), (8192, 4096, 128256)],
 }
-PROVIDERS = ("eager", "torch_matgrad", "matgrad_recompute", "matgrad_triton", "matgrad_kernels", "compile")
+PROVIDERS = ("eager", "torch_matgrad", "matgrad_recompute", "matgrad_triton", "matgrad_kernels", "compile",
+             "compile_matgrad")
+#: Fresh processes per provider and shape measuring the peak: on a CPU the resident set
+#: varies from run to run; CUDA's allocator counts tensors, the same in every run.
+PEAK_RUNS = {"cpu": 10, "cuda": 1}
 #: The Triton backend's providers and their strategy.
 TRITON = {"matgrad_triton": "gemm", "matgrad_kernels": "kernels"}
 COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "N", "H", "V", "dtype",
-           "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "peak_mib", "peak_vs_eager",
-           "working_mib", "working_vs_eager", "max_rel_diff_vs_eager")
+           "provider", "median_ms", "p20_ms", "p80_ms", "time_vs_eager", "peak_runs", "peak_mib", "peak_min_mib",
+           "peak_max_mib", "peak_vs_eager", "worst_vs_eager", "working_mib", "working_vs_eager",
+           "max_rel_diff_vs_eager")
 
 
 def eager(x, w, t):
@@ -90,9 +103,9 @@ def recompute(x, w, t):
 
 def loss_fn(provider: str) -> Callable:
     """The ``fn(x, w, target)`` a provider runs; built afresh for every case."""
-    if provider == "compile":
+    if provider in ("compile", "compile_matgrad"):
         torch._dynamo.reset()
-        return torch.compile(eager, dynamic=False)
+        return torch.compile(eager if provider == "compile" else linear_cross_entropy, dynamic=False)
     return {"eager": eager, "matgrad_recompute": recompute}.get(provider, linear_cross_entropy)
 
 
@@ -173,17 +186,22 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, providers:
             del want
             timed = timer(steps)
             del steps
-            peaks = {name: _peak_in_child(name, n, h, v, device, dtype_name) for name in providers}
+            runs = PEAK_RUNS[device]
+            peaks = {name: [_peak_in_child(name, n, h, v, device, dtype_name) for _ in range(runs)]
+                     for name in providers}
+            median = {name: statistics.median(p) for name, p in peaks.items()}
             grads_mib = (x.numel() + w.numel()) * x.element_size() / 2**20  # grad_x, grad_W
-            working = {name: peak - grads_mib for name, peak in peaks.items()}
-            base_t, base_m, base_w = timed["eager"][0], peaks["eager"], working["eager"]
+            working = {name: peak - grads_mib for name, peak in median.items()}
+            base_t, base_m, base_w = timed["eager"][0], median["eager"], working["eager"]
             for name in providers:
-                median, p20, p80 = timed[name]
+                time_ms, p20, p80 = timed[name]
                 row = {**env, "N": n, "H": h, "V": v, "dtype": dtype_name, "provider": name,
-                       "median_ms": f"{median:.1f}", "p20_ms": f"{p20:.1f}", "p80_ms": f"{p80:.1f}",
-                       "time_vs_eager": f"{median / base_t:.3f}", "peak_mib": f"{peaks[name]:.1f}",
-                       "peak_vs_eager": f"{peaks[name] / base_m:.3f}", "working_mib": f"{working[name]:.1f}",
-                       "working_vs_eager": f"{working[name] / base_w:.3f}",
+                       "median_ms": f"{time_ms:.1f}", "p20_ms": f"{p20:.1f}", "p80_ms": f"{p80:.1f}",
+                       "time_vs_eager": f"{time_ms / base_t:.3f}", "peak_runs": runs,
+                       "peak_mib": f"{median[name]:.1f}", "peak_min_mib": f"{min(peaks[name]):.1f}",
+                       "peak_max_mib": f"{max(peaks[name]):.1f}", "peak_vs_eager": f"{median[name] / base_m:.3f}",
+                       "worst_vs_eager": f"{max(peaks[name]) / min(peaks['eager']):.3f}",
+                       "working_mib": f"{working[name]:.1f}", "working_vs_eager": f"{working[name] / base_w:.3f}",
                        "max_rel_diff_vs_eager": f"{diffs[name]:.1e}"}
                 writer.writerow(row)
                 rows.append(row)
@@ -193,15 +211,17 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, providers:
 
 
 def report(rows: Sequence[dict], markdown: bool = False) -> str:
-    header = ["N x H x V", "dtype", "provider", "step ms", "time / eager", "peak MiB", "peak / eager",
-              "working MiB", "working / eager", "max rel diff vs eager"]
+    header = ["N x H x V", "dtype", "provider", "step ms", "time / eager", "peak MiB", "lowest-highest",
+              "peak / eager", "worst / eager", "working MiB", "working / eager", "max rel diff vs eager"]
     lines = [[f"{r['N']} x {r['H']} x {r['V']}", r["dtype"], r["provider"], r["median_ms"], r["time_vs_eager"],
-              r["peak_mib"], r["peak_vs_eager"], r["working_mib"], r["working_vs_eager"], r["max_rel_diff_vs_eager"]]
+              r["peak_mib"], f"{r['peak_min_mib']}-{r['peak_max_mib']}", r["peak_vs_eager"], r["worst_vs_eager"],
+              r["working_mib"], r["working_vs_eager"], r["max_rel_diff_vs_eager"]]
              for r in rows]
-    note = ("Peak: one training step's memory above the inputs and parameters, each provider in a fresh process "
-            "(CPU: resident-set high-water mark; CUDA: max_memory_allocated). Working: the peak less the "
-            "gradients the step returns (grad_x, grad_W; the same for every provider), Cut Cross-Entropy's "
-            "accounting.")
+    note = (f"Peak: one training step's memory above the inputs and parameters, in {rows[0]['peak_runs']} fresh "
+            "processes per provider (CPU: resident-set high-water mark; CUDA: max_memory_allocated): their median, "
+            "lowest and highest; peak / eager is of the medians, worst / eager the highest over eager's lowest. "
+            "Working: the median peak less the gradients the step returns (grad_x, grad_W; the same for every "
+            "provider), Cut Cross-Entropy's accounting.")
     return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n\n" + note + "\n"
 
 
