@@ -12,12 +12,16 @@ it is consumed (:func:`torch_matgrad.formulas.mlp_backward`: one elementwise pas
 Like :func:`torch_matgrad.linear`: explicit backward (MATH.md items 1, 3, 9-11),
 double backward through torch ops (the pre-activations are outputs of the Function,
 so a gradient reaching them flows back), autocast by hand, ``torch.func`` and
-``torch.compile``; the backend recorded at the forward runs the backward.
+``torch.compile``; the backend recorded at the forward runs the backward. Under
+``torch.compile`` (with gradients) the block is the custom op ``torch_matgrad::mlp``
+and its backward ``torch_matgrad::mlp_backward``, which the compiler does not look
+inside: it saves what the eager op saves, where tracing the block's torch ops let the
+partitioner keep ``h``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _fw_ad
@@ -38,6 +42,27 @@ from .function import (
 _OP = "torch_matgrad.mlp"
 
 
+def _save(ctx, inputs, output) -> None:
+    """What the block's backward needs, for the Function and the compiled op alike:
+    ``x`` (first-layer weight gradients), the pre-activations (``h`` and ``act'``), and
+    the weights only where a product needs them. Never ``h``."""
+    x, up_w, _, gate_w, _, down_w, _, activation, backend = inputs
+    _, u, g = output
+    needs = ctx.needs_input_grad[:7]
+    need_x, need_up_w, need_up_b, need_gate_w, need_gate_b = needs[:5]
+    first = need_x or need_up_w or need_up_b or need_gate_w or need_gate_b
+    ctx.save_for_backward(
+        x if need_up_w or need_gate_w else None,
+        up_w if need_x else None,
+        gate_w if need_x else None,
+        down_w if first else None,
+        u,
+        g,
+    )
+    ctx.activation, ctx.backend, ctx.needs = activation, backend, needs
+    ctx.set_materialize_grads(False)
+
+
 class MLPFunction(torch.autograd.Function):
     """``(out, u, g)`` of the MLP block for 2-D ``x`` (``g`` None when plain).
 
@@ -55,23 +80,7 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, up_w, _, gate_w, _, down_w, _, activation, backend = inputs
-        _, u, g = output
-        needs = ctx.needs_input_grad[:7]
-        need_x, need_up_w, need_up_b, need_gate_w, need_gate_b = needs[:5]
-        first = need_x or need_up_w or need_up_b or need_gate_w or need_gate_b
-        # Saved: x (first-layer weight gradients), the pre-activations (h and act'),
-        # and the weights only where a product needs them. Never h.
-        ctx.save_for_backward(
-            x if need_up_w or need_gate_w else None,
-            up_w if need_x else None,
-            gate_w if need_x else None,
-            down_w if first else None,
-            u,
-            g,
-        )
-        ctx.activation, ctx.backend, ctx.needs = activation, backend, needs
-        ctx.set_materialize_grads(False)
+        _save(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_out, grad_u, grad_g):
@@ -80,6 +89,76 @@ class MLPFunction(torch.autograd.Function):
             grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, ctx.activation, ctx.needs, ctx.backend
         )
         return (*grads, None, None)
+
+
+# Under torch.compile (with gradients) the block is these two ops: the compiler sees
+# their inputs and outputs, not their inside, so it saves what _save saves, and the
+# backward runs in the eager block's order and buffers (grad_Wd while h is the only
+# temporary; G_u over the dead u), which Inductor's scheduling of the traced formulas
+# did not keep (it formed h beside grad_h: one (M, H) tensor more at the peak). Both
+# run on the backend dispatch chose. Outputs are tensors, never None: a plain block's
+# g and a gradient not asked for are empty tensors.
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("torch_matgrad::mlp", mutates_args=())
+def _mlp_op(
+    x: Tensor, up_w: Tensor, up_b: Optional[Tensor], gate_w: Optional[Tensor], gate_b: Optional[Tensor],
+    down_w: Tensor, down_b: Optional[Tensor], activation: Optional[str], backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    out, u, g = dispatch.mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend)
+    return out, u, _empty(u) if g is None else g
+
+
+@_mlp_op.register_fake
+def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend):
+    u = x.new_empty(x.shape[0], up_w.shape[0])
+    return x.new_empty(x.shape[0], down_w.shape[0]), u, _empty(u) if gate_w is None else torch.empty_like(u)
+
+
+@torch.library.custom_op("torch_matgrad::mlp_backward", mutates_args=())
+def _mlp_backward_op(
+    grad_out: Tensor, grad_u: Optional[Tensor], grad_g: Optional[Tensor], x: Optional[Tensor],
+    up_w: Optional[Tensor], gate_w: Optional[Tensor], down_w: Optional[Tensor], u: Tensor, g: Optional[Tensor],
+    activation: Optional[str], needs: List[bool], backend: str,
+) -> List[Tensor]:
+    # Writes over u and g when the autograd graph dies with this backward, as the eager
+    # block does (formulas.mlp_backward): they are the forward op's own outputs, saved
+    # for this call alone, so nothing reads them after it; with retain_graph it does not.
+    grads = dispatch.mlp_backward(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, tuple(needs),
+                                  backend)
+    return [_empty(u) if t is None else t for t in grads]
+
+
+@_mlp_backward_op.register_fake
+def _(grad_out, grad_u, grad_g, x, up_w, gate_w, down_w, u, g, activation, needs, backend):
+    # (rows, d), (H, d), (H,) twice, then (d_out, H), (d_out,): x is saved where a first
+    # weight gradient is asked for, up_w where grad_x is (_save).
+    rows, hidden, d_out = u.shape[0], u.shape[1], grad_out.shape[1]
+    d = x.shape[1] if x is not None else up_w.shape[1] if up_w is not None else 0
+    shapes = ((rows, d), (hidden, d), (hidden,), (hidden, d), (hidden,), (d_out, hidden), (d_out,))
+    return [u.new_empty(shape) if need else _empty(u) for shape, need in zip(shapes, needs)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    out, u, g = output
+    _save(ctx, inputs, (out, u, g if inputs[3] is not None else None))
+    ctx.out_features = out.shape[1]
+
+
+def _op_backward(ctx, grad_out, grad_u, grad_g):
+    x, up_w, gate_w, down_w, u, g = ctx.saved_tensors
+    if grad_out is None:  # only u or g took part in the loss: the op called directly
+        grad_out = u.new_zeros(u.shape[0], ctx.out_features)
+    grads = torch.ops.torch_matgrad.mlp_backward(
+        grad_out, grad_u, None if g is None else grad_g, x, up_w, gate_w, down_w, u, g, ctx.activation,
+        list(ctx.needs), ctx.backend,
+    )
+    return (*(t if need else None for t, need in zip(grads, ctx.needs)), None, None)
+
+
+_mlp_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _check_mlp(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Optional[str]:
@@ -165,15 +244,13 @@ def _apply(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation) -> Tensor:
     params = (up_w, up_b, gate_w, gate_b, down_w, down_b)
     backend = dispatch.chosen_backend(x2, *params)
     transformed = torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0
-    if torch.compiler.is_compiling() or not transformed and not (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    ):
-        # No gradient to compute; or torch.compile, whose partitioner decides what the
-        # compiled graph saves: tracing the torch ops (dispatch answers "torch" while
-        # compiling) lets it recompute h as for the eager block. Tracing the Function
-        # instead pinned its choices: with Inductor loaded the compiled block then saved
-        # h where the compiled eager block recomputed it.
+    if not transformed and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))):
+        # No gradient to compute: nothing to save, and a compiler fuses the torch ops.
         out = dispatch.mlp_forward(x2, *params, activation, backend)[0]
+    elif torch.compiler.is_compiling() and not transformed:
+        # One op the compiler does not look inside, so that its partitioner cannot choose
+        # to save h (it did: compiled, the traced block saved as much as the stock one).
+        out = torch.ops.torch_matgrad.mlp(x2, *params, activation, backend)[0]
     else:
         out = (MLPFunction.apply if transformed else _eager_mlp)(x2, *params, activation, backend)[0]
     return out.view(*x.shape[:-1], down_w.shape[0]) if x.dim() != 2 else out
