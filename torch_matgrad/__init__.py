@@ -11,6 +11,7 @@ from .cross_entropy import LinearCrossEntropy, LinearCrossEntropyFunction, linea
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
+from .lora import lora_linear
 from .mlp import FusedMLP, MLPFunction, mlp
 from .modules import Linear, LinearAct
 from .surgery import (
@@ -45,6 +46,7 @@ __all__ = [
     "jacobian",
     "linear",
     "linear_cross_entropy",
+    "lora_linear",
     "mlp",
     "replace_linear",
     "restore_linear",
