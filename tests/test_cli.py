@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,8 +99,17 @@ def test_check_says_what_it_will_run_and_can_leave_the_interpreter_out(interpret
     assert check.run(argparse.Namespace(seed=0, no_interpreter=not interpreter)) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("check: 13 rows of torch on cpu (~3 s)") and asked == [interpreter]
-    assert ("13 rows of triton under Triton's interpreter (~65 s); --no-interpreter leaves" in first) == interpreter
+    assert ("13 rows of triton under Triton's interpreter (~39 s); --no-interpreter leaves" in first) == interpreter
     assert (cli.INTERPRETER in cli.planned_backends(interpreter)) == interpreter
+
+
+def test_readme_states_the_interpreter_rows_time_the_check_announces():
+    announced = int(re.search(r"interpreter \(~(\d+) s\)", check._plan([cli.INTERPRETER])).group(1))
+    said = int(re.search(r"under Triton's interpreter and take about (\d+) s", " ".join(
+        (ROOT / "README.md").read_text().split())).group(1))
+    assert abs(said - announced) <= 0.25 * announced, (said, announced)
+    help_text = " ".join(_parser("check").format_help().split())
+    assert f"about {check._ROW_SECONDS['triton']:.0f} s a row" in help_text
 
 
 def test_jacobian_adds_the_interpreter_rows_by_itself(monkeypatch):
@@ -158,6 +168,29 @@ def test_help_lists_every_choice_without_markup(command, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def _quick_cases(device):
+    return plans.plan(argparse.Namespace(quick=True, shapes=None, dtype=None, activation=None, mode=None), device)
+
+
+def test_quick_help_and_docs_state_what_quick_runs():
+    text = " ".join(_parser("bench").format_help().split())
+    start = text.index("--quick the quick set:")
+    quick = text[start:text.index(" --device", start)]
+    performance = (ROOT / "docs" / "performance.md").read_text()
+    line = performance.split("bench --quick", 1)[1].split("\n")[0]
+    docs = {name: (dtype, count) for name, dtype, count in re.findall(r"(CUDA|CPU): (\w+), (\d+) shapes", line)}
+    for device, name in (("cuda", "CUDA"), ("cpu", "CPU")):
+        cases = _quick_cases(device)
+        shapes, dtypes = {(c.m, c.k, c.n) for c in cases}, {c.dtype for c in cases}
+        said = quick.split(f"on {name} ", 1)[1].split(";")[0]
+        assert said.startswith(f"{len(shapes)} shapes") and len(dtypes) == 1
+        assert [d for d in plans.DTYPES if d in said] == sorted(dtypes)
+        for mode in {c.mode for c in cases}:
+            acts = ", ".join(dict.fromkeys(c.activation for c in cases if c.mode == mode))
+            assert f"{mode} ({acts})" in said
+        assert docs[name] == (*dtypes, str(len(shapes)))  # the docs' summary, too
 
 
 def test_bench_choices_appear_in_help():

@@ -30,11 +30,11 @@ _WIDEST = (6, 4, 12, 3, 4, 4, 7, 13)  # activation: "lm-head mean", the LM head'
 FP32_TOLERANCE = 1e-4
 
 
-#: Rough seconds per row: on an idle 2-core CPU the 13 rows took 3 s on torch ops and 62 s
-#: under Triton's interpreter, which runs each kernel program in Python (twice that on a
-#: busy machine); on a GPU after the kernels are compiled (a first run compiles them: a
-#: minute or more).
-_ROW_SECONDS = {"torch": 0.25, "triton": 5.0, "cuda": 1.0}
+#: Rough seconds per row. On a 2-core Intel Xeon (torch 2.13, Triton 3.9, 2026-12-06) the
+#: 13 rows took 3 s on torch ops and 38 s of CPU time under Triton's interpreter, which runs
+#: each kernel program in Python (63 s of wall time while other work shared the machine);
+#: on a GPU after the kernels are compiled (a first run compiles them: a minute or more).
+_ROW_SECONDS = {"torch": 0.25, "triton": 3.0, "cuda": 1.0}
 _LM_HEAD_REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--no-interpreter", action="store_true",
                         help="leave out the rows of Triton's interpreter on the CPU (the slow part: "
-                        "about 5 s a row on 2 cores)")
+                        f"about {_ROW_SECONDS['triton']:.0f} s a row on 2 cores)")
 
 
 def _plan(pairs) -> str:

@@ -23,6 +23,24 @@ from .report import CSV_COLUMNS, Progress, plot, report
 
 _HOST_ROUNDS = 15
 
+
+def quick_help() -> str:
+    """``--quick``'s help, read from the cases :func:`plans.plan` runs for it."""
+    parts = []
+    for device, name in (("cuda", "CUDA"), ("cpu", "CPU")):
+        cases = plan(argparse.Namespace(quick=True, shapes=None, dtype=None, activation=None, mode=None), device)
+        shapes = {(c.m, c.k, c.n) for c in cases}
+        modes = {}
+        for c in cases:
+            modes.setdefault(c.mode, {})[c.activation] = None  # in the plan's order
+        parts.append(
+            f"on {name} {len(shapes)} shapes ({', '.join(dict.fromkeys(c.shape_set for c in cases))}) in "
+            f"{', '.join(dict.fromkeys(c.dtype for c in cases))}, modes (activations): "
+            + ", ".join(f"{mode} ({', '.join(acts)})" for mode, acts in modes.items())
+        )
+    return "the quick set: " + "; ".join(parts)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     def listed(choices):
         def parse(text):
@@ -49,9 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "provider in a fresh process), into lm_head.csv and lm_head.md; --dtype picks one dtype, "
                         "--providers narrows eager,torch_matgrad,matgrad_triton,compile")
     parser.add_argument("--quick", action="store_true",
-                        help="the quick set: on CUDA bf16, four shapes, forward/backward without activation "
-                        "and full steps with gelu_tanh and silu; on CPU the 'cpu' shapes, fp32 and bf16, "
-                        "full steps with the default activations")
+                        help=quick_help())
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto, cpu or cuda (default auto: cuda when available)")
     parser.add_argument("--dtype", type=listed(tuple(DTYPES)),
