@@ -45,8 +45,15 @@ def _doc_blocks():
             for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
+def _shows(shown: str, printed: str) -> bool:
+    """Whether a print's trailing comment ``shown`` shows a line of ``printed``: the line
+    itself, with "..." standing for any text, or the line then ": " and a gloss."""
+    pattern = ".*".join(map(re.escape, shown.split("...")))
+    return any(re.fullmatch(pattern, line) or shown.startswith(f"{line}: ") for line in printed.splitlines())
+
+
 @pytest.mark.parametrize("page, block", _doc_blocks(), ids=lambda v: v.splitlines()[0][:40] if "\n" in v else v)
-def test_doc_python_runs_as_printed(page, block, tmp_path):
+def test_doc_python_runs_as_printed(page, block, tmp_path, capsys):
     # Every Python snippet runs as printed on the machine it says it runs on: in this
     # process, on a CUDA machine (first line "# on a CUDA machine"), or as the script
     # its first line names, with the environment and command printed there.
@@ -58,18 +65,22 @@ def test_doc_python_runs_as_printed(page, block, tmp_path):
             pytest.skip("the snippet says it runs on a CUDA machine")
     script = re.match(r"# (\S+\.py): run as (.*?)  \(", first)
     if script is None:
+        capsys.readouterr()
         exec(compile(block, page, "exec"), {})
-        return
-    name, command = script.groups()
-    (tmp_path / name).write_text(block)
-    *assignments, python, file = command.split()
-    assert (python, file) == ("python", name), command
-    env = {**os.environ, **dict(a.split("=", 1) for a in assignments), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, name], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+        printed = capsys.readouterr().out
+    else:
+        name, command = script.groups()
+        (tmp_path / name).write_text(block)
+        *assignments, python, file = command.split()
+        assert (python, file) == ("python", name), command
+        env = {**os.environ, **dict(a.split("=", 1) for a in assignments), "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, name], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        printed = done.stdout
     # The snippet's trailing comments show what it prints.
     for shown in re.findall(r"print\(.*\)\s+# (.*)", block):
-        assert shown in done.stdout
+        assert _shows(shown, printed), f"{page}: prints no line shown as {shown!r}:\n{printed}"
 
 
 def _package_imports():
@@ -124,3 +135,48 @@ def test_no_two_modules_import_each_other():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+def _requirements(group: str):
+    """``{name: requirement}`` of pyproject.toml's dependencies (``group`` "") or of an extra."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    requirement = pytest.importorskip("packaging.requirements").Requirement
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] if not group else project["optional-dependencies"][group]
+    return {r.name: r for r in map(requirement, listed)}
+
+
+def test_triton_is_an_extra_that_the_tests_install():
+    # A CPU user's `pip install -e .` must not download Triton (~1 GB installed); the
+    # kernels' tests need it for the interpreter, and PyPI's CUDA torch brings its own.
+    assert "triton" not in _requirements("")
+    assert "triton" in _requirements("triton")
+    test = _requirements("test")
+    assert "triton" in test or "triton" in test["torch-matgrad"].extras
+
+
+def test_ci_installs_as_the_readme_says():
+    # .ci/run installs a CPU user's torch from the index the README names, and the package
+    # from this checkout without extras; the README says so.
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    index = re.search(r"# CPU only:.*\npython -m pip install torch --index-url (\S+)\n", readme).group(1)
+    assert re.search(rf'fresh_venv "\$NEWEST" --index-url {re.escape(index)}\npython -m pip install -q \.\n', ci)
+    assert "`.[triton]`" in readme
+
+
+def test_readme_states_the_suite_size(request):
+    # "about N tests" holds within 15% of what this session collected. Deselected tests
+    # count (-k keeps them collected); a session that collected only some files skips.
+    stated = int(re.search(r"The suite \(about ([\d,]+) tests", (ROOT / "README.md").read_text()).group(1)
+                 .replace(",", ""))
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    items = [*request.session.items, *(reporter.stats.get("deselected", []) if reporter else [])]
+    if {item.path.name for item in items} != {p.name for p in (ROOT / "tests").glob("test_*.py")}:
+        pytest.skip("this session did not collect every test file")
+    assert abs(len(items) - stated) <= 0.15 * stated, f"collected {len(items)} tests; the README says about {stated}"
+
+
+def test_readme_results_state_one_direction():
+    # Every ratio of the Results table is a time or memory relative to the baseline.
+    results = (ROOT / "README.md").read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert "lower is better" in results and "speed" not in results.lower()
