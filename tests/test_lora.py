@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jacfwd, jacrev, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_matgrad as mg
 from torch_matgrad import lora
@@ -21,6 +20,7 @@ from torch_matgrad.mlp import saved_bytes
 
 from _backends import DEVICES, backend  # noqa: F401  (fixture)
 from _util import REL_TOL, activate_ref, assert_rel_close, float32_matmul_precision, rel_err
+from test_surgery import _MatmulShapes
 
 ACTS = list(mg.ACTIVATIONS)
 SEED = 1234  # reseeded before each evaluation that must draw the same dropout mask
@@ -124,20 +124,6 @@ def test_dropout_is_f_dropouts_and_off_draws_nothing():
     assert not torch.equal(mg.lora_linear(x, *p.values(), 1.5, dropout=0.5), plain)
 
 
-class _Outputs(TorchDispatchMode):
-    """The shapes of every aten op's outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else [out])
-                        if isinstance(o, torch.Tensor)]
-        return out
-
-
 @pytest.mark.parametrize(
     "frozen, dropout, activation, expected",
     [
@@ -173,7 +159,7 @@ def test_saves_only_what_backward_needs(frozen, dropout, activation, expected):
 
     assert sorted(name(t) for t in saved) == sorted(expected)
     # A frozen W gets no gradient and no grad_W product (the only (12, 16) results are W's).
-    with _Outputs() as ran:
+    with _MatmulShapes() as ran:
         out.backward(torch.randn_like(out))
     assert ((12, 16) in ran.shapes) == ("weight" not in frozen)
     assert (p["weight"].grad is None) == ("weight" in frozen)
@@ -203,6 +189,27 @@ def test_inputs_not_modified_and_non_contiguous_views():
     out.sum().backward()
     assert [t._version for t in tensors] == versions
     assert all(torch.equal(t.detach(), c) for t, c in zip(tensors, copies))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_the_same_mask(reentrant):
+    # PEFT training often checkpoints: the recomputed forward must draw the first one's
+    # mask (checkpoint restores the RNG state) and save what the first one saved.
+    p = _params(8, 6, 3, frozen={"weight", "bias"})
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    inputs = [x, p["lora_A"], p["lora_B"]]
+    results = []
+    for run in (lambda x: torch.utils.checkpoint.checkpoint(lambda x: _call(mg.lora_linear, x, p, 0.5, 0.4, "gelu", None),
+                                                            x, use_reentrant=reentrant),
+                lambda x: _call(mg.lora_linear, x, p, 0.5, 0.4, "gelu", None)):
+        torch.manual_seed(SEED)
+        out = run(x)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad.clone() for t in inputs])
+        for t in inputs:
+            t.grad = None
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_autocast_behaves_like_peft():
