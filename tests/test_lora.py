@@ -295,6 +295,9 @@ def test_backends_match_float64(backend, device, x_shape, activation, dropout): 
         got = _call(mg.lora_linear, x, p, 0.75, dropout, activation)
         got_grads = torch.autograd.grad(got, [x, *p.values()], g64.float())
     assert ran == {("forward", backend): 1, ("backward", backend): 1}
+    with mg.dispatch.recording() as ran, float32_matmul_precision("highest"), torch.no_grad():
+        assert torch.equal(_call(mg.lora_linear, x, p, 0.75, dropout, activation), got.detach())  # no Function
+    assert ran == {("forward", backend): 1}
     inputs = [x64.requires_grad_(), *p64.values()]
     torch.manual_seed(SEED)
     dropped = x64 * torch.empty_like(x64, dtype=torch.bool).bernoulli_(1 - dropout) / (1 - dropout)
