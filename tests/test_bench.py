@@ -363,7 +363,10 @@ def _interpreter() -> bool:
 def test_mlp_mode_times_and_counts_saved_bytes(tmp_path, monkeypatch, capsys):
     from torch_matgrad.bench import blocks
 
-    monkeypatch.setitem(blocks.SHAPES, "cpu", [(33, 16, 40)])
+    from torch_matgrad.bench import peak
+
+    monkeypatch.setitem(blocks.SHAPES, "cpu", [(33, 16, 40, 2)])
+    monkeypatch.setitem(peak.RUNS, "cpu", 1)  # a fresh process per provider costs seconds
     providers = "torch_matgrad,matgrad_triton" if _interpreter() else "torch_matgrad"
     rc = main(["bench", "--mlp", "--device", "cpu", "--providers", providers, "--rep-ms", "5",
                "--out", str(tmp_path)])  # compiling would take minutes on a CPU; eager always runs
@@ -374,14 +377,26 @@ def test_mlp_mode_times_and_counts_saved_bytes(tmp_path, monkeypatch, capsys):
         assert float(r["median_ms"]) > 0 and float(r["saved_mib"]) > 0
         traced = r["provider"] in blocks.TRACED
         assert (r["tensor_peak_mib"] != "") == traced and (r["aten_ops"] != "") == traced
-        assert r["peak_mem_mib"] == r["tensor_peak_mib"]  # a CPU's peak is the traced one
+        # The resident set of a step in a fresh process (peak.spread's columns: tested below)
+        assert r["peak_runs"] == "1" and r["peak_min_mib"] == r["peak_mib"] == r["peak_max_mib"]
+        assert float(r["peak_mib"]) >= 0  # tiny: the step may fit in what the process already holds
         if traced:
             assert float(r["tensor_peak_mib"]) > 0 and int(r["aten_ops"]) > 0
         if r["provider"] != "eager":
             # x and the pre-activation(s) against eager's x, z and h (gated: x, g, act(g), u, h)
             per_token = {"plain_gelu": (16 + 40, 16 + 2 * 40), "gated_silu": (16 + 2 * 40, 16 + 4 * 40)}[r["kind"]]
             assert float(r["saved_vs_eager"]) == pytest.approx(per_token[0] / per_token[1], abs=1e-3)
-    assert "| 33 x 16 x 40 | fp32 | gated_silu | torch_matgrad |" in (tmp_path / "mlp.md").read_text()
+    assert "| 33 x 16 x 40 | 2 | fp32 | gated_silu | torch_matgrad |" in (tmp_path / "mlp.md").read_text()
+
+
+def test_peak_spread_is_median_lowest_highest_and_worst_against_the_baselines_lowest():
+    from torch_matgrad.bench.peak import spread
+
+    cols = spread({"eager": [100.0, 90.0, 120.0], "ours": [40.0, 60.0, 50.0]})
+    assert cols["ours"] == {"peak_mib": "50.0", "peak_min_mib": "40.0", "peak_max_mib": "60.0",
+                            "peak_vs_eager": "0.500", "worst_vs_eager": "0.667"}
+    assert cols["eager"]["peak_vs_eager"] == "1.000" and cols["eager"]["worst_vs_eager"] == "1.333"
+    assert spread({"eager": [0.0], "ours": [1.0]})["ours"]["worst_vs_eager"] == ""  # no ratio to nothing
 
 
 def test_allocation_trace_counts_storages_as_cudas_allocator():
@@ -412,7 +427,7 @@ def test_allocation_trace_of_the_eager_blocks_step_is_computable_by_hand():
     from torch_matgrad.bench.allocations import step_allocations
 
     m, d, hidden = 64, 32, 128
-    model = blocks.blocks(d, hidden, "plain_gelu", "cpu", torch.float32, ["eager"])["eager"]
+    model = blocks.blocks(d, hidden, 1, "plain_gelu", "cpu", torch.float32, ["eager"])["eager"]
     x, grad = torch.randn(m, d, requires_grad=True), torch.randn(m, d)
     peak, ops = step_allocations(lambda: torch.autograd.grad(model(x), [x, *model.parameters()], grad))
     assert peak == 4 * (3 * m * hidden + m * d + d * hidden) + 512
