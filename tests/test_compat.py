@@ -109,6 +109,12 @@ def test_jit_trace_warns_nothing_from_the_package():
             torch.jit.trace(model, torch.randn(5, 12))
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if Path(w.filename).is_relative_to(package)]
     assert not ours, ours
+    # The full checks, which the MLP block shares, on traced sizes.
+    w, b = torch.randn(16, 12), torch.randn(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(lambda x: (tm.function._check(x, w, b, "gelu"), x * 2)[1], torch.randn(2, 12))
+    assert not [c for c in caught if issubclass(c.category, torch.jit.TracerWarning)], [str(c.message) for c in caught]
     assert any(issubclass(w.category, DeprecationWarning) for w in caught)  # warnings were recorded at all
     with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):  # the checks still run
         torch.jit.trace(lambda x: tm.linear(x, torch.randn(16, 12), torch.randn(1)), torch.randn(2, 12))

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -142,6 +143,28 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
+def untraced(check):
+    """``check``, a function of input checks that computes nothing, run with
+    ``torch.jit.trace``'s tracer paused. A trace records sizes as traced values, and
+    comparing them warns (TracerWarning) that the outcome is kept as a constant; warning
+    filters cannot silence that for good (pytest resets them for each test). Paused, the
+    sizes are plain ints. Dynamo reads no tracing state (it folds it to None)."""
+
+    @functools.wraps(check)
+    def checked(*args, **kwargs):
+        tracing = torch._C._get_tracing_state()
+        if tracing is None:
+            return check(*args, **kwargs)
+        torch._C._set_tracing_state(None)
+        try:
+            return check(*args, **kwargs)
+        finally:
+            torch._C._set_tracing_state(tracing)
+
+    return checked
+
+
+@untraced
 def _check(x, weight, bias, activation, op: str = "torch_matgrad.linear", names=("input", "weight", "bias")):
     """Every error a user can cause, raised before anything is computed; returns the
     activation as the op spells it (:func:`formulas.canonical_activation`). ``op`` and
@@ -264,7 +287,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
     to the autocast dtype, the output has that dtype, and parameter gradients come
     back in the parameters' own dtype.
     """
-    if torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state():  # folded to None by Dynamo
+    if torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state():  # Dynamo: None
         return _linear_checked(x, weight, bias, activation)
     if not _valid(x, weight, bias, activation):
         activation = _check(x, weight, bias, activation)
@@ -281,17 +304,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 
 def _linear_checked(x, weight, bias, activation) -> Tensor:
     """:func:`linear` with the full checks first: under autocast (the casts come after
-    them) and under ``torch.jit.trace``."""
-    # A trace records sizes as traced values, and comparing them warns (TracerWarning)
-    # that the outcome is kept as a constant; filters cannot silence that for good
-    # (pytest resets them for each test). The checks record nothing: they run with the
-    # tracer paused, on plain ints.
-    tracing = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        activation = _check(x, weight, bias, activation)
-    finally:
-        torch._C._set_tracing_state(tracing)
+    them) and under ``torch.jit.trace`` (whose traced sizes :func:`_valid` cannot compare
+    without a TracerWarning: :func:`untraced`)."""
+    activation = _check(x, weight, bias, activation)
     device_type = x.device.type
     if not _autocast_enabled(device_type):  # autocast is on for another device
         _check_dtypes(x, weight, bias)
