@@ -296,6 +296,20 @@ def _graph_dies_after_this_backward() -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def _preactivation_grads_(grad_h: Tensor, u: Tensor, g: Optional[Tensor], activation: Optional[str],
+                          donate: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`mlp_grad_preactivations` in the buffers at hand: over ``u`` and ``g`` when
+    ``donate`` (dead once ``h`` is used), else over ``grad_h``; one new ``(M, H)`` buffer
+    at most (gated, not donating)."""
+    if g is None:
+        return _grad_preactivation_out(grad_h, u, activation, out=u if donate else grad_h), None
+    if donate:
+        g_g = _grad_preactivation_out(u.mul_(grad_h), g, activation, out=u)
+        return _activate_(g, activation).mul_(grad_h), g_g
+    g_u = activate(g, activation) * grad_h
+    return g_u, _grad_preactivation_out(grad_h.mul_(u), g, activation, out=grad_h)
+
+
 def mlp_backward(
     grad_out: Optional[Tensor],
     grad_u: Optional[Tensor],
@@ -350,18 +364,8 @@ def mlp_backward(
         if need_x or need_up_w or need_up_b or need_gate_w or need_gate_b:
             if g is None and activation is None and donate:  # G_u is grad_h: written where u (h, used) was
                 g_u = torch.mm(grad_out, down_w, out=u)
-            elif g is None:
-                grad_h = grad_input(grad_out, down_w)
-                g_u = _grad_preactivation_out(grad_h, u, activation, out=u if donate else grad_h)
-            elif donate:
-                grad_h = grad_input(grad_out, down_w)
-                g_g = _grad_preactivation_out(u.mul_(grad_h), g, activation, out=u)
-                g_u = _activate_(g, activation).mul_(grad_h)
             else:
-                grad_h = grad_input(grad_out, down_w)
-                g_u = activate(g, activation) * grad_h
-                g_g = _grad_preactivation_out(grad_h.mul_(u), g, activation, out=grad_h)
-            grad_h = None
+                g_u, g_g = _preactivation_grads_(grad_input(grad_out, down_w), u, g, activation, donate)
     if grad_u is not None:
         g_u = grad_u if g_u is None else g_u.add_(grad_u)
     if grad_g is not None:
@@ -842,3 +846,95 @@ def lora_backward(
             g_xa = grad_input(g_u, lora_A)
             grad_x = grad_x.addcmul_(g_xa, mask) if in_place else torch.addcmul(grad_x, g_xa, mask)
     return grad_x, grad_w, grad_b, grad_a, grad_lb
+
+
+# ------------------------------------------------ the MLP block with LoRA adapters
+#
+# PEFT's LoRA on a block's projections: each adapted projection is the LoRA map above
+# with activation None (the update lands before the block's activation), ``u`` and
+# ``g`` from ``x``, the output from ``h``. The block saves what the plain block saves
+# (``x``, ``u``, ``g``) plus, per adapter, ``t`` (r values a row) and its mask (one byte
+# an element: ``x``'s for up and gate, ``h``'s for down); ``h`` is rebuilt in the
+# backward, where the down adapter's ``grad_A = G_u^T (M * h)`` needs it, as ``grad_Wd``.
+
+
+class LowRank(NamedTuple):
+    """One projection's adapter as the formulas take it: ``A`` ``(r, in)``, ``B``
+    ``(out, r)``, the dropout's ``mask`` (None: no dropout), ``scaling`` ``s`` and
+    ``dropout_scale`` ``c = 1 / (1 - p)``."""
+
+    A: Tensor
+    B: Tensor
+    mask: Optional[Tensor]
+    scaling: float
+    dropout_scale: float
+
+
+def lora_mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, adapters, linear_forward=forward):
+    """``(out, u, g, t_up, t_gate, t_down)`` of the block whose projections carry the
+    adapters ``(up, gate, down)`` (each a :class:`LowRank` or None; ``t`` None where
+    there is none): :func:`lora_forward` per projection with activation None, ``h`` by
+    :func:`mlp_hidden` between them."""
+
+    def project(v, weight, bias, adapter):
+        if adapter is None:
+            return linear_forward(v, weight, bias, None)[0], None
+        z, _, t = lora_forward(v, weight, bias, adapter.A, adapter.B, adapter.mask, adapter.scaling,
+                               adapter.dropout_scale, None, linear_forward)
+        return z, t
+
+    up, gate, down = adapters
+    u, t_up = project(x, up_w, up_b, up)
+    g, t_gate = (None, None) if gate_w is None else project(x, gate_w, gate_b, gate)
+    out, t_down = project(mlp_hidden(u, g, activation), down_w, down_b, down)
+    return out, u, g, t_up, t_gate, t_down
+
+
+def lora_mlp_backward(grads, x, up_w, gate_w, down_w, u, g, ts, activation, adapters, needs,
+                      linear_backward=backward):
+    """The gradients of ``(x, up_w, up_b, gate_w, gate_b, down_w, down_b, A_up, B_up,
+    A_gate, B_gate, A_down, B_down)`` flagged in ``needs`` from ``grads = (G_out, G_u,
+    G_g, G_t_up, G_t_gate, G_t_down)`` (any None), the saved ``x``, ``u``, ``g`` and
+    ``ts``: :func:`lora_backward` for the down projection on the recomputed ``h``
+    (dying before ``grad_h`` is used), the activation's chain rule
+    (:func:`mlp_grad_preactivations`; items 1, 3), then :func:`lora_backward` for up and
+    gate from ``x``, ``grad_x`` summing both. Out of place under grad mode (double
+    backward); a first-order backward sums in place."""
+    grad_out, grad_u, grad_g, *grad_ts = grads
+    up, gate, down = adapters
+    need_x, need_up_w, need_up_b, need_gate_w, need_gate_b, need_down_w, need_down_b = needs[:7]
+    low_rank = needs[7:]
+    first = need_x or need_up_w or need_up_b or need_gate_w or need_gate_b or any(low_rank[:4])
+
+    def through(adapter, grad, grad_t, v, weight, t, want):
+        """``(grad_v, grad_W, grad_b, grad_A, grad_B)`` of one projection."""
+        if adapter is None:
+            if grad is None:
+                return (None,) * 5
+            return (*linear_backward(grad, None, v, weight, None, None, want[:3]), None, None)
+        return lora_backward(grad, None, grad_t, v, weight, adapter.A, adapter.B, t, adapter.mask, None,
+                             adapter.scaling, adapter.dropout_scale, None, want, linear_backward)
+
+    h = mlp_hidden(u, g, activation) if need_down_w or low_rank[4] else None
+    grad_h, grad_down_w, grad_down_b, grad_down_a, grad_down_lb = through(
+        down, grad_out, grad_ts[2], h, down_w, ts[2], (first, need_down_w, need_down_b, *low_rank[4:]))
+    h = None  # before the first layer's products
+    g_u = g_g = None
+    if grad_h is not None and torch.is_grad_enabled():
+        g_u, g_g = mlp_grad_preactivations(grad_h, u, g, activation)
+    elif grad_h is not None:  # the plain block's buffers (mlp_backward); u and g die here when the graph does
+        g_u, g_g = _preactivation_grads_(grad_h, u, g, activation, _graph_dies_after_this_backward())
+    grad_h = None
+    if grad_u is not None:
+        g_u = grad_u if g_u is None else g_u + grad_u
+    if grad_g is not None:
+        g_g = grad_g if g_g is None else g_g + grad_g
+    grad_x, grad_up_w, grad_up_b, grad_up_a, grad_up_lb = through(
+        up, g_u, grad_ts[0], x, up_w, ts[0], (need_x, need_up_w, need_up_b, *low_rank[:2]))
+    gate_grads = (None,) * 5 if gate_w is None else through(
+        gate, g_g, grad_ts[1], x, gate_w, ts[1], (need_x, need_gate_w, need_gate_b, *low_rank[2:4]))
+    if gate_grads[0] is not None:
+        grad_x = gate_grads[0] if grad_x is None else (
+            grad_x + gate_grads[0] if torch.is_grad_enabled() else grad_x.add_(gate_grads[0]))
+    return (grad_x, grad_up_w, grad_up_b, *gate_grads[1:3], grad_down_w, grad_down_b, grad_up_a, grad_up_lb,
+            *gate_grads[3:], grad_down_a, grad_down_lb)
