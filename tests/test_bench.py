@@ -435,11 +435,11 @@ def test_allocation_trace_of_the_eager_blocks_step_is_computable_by_hand():
 
 
 def test_lm_head_mode_times_and_measures_peak_memory(tmp_path, monkeypatch):
-    from torch_matgrad.bench import lm_head
+    from torch_matgrad.bench import lm_head, peak
 
     n, h, v = 64, 256, 1000
     monkeypatch.setitem(lm_head.SHAPES, "cpu", [(n, h, v)])
-    monkeypatch.setitem(lm_head.PEAK_RUNS, "cpu", 3)
+    monkeypatch.setitem(peak.RUNS, "cpu", 3)
     rc = main(["bench", "--lm-head", "--device", "cpu", "--providers", "torch_matgrad", "--rep-ms", "5",
                "--out", str(tmp_path)])  # compiling would take minutes on a CPU; eager always runs
     assert rc == 0

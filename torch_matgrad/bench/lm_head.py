@@ -29,7 +29,7 @@ eager's. The memory columns per provider:
 
 ``peak_mib``, ``peak_min_mib``, ``peak_max_mib``
     The peak memory of one step above the inputs and parameters: the median, lowest
-    and highest of :data:`PEAK_RUNS` runs.
+    and highest of its runs (:mod:`.peak`: ``RUNS`` fresh processes, 10 on a CPU).
 ``peak_vs_eager``, ``worst_vs_eager``
     The median over eager's median, and the highest over eager's lowest: the ratio that
     every pair of runs meets.
@@ -41,26 +41,16 @@ eager's. The memory columns per provider:
     loss) is credited with them too.
 
 Each run measures a peak in a fresh child process, after a warm-up step (compiling
-included): on CUDA ``max_memory_allocated``; on a CPU the resident set's high-water mark
-(Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` once the warm-up's freed
-memory is handed back with ``malloc_trim``). The resident set sees every byte the step
-touches, torch's allocations and its libraries' (oneDNN) alike, where torch's CPU
-allocator keeps no peak counter; a fresh process keeps one provider's leftovers from
-another's figure. The resident set also depends on where glibc places each allocation,
-which differs from process to process: hence the runs. Rows go to ``lm_head.csv`` and
-``lm_head.md``.
+included), as :mod:`.peak` says: on CUDA ``max_memory_allocated``; on a CPU the resident
+set's high-water mark, which sees every byte the step touches and where glibc puts each
+block, different from process to process: hence the runs. Rows go to ``lm_head.csv``
+and ``lm_head.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
-import gc
-import json
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
@@ -69,7 +59,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..cross_entropy import linear_cross_entropy
-from .measure import peak_mem_mib
+from . import peak
 from .plans import DTYPES
 from .report import format_table, heading
 
@@ -81,9 +71,6 @@ SHAPES = {
 }
 PROVIDERS = ("eager", "torch_matgrad", "matgrad_recompute", "matgrad_triton", "matgrad_kernels", "compile",
              "compile_matgrad")
-#: Fresh processes per provider and shape measuring the peak: on a CPU the resident set
-#: varies from run to run; CUDA's allocator counts tensors, the same in every run.
-PEAK_RUNS = {"cpu": 10, "cuda": 1}
 #: The Triton backend's providers and their strategy.
 TRITON = {"matgrad_triton": "gemm", "matgrad_kernels": "kernels"}
 COLUMNS = ("date", "commit", "device", "device_name", "torch", "triton", "clock", "N", "H", "V", "dtype",
@@ -141,36 +128,6 @@ def _rel_diff(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> floa
     return max(((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item() for a, e in zip(got, want))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_step_mib(provider: str, n: int, h: int, v: int, device: str, dtype_name: str) -> float:
-    """The peak memory of one step of ``provider`` above its inputs and parameters, in
-    this process (the module docstring says how): run it in a fresh one."""
-    x, w, t = inputs(n, h, v, device, DTYPES[dtype_name])
-    step = step_of(provider, x, w, t)
-    step()  # warm-up: compiling, first-call allocations
-    if device == "cuda":
-        return peak_mem_mib(step)
-    gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)  # glibc: return the warm-up's freed memory
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    step()
-    return (_status_kib("VmHWM") - base) / 1024
-
-
-def _peak_in_child(provider: str, n: int, h: int, v: int, device: str, dtype_name: str) -> float:
-    args = json.dumps([provider, n, h, v, device, dtype_name, torch.get_num_threads()])
-    done = subprocess.run([sys.executable, "-m", __name__, args], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"bench --lm-head: the {provider} memory child failed:\n{done.stderr[-2000:]}")
-    return float(done.stdout.split()[-1])
-
-
 def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, providers: Sequence[str],
         timer: Callable) -> List[dict]:
     """Check, time and measure every case; write ``lm_head.csv`` and ``lm_head.md``."""
@@ -186,21 +143,17 @@ def run(device: str, env: Dict[str, str], out: Path, dtype_name: str, providers:
             del want
             timed = timer(steps)
             del steps
-            runs = PEAK_RUNS[device]
-            peaks = {name: [_peak_in_child(name, n, h, v, device, dtype_name) for _ in range(runs)]
-                     for name in providers}
-            median = {name: statistics.median(p) for name, p in peaks.items()}
+            runs = peak.RUNS[device]
+            peaks = {name: peak.in_children(__name__, [name, n, h, v, device, dtype_name], runs) for name in providers}
+            columns = peak.spread(peaks)
             grads_mib = (x.numel() + w.numel()) * x.element_size() / 2**20  # grad_x, grad_W
-            working = {name: peak - grads_mib for name, peak in median.items()}
-            base_t, base_m, base_w = timed["eager"][0], median["eager"], working["eager"]
+            working = {name: float(columns[name]["peak_mib"]) - grads_mib for name in providers}
+            base_t, base_w = timed["eager"][0], working["eager"]
             for name in providers:
-                time_ms, p20, p80 = timed[name]
+                median, p20, p80 = timed[name]
                 row = {**env, "N": n, "H": h, "V": v, "dtype": dtype_name, "provider": name,
-                       "median_ms": f"{time_ms:.1f}", "p20_ms": f"{p20:.1f}", "p80_ms": f"{p80:.1f}",
-                       "time_vs_eager": f"{time_ms / base_t:.3f}", "peak_runs": runs,
-                       "peak_mib": f"{median[name]:.1f}", "peak_min_mib": f"{min(peaks[name]):.1f}",
-                       "peak_max_mib": f"{max(peaks[name]):.1f}", "peak_vs_eager": f"{median[name] / base_m:.3f}",
-                       "worst_vs_eager": f"{max(peaks[name]) / min(peaks['eager']):.3f}",
+                       "median_ms": f"{median:.1f}", "p20_ms": f"{p20:.1f}", "p80_ms": f"{p80:.1f}",
+                       "time_vs_eager": f"{median / base_t:.3f}", "peak_runs": runs, **columns[name],
                        "working_mib": f"{working[name]:.1f}", "working_vs_eager": f"{working[name] / base_w:.3f}",
                        "max_rel_diff_vs_eager": f"{diffs[name]:.1e}"}
                 writer.writerow(row)
@@ -214,8 +167,8 @@ def report(rows: Sequence[dict], markdown: bool = False) -> str:
     header = ["N x H x V", "dtype", "provider", "step ms", "time / eager", "peak MiB", "lowest-highest",
               "peak / eager", "worst / eager", "working MiB", "working / eager", "max rel diff vs eager"]
     lines = [[f"{r['N']} x {r['H']} x {r['V']}", r["dtype"], r["provider"], r["median_ms"], r["time_vs_eager"],
-              r["peak_mib"], f"{r['peak_min_mib']}-{r['peak_max_mib']}", r["peak_vs_eager"], r["worst_vs_eager"],
-              r["working_mib"], r["working_vs_eager"], r["max_rel_diff_vs_eager"]]
+              r["peak_mib"], f"{r['peak_min_mib']}-{r['peak_max_mib']}", r["peak_vs_eager"] or "-",
+              r["worst_vs_eager"] or "-", r["working_mib"], r["working_vs_eager"], r["max_rel_diff_vs_eager"]]
              for r in rows]
     note = (f"Peak: one training step's memory above the inputs and parameters, in {rows[0]['peak_runs']} fresh "
             "processes per provider (CPU: resident-set high-water mark; CUDA: max_memory_allocated): their median, "
@@ -225,7 +178,7 @@ def report(rows: Sequence[dict], markdown: bool = False) -> str:
     return heading(rows[0], markdown) + "\n\n" + format_table(header, lines, markdown) + "\n\n" + note + "\n"
 
 
-if __name__ == "__main__":  # the memory child of _peak_in_child
-    provider, n, h, v, device, dtype_name, threads = json.loads(sys.argv[1])
-    torch.set_num_threads(threads)
-    print(peak_step_mib(provider, n, h, v, device, dtype_name))
+if __name__ == "__main__":  # a memory child of peak.in_children
+    provider, n, h, v, device, dtype_name = peak.child_args()
+    x, w, t = inputs(n, h, v, device, DTYPES[dtype_name])
+    print(peak.step_peak_mib(step_of(provider, x, w, t), device))
