@@ -7,6 +7,7 @@ torch.func, torch.compile, the module."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -411,6 +412,39 @@ def test_compile_gives_the_same_loss_and_gradients():
     want = reference(x, head.weight, t, label_smoothing=0.1)
     assert_rel_close(got, want, torch.float32)
     for a, b in zip(torch.autograd.grad(got, [x, head.weight]), torch.autograd.grad(want, [x, head.weight])):
+        assert_rel_close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_runs_the_chunks_as_one_op(reduction):
+    """The compiler gets the chunk loop as one custom op, not its ops (whose functional
+    form kept two grad_W's), in the forward and in the recomputing backward; a step
+    gives eager's loss and gradients (float64 reference)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(graph, _):
+        graphs.append({str(n.target) for n in graph.graph.nodes if n.op == "call_function"})
+        return make_boxed_func(graph.forward)
+
+    torch._dynamo.reset()
+    x64, w64 = torch.randn(30, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    t = _targets((30,), 40)
+    x, w = (v.float().requires_grad_() for v in (x64, w64))
+    fn = torch.compile(functools.partial(mg.linear_cross_entropy, reduction=reduction, chunk_size=8),
+                       backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    got = fn(x, w, t)
+    grads = torch.autograd.grad(got.sum(), [x, w])
+    op, products = "torch_matgrad.linear_cross_entropy_chunks.default", {"aten.mm.default", "aten.addmm.default"}
+    forward, backward = graphs
+    assert op in forward and not forward & products
+    assert (op in backward) == (reduction == "none") and not backward & products  # mean: scaled, not recomputed
+    leaves = [v.requires_grad_() for v in (x64, w64)]
+    want = reference(*leaves, t, reduction=reduction)
+    assert_rel_close(got, want, torch.float32)
+    for a, b in zip(grads, torch.autograd.grad(want.sum(), leaves)):
         assert_rel_close(a, b, torch.float32)
 
 

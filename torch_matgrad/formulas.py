@@ -585,12 +585,10 @@ def chunk_buffers(z: Tensor, options: CrossEntropyOptions) -> Tuple[Optional[Ten
     return s_buf, e_buf
 
 
-def _buffers_reusable() -> bool:
-    """Whether the chunks may write into buffers reused from chunk to chunk: nothing
-    differentiates or batches their ops (grad mode off, no ``torch.func`` transform, no
-    forward AD), nor traces them (``torch.compile`` plans its own buffers)."""
-    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                or _fw_ad._current_level >= 0 or torch.compiler.is_compiling())
+def chunks_undifferentiated() -> bool:
+    """Whether nothing differentiates or batches the chunks' ops (grad mode off, no
+    ``torch.func`` transform, no forward AD): they may then write into buffers."""
+    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or _fw_ad._current_level >= 0)
 
 
 def kept_rows(target: Tensor, options: CrossEntropyOptions) -> Tensor:
@@ -648,8 +646,8 @@ def linear_cross_entropy(
     so never under grad mode). With torch ops a single chunk runs only out-of-place ops:
     differentiable, as double backward needs.
 
-    Where nothing differentiates, batches or traces the chunks, torch products write
-    each chunk's logits into one buffer and ``grad_x``'s rows into ``grad_x`` itself,
+    Where nothing differentiates, batches (:func:`chunks_undifferentiated`) or traces
+    (``torch.compile``) the chunks, torch products write each chunk's logits into one buffer and ``grad_x``'s rows into ``grad_x`` itself,
     and torch ops work in :func:`chunk_buffers`: the working memory is the same whatever
     the allocator does with freed blocks.
     """
@@ -660,7 +658,7 @@ def linear_cross_entropy(
     step = chunk_rows(rows, vocab, options.chunk_rows, x.device.type, itemsize)
     need_x, need_w, need_b = needs if row_weight is not None else (False, False, False)
     logits = grad_x = None
-    if linear is None and _buffers_reusable():
+    if linear is None and chunks_undifferentiated() and not torch.compiler.is_compiling():
         logits = x.new_empty(step, vocab)
         grad_x = x.new_empty(x.shape) if need_x else None
         if elementwise is None:
@@ -721,25 +719,25 @@ def linear_cross_entropy_backward(
     target: Tensor,
     options: CrossEntropyOptions,
     needs: Tuple[bool, bool, bool],
-    linear=None,
-    elementwise=None,
+    chunks=None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(grad_x, grad_W, grad_b)`` of the reduced loss, ``grad_loss`` being its upstream
     gradient (0-dim for ``"mean"`` and ``"sum"``, ``(rows,)`` for ``"none"``).
 
     ``stored``: the gradients the forward computed for the reduced loss, handed over:
     the loss's gradient is linear in its upstream gradient, so they are scaled by
-    ``grad_loss`` in place and returned (no copy of ``grad_W``). Without them (``"none"``, whose upstream gradient differs per row), or when the
-    backward must itself be differentiable (grad mode on: double backward), the chunks are
-    recomputed with the row weights ``w_i = grad_loss_i`` (``"none"``) or
-    ``grad_loss * reduction_weight`` (item 12), in one chunk under grad mode; ``linear``
-    and ``elementwise`` as :func:`linear_cross_entropy`'s."""
+    ``grad_loss`` in place and returned (no copy of ``grad_W``). Without them
+    (``"none"``, whose upstream gradient differs per row), or when the backward must
+    itself be differentiable (grad mode on: double backward), the chunks are recomputed
+    with the row weights ``w_i = grad_loss_i`` (``"none"``) or ``grad_loss *
+    reduction_weight`` (item 12), in one chunk under grad mode, by ``chunks``:
+    :func:`linear_cross_entropy` or a function with its arguments (the dispatcher's)."""
     if stored is not None and not torch.is_grad_enabled():
         return tuple(None if g is None else g.mul_(grad_loss) for g in stored)
     row_weight = backward_row_weight(grad_loss, target, options, torch.promote_types(x.dtype, torch.float32))
     if torch.is_grad_enabled():
         options = options._replace(chunk_rows=max(x.shape[0], 1))
-    return linear_cross_entropy(x, weight, bias, target, options, row_weight, needs, linear, elementwise)[1:]
+    return (chunks or linear_cross_entropy)(x, weight, bias, target, options, row_weight, needs)[1:]
 
 
 # --------------------------------------------------------------- low-rank update (LoRA)
