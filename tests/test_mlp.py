@@ -157,8 +157,9 @@ def test_first_order_backward_with_retain_graph_and_direct_gradients(gated, acti
         assert torch.equal(a, b)
         assert_rel_close(a, e, torch.float64)
     names = ("up_w", "up_b", "gate_w", "gate_b", "down_w", "down_b")
-    args = (x.detach(), *(p.get(n) for n in names), activation, "torch")
-    out, u, gate = MLPFunction.apply(*args)
+    args = (x.detach(), *(p.get(n) for n in names), *(None,) * 9, None, activation, "torch")  # no adapters
+    out, u, gate, *ts = MLPFunction.apply(*args)
+    assert ts == [None, None, None]
     loss = out.square().sum() + u.sin().sum() + (0 if gate is None else gate.cos().sum())
     got = torch.autograd.grad(loss, list(p.values()))
 

@@ -151,22 +151,30 @@ def test_dynamic_shapes_with_inductor_under_autocast():
         _assert_all_close(got, want, torch.bfloat16, f"{rows} rows")
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_opcheck(gated):
+@pytest.mark.parametrize("gated,lora", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "gated", "gated-lora"])
+def test_opcheck(gated, lora):
     """The ops' schemas, fake implementations and autograd registration agree with
-    what they compute (torch.library.opcheck)."""
+    what they compute (torch.library.opcheck), adapters with dropout included."""
     from torch_matgrad.mlp import _mlp_backward_op, _mlp_op
 
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     x, up_w, up_b, down_w = t(7, 8), t(16, 8), t(16), t(5, 16)
-    gate_w, gate_b = (t(16, 8), None) if gated else (None, None)
-    torch.library.opcheck(_mlp_op, (x, up_w, up_b, gate_w, gate_b, down_w, None, "gelu", "torch"))
+    gate_w = t(16, 8) if gated else None
+    adapted, config = [None] * 9, []
+    if lora:  # up: rank 3, dropout; gate: none; down: rank 2
+        adapted = [t(3, 8), t(16, 3), torch.rand(7, 8) > 0.3, None, None, None, t(2, 16), t(5, 2), None]
+        config = [0.5, 1 / 0.7, 0.0, 1.0, 2.0, 1.0]
+    args = (x, up_w, up_b, gate_w, None, down_w, None, *adapted, config, "gelu", "torch")
+    torch.library.opcheck(_mlp_op, args)
     with torch.no_grad():
-        _, u, g = _mlp_op(x, up_w, up_b, gate_w, gate_b, down_w, None, "gelu", "torch")
-    needs = [True, True, True, gated, gated, True, False]
-    args = (torch.randn(7, 5, dtype=torch.float64), None, None, x.detach(), up_w.detach(),
-            None if gate_w is None else gate_w.detach(), down_w.detach(), u, g if gated else None, "gelu", needs,
-            "torch")
-    torch.library.opcheck(_mlp_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+        out, u, g, *ts = _mlp_op(*args)
+    plain = lambda v: None if v is None or v.numel() == 0 else v.detach()  # noqa: E731
+    saved = [x.detach(), up_w.detach(), plain(gate_w), down_w.detach(), u, plain(g), *map(plain, ts),
+             *map(plain, adapted)]
+    needs = [True, True, True, gated, False, True, False, lora, lora, False, False, lora, lora]
+    grad_args = (torch.randn(7, 5, dtype=torch.float64), None, None, None, None, None, saved, config, "gelu", needs,
+                 "torch")
+    torch.library.opcheck(_mlp_backward_op, grad_args, test_utils=("test_schema", "test_faketensor"))

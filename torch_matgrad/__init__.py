@@ -11,7 +11,7 @@ from .cross_entropy import LinearCrossEntropy, LinearCrossEntropyFunction, linea
 from .dispatch import use_backend
 from .formulas import ACTIVATIONS
 from .function import LinearFunction, linear
-from .lora import lora_linear
+from .lora import LoRA, lora_linear
 from .mlp import FusedMLP, MLPFunction, mlp
 from .modules import Linear, LinearAct
 from .surgery import (
@@ -37,6 +37,7 @@ __all__ = [
     "LinearCrossEntropy",
     "LinearCrossEntropyFunction",
     "LinearFunction",
+    "LoRA",
     "MLPFunction",
     "dispatch",
     "formulas",

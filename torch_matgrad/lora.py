@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as _fw_ad
@@ -81,27 +81,67 @@ class LoRAFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+class LoRA(NamedTuple):
+    """A LoRA adapter on one projection, as :func:`torch_matgrad.mlp` takes it (PEFT's
+    ``lora_A[name].weight``, ``lora_B[name].weight``, ``scaling[name]``): ``A``
+    ``(r, in_features)``, ``B`` ``(out_features, r)``, ``scaling`` ``s`` (``lora_alpha /
+    r``), and ``dropout``, the probability applied to the projection's input on its way
+    into the update (pass 0 outside training)."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+    dropout: float = 0.0
+
+
+def check_adapter(lora_A, lora_B, scaling, dropout, in_features: int, weight: Tensor, device, op: str,
+                  names=("lora_A", "lora_B")) -> None:
+    """The errors an adapter can cause beside a ``weight`` ``(out, in_features)`` on
+    ``device``, named as ``names`` (dtypes: the op's one-dtype check)."""
+    for name, t in zip(names, (lora_A, lora_B)):
+        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating torch.Tensor, got "
+                            + (_describe(t) if isinstance(t, Tensor) else type(t).__name__))
+        if t.device != device:
+            raise RuntimeError(f"{op}: expected all tensors on one device, got input on {device}, {name} on "
+                               f"{t.device}; move them to one device with .to(device)")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"{op}: {names[0]} must be 2-D (r, {in_features}) to read the projection's "
+                         f"{in_features} input features, got {_describe(lora_A)}")
+    want = (weight.shape[0], lora_A.shape[0])
+    if tuple(lora_B.shape) != want:
+        raise ValueError(
+            f"{op}: {names[1]} must have shape (out_features, r) = {want}, out_features from weight of shape "
+            f"{tuple(weight.shape)} and the rank r from {names[0]} of shape {tuple(lora_A.shape)}; got "
+            f"{_describe(lora_B)}"
+        )
+    if not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{op}: scaling must be a Python number (PEFT's lora_alpha / r), got {type(scaling).__name__}")
+    if not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+        raise ValueError(f"{op}: dropout is a probability, between 0 and 1; got {dropout!r}")
+
+
+def dropout_mask(v: Tensor, p: float) -> Optional[Tensor]:
+    """The dropout's mask for ``v``, kept one byte per element, drawn as ``F.dropout``
+    draws its own (``empty_like`` keeps ``v``'s strides: a view draws in memory order, as
+    F.dropout does); None at p = 0 and p = 1, which draw nothing. Regenerating it from
+    a saved RNG state would save that byte but draw again in the backward, between
+    ``get_rng_state`` and ``set_rng_state``, which torch.compile does not trace (torch
+    2.13: "marked as skipped", no fullgraph)."""
+    return torch.empty_like(v, dtype=torch.bool).bernoulli_(1 - p) if 0 < p < 1 else None
+
+
+def dropout_scale(p: float) -> float:
+    """``c = 1 / (1 - p)``, inverted dropout's scale of what it keeps; 0 at p = 1."""
+    return 1 / (1 - p) if p < 1 else 0.0
+
+
 def _check_lora(x, weight, bias, lora_A, lora_B, scaling, dropout, activation) -> Optional[str]:
     """Every error a user can cause, named by argument, before anything is computed;
     returns the activation as the op spells it."""
     activation = _check(x, weight, bias, activation, op=_OP)
     _check(x, lora_A, None, None, op=_OP, names=("input", "lora_A", "bias"))  # (r, in_features)
-    if not isinstance(lora_B, Tensor) or lora_B.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{_OP}: lora_B must be a floating torch.Tensor, got "
-                        + (_describe(lora_B) if isinstance(lora_B, Tensor) else type(lora_B).__name__))
-    want = (weight.shape[0], lora_A.shape[0])
-    if tuple(lora_B.shape) != want:
-        raise ValueError(
-            f"{_OP}: lora_B must have shape (out_features, r) = {want}, out_features from weight of shape "
-            f"{tuple(weight.shape)} and the rank r from lora_A of shape {tuple(lora_A.shape)}; got {_describe(lora_B)}"
-        )
-    if lora_B.device != x.device:
-        raise RuntimeError(f"{_OP}: expected all tensors on one device, got input on {x.device}, lora_B on "
-                           f"{lora_B.device}; move them to one device with .to(device)")
-    if not isinstance(scaling, numbers.Real):
-        raise TypeError(f"{_OP}: scaling must be a Python number (PEFT's lora_alpha / r), got {type(scaling).__name__}")
-    if not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
-        raise ValueError(f"{_OP}: dropout is a probability, between 0 and 1; got {dropout!r}")
+    check_adapter(lora_A, lora_B, scaling, dropout, x.shape[-1], weight, x.device, _OP)
     return activation
 
 
@@ -155,13 +195,7 @@ def lora_linear(
 
 def _apply(x, weight, bias, lora_A, lora_B, scaling, p, activation) -> Tensor:
     _check_one_dtype(zip(_NAMES, (x, weight, bias, lora_A, lora_B)), op=_OP)
-    # The mask is kept, one byte per element, drawn as F.dropout draws its own (empty_like
-    # keeps x's strides: a view draws in memory order, as F.dropout does). Regenerating it
-    # from a saved RNG state would save that byte but draw again in the backward, between
-    # get_rng_state and set_rng_state, which torch.compile does not trace (torch 2.13:
-    # "marked as skipped", no fullgraph). p = 0 and p = 1 draw nothing, as F.dropout.
-    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if 0 < p < 1 else None
-    dropout_scale = 1 / (1 - p) if p < 1 else 0.0
+    mask, scale = dropout_mask(x, p), dropout_scale(p)
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     if mask is not None and x.dim() != 2:
         mask = mask.reshape(x2.shape)
@@ -174,11 +208,11 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, activation) -> Tensor:
         # autograd differentiates them: a trace cannot hold a Python Function, and the
         # Triton kernels would drop the tangents.
         backend = "torch" if plain else dispatch.chosen_backend(x2, *params)
-        out = formulas.lora_forward(x2, *params, mask, scaling, dropout_scale, activation,
+        out = formulas.lora_forward(x2, *params, mask, scaling, scale, activation,
                                     functools.partial(dispatch.forward, backend=backend))[0]
     else:
         function = LoRAFunction.apply if compiling else _eager_lora
-        out = function(x2, *params, mask, scaling, dropout_scale, activation, dispatch.chosen_backend(x2, *params))[0]
+        out = function(x2, *params, mask, scaling, scale, activation, dispatch.chosen_backend(x2, *params))[0]
     return out.view(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
 
