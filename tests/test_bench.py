@@ -434,18 +434,29 @@ def test_allocation_trace_of_the_eager_blocks_step_is_computable_by_hand():
     assert ops == 22  # forward 5 (t, addmm, gelu, t, addmm), backward 17
 
 
+@pytest.mark.slow  # 18 fresh processes
 def test_lm_head_mode_times_and_measures_peak_memory(tmp_path, monkeypatch):
     from torch_matgrad.bench import lm_head, peak
 
     n, h, v = 64, 256, 1000
     monkeypatch.setitem(lm_head.SHAPES, "cpu", [(n, h, v)])
+    monkeypatch.setitem(lm_head.MODEL_SHAPES, "cpu", [(2, 8, 32, 1, v)])
     monkeypatch.setitem(peak.RUNS, "cpu", 3)
     rc = main(["bench", "--lm-head", "--device", "cpu", "--providers", "torch_matgrad", "--rep-ms", "5",
                "--out", str(tmp_path)])  # compiling would take minutes on a CPU; eager always runs
     assert rc == 0
-    columns, rows = _read_csv(tmp_path / "lm_head.csv")
+    columns, all_rows = _read_csv(tmp_path / "lm_head.csv")
     assert tuple(columns) == lm_head.COLUMNS
+    rows, model = all_rows[:3], all_rows[3:]
     assert [r["provider"] for r in rows] == ["eager", "torch_matgrad", "matgrad_recompute"]
+    # The model's rows: without the compiled providers, the model as it comes and fused,
+    # the same loss and gradients, 16 tokens, no working columns.
+    assert [r["provider"] for r in model] == ["llama", "llama_fused"]
+    for r in model:
+        assert (r["N"], r["H"], r["V"]) == ("16", "32", str(v)) and r["working_mib"] == r["working_vs_eager"] == ""
+        assert float(r["peak_min_mib"]) <= float(r["peak_mib"]) <= float(r["peak_max_mib"])
+        assert float(r["max_rel_diff_vs_eager"]) <= 1e-5 and float(r["median_ms"]) > 0
+    assert model[0]["time_vs_eager"] == "1.000" and model[0]["peak_vs_eager"] in ("1.000", "")
     grads_mib = (n * h + v * h) * 4 / 2**20  # grad_x and grad_W in fp32: 1.04 MiB, which working leaves out
     eager_working = float(rows[0]["working_mib"])
     assert eager_working > 0.3  # eager holds its logits, their fp32 copy and G_z besides the gradients
