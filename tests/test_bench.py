@@ -386,7 +386,7 @@ def test_mlp_mode_times_and_counts_saved_bytes(tmp_path, monkeypatch, capsys):
             # x and the pre-activation(s) against eager's x, z and h (gated: x, g, act(g), u, h)
             per_token = {"plain_gelu": (16 + 40, 16 + 2 * 40), "gated_silu": (16 + 2 * 40, 16 + 4 * 40)}[r["kind"]]
             assert float(r["saved_vs_eager"]) == pytest.approx(per_token[0] / per_token[1], abs=1e-3)
-    assert "| 33 x 16 x 40 | 2 | fp32 | gated_silu | torch_matgrad |" in (tmp_path / "mlp.md").read_text()
+    assert "| 33 x 16 x 40 | 2 | 0 | fp32 | gated_silu | torch_matgrad |" in (tmp_path / "mlp.md").read_text()
 
 
 def test_peak_spread_is_median_lowest_highest_and_worst_against_the_baselines_lowest():

@@ -58,9 +58,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(--mode full), into host.csv and host.md; best with --threads 1 --clock cpu on a CPU")
     parser.add_argument("--mlp", action="store_true",
                         help="MLP blocks: torch_matgrad.FusedMLP against the eager block and torch.compile of "
-                        "both, plain GELU and gated SiLU, a training step's time and the bytes saved for backward "
-                        "(CUDA: also peak memory), into mlp.csv and mlp.md; --dtype picks one dtype, --providers "
-                        "narrows eager,torch_matgrad,compile (compile also compiles the fused block)")
+                        "both, plain GELU and gated SiLU, a training step's time, the bytes saved for backward and "
+                        "the peak memory (a CPU: each provider in fresh processes), into mlp.csv and mlp.md; --dtype "
+                        "picks one dtype, --providers narrows eager,torch_matgrad,compile (compile also compiles "
+                        "the fused block)")
+    parser.add_argument("--lora", action="store_true",
+                        help="LoRA blocks: fuse_mlps on Llama MLP blocks with PEFT's LoRA on gate, up and down "
+                        "against PEFT's layers, and torch.compile of both, the same columns as --mlp, into lora.csv "
+                        "and lora.md (needs peft and transformers)")
     parser.add_argument("--lm-head", action="store_true",
                         help="LM head and loss: torch_matgrad.linear_cross_entropy against F.linear + "
                         "F.cross_entropy and torch.compile of it, a training step's time and peak memory (each "
@@ -118,7 +123,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.host:
         return run_host(args, device, env, out)
-    if args.mlp:
+    if args.mlp or args.lora:
         return run_mlp(args, device, env, out, timer)
     if args.lm_head:
         return run_lm_head(args, device, env, out, timer)
@@ -210,9 +215,10 @@ def run_host(args, device: str, env: dict, out: Path) -> int:
 
 
 def run_mlp(args, device: str, env: dict, out: Path, timer) -> int:
-    """``--mlp``: see :mod:`torch_matgrad.bench.blocks`."""
+    """``--mlp`` and ``--lora``: see :mod:`torch_matgrad.bench.blocks`."""
     dtype_name = (args.dtype or ["bf16" if device == "cuda" else "fp32"])[0]
-    print(f"bench --mlp: {len(blocks.SHAPES[device])} shapes on {env['device_name']}; writing {out}/", file=sys.stderr)
+    mode, shapes = ("--lora", blocks.LORA_SHAPES) if args.lora else ("--mlp", blocks.SHAPES)
+    print(f"bench {mode}: {len(shapes[device])} shapes on {env['device_name']}; writing {out}/", file=sys.stderr)
     # --providers narrows the blocks' providers (eager, torch_matgrad, matgrad_triton,
     # compile): compiling takes tens of seconds per case, more than a short GPU run can
     # spend. The Triton kernels run CPU tensors only under the interpreter: asked for there only.
@@ -221,9 +227,9 @@ def run_mlp(args, device: str, env: dict, out: Path, timer) -> int:
     providers = [p for p in blocks.PROVIDERS if p in wanted or (p == "compile_matgrad" and "compile" in wanted)]
     if "eager" not in providers:
         providers.insert(0, "eager")  # the baseline of every ratio
-    rows = blocks.run(device, env, out, dtype_name, DTYPES[dtype_name], providers, timer)
+    rows = blocks.run(device, env, out, dtype_name, DTYPES[dtype_name], providers, timer, lora=args.lora)
     print(blocks.report(rows))
-    print(f"bench --mlp: results in {out}/", file=sys.stderr)
+    print(f"bench {mode}: results in {out}/", file=sys.stderr)
     return 0
 
 
