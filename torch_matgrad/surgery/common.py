@@ -1,6 +1,7 @@
 """What every surgery family shares: selecting modules by name patterns, telling
-whether a module is safe to replace, the warning for one left alone, and the map between
-activation modules and the op's activation names. It imports no other surgery module."""
+whether a module is safe to replace or one an op can read, the warning for one left
+alone, and the map between activation modules and the op's activation names. It imports
+no other surgery module but :mod:`.conv1d`, which imports none."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import warnings
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
 from torch import nn
+
+from ..modules import Linear
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -51,7 +54,6 @@ def hooked(module: nn.Module) -> bool:
     return any(getattr(module, table, None) for table in _HOOK_TABLES) or patched(module)
 
 
-
 def conv1d_pair():
     """``(transformers' Conv1D, torch_matgrad's Conv1D)``, or None while transformers is
     not loaded (no model can hold a Conv1D then: the class lives there)."""
@@ -60,6 +62,21 @@ def conv1d_pair():
     from .conv1d import Conv1D, HFConv1D
 
     return HFConv1D, Conv1D
+
+
+def projection(module: nn.Module) -> bool:
+    """A layer whose product ``x W^T + b`` an op may compute from its ``weight`` and
+    ``bias`` alone: nn.Linear and the layers :func:`replace_linear` puts in its place,
+    transformers' ``Conv1D`` and its swap."""
+    exact = (nn.Linear, Linear)
+    pair = conv1d_pair()
+    return type(module) in (exact + pair if pair else exact)
+
+
+def peft_loaded() -> bool:
+    """Whether PEFT's LoRA is imported; before it is, no model can hold its layers (the
+    families then import :mod:`.peft`, which imports PEFT)."""
+    return "peft.tuners.lora" in sys.modules
 
 
 def slots(model: nn.Module, types: tuple) -> Iterator[Tuple[nn.Module, str, str, nn.Module]]:
@@ -108,14 +125,17 @@ def warn_left(function: str, name: str, attr: str, reason: str, stacklevel: int 
     )
 
 
-def candidates(model: nn.Module, types: tuple, function: str, include: list, exclude: list, skip: tuple = ()):
+def candidates(model: nn.Module, types: tuple, function: str, include: list, exclude: list, skip: tuple = (),
+               leave: frozenset = frozenset()):
     """``(parent, attribute, qualified name, module)`` for every registration of a module
-    of ``types`` that the patterns select and that is not of ``skip``, once it is known
-    safe to swap (:func:`why_not`, one warning per module otherwise). A module already
-    accepted under another name is accepted again, so that it stays shared."""
+    of ``types`` that the patterns select, that is not of ``skip`` and whose id is not in
+    ``leave``, once it is known safe to swap (:func:`why_not`, one warning per module
+    otherwise). A module already accepted under another name is accepted again, so that
+    it stays shared."""
     accepted, refused = set(), set()
     for parent, attr, name, module in list(slots(model, types)):
-        if isinstance(module, skip) or (include and not matches(name, include)) or matches(name, exclude):
+        if (isinstance(module, skip) or id(module) in leave or (include and not matches(name, include))
+                or matches(name, exclude)):
             continue
         if id(module) not in accepted:
             reason = why_not(parent, module, types)

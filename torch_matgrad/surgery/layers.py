@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..modules import Linear, LinearAct
-from .common import Patterns, activation_module, activation_of, as_list, candidates, conv1d_pair, hooked
+from .common import Patterns, activation_module, activation_of, as_list, candidates, conv1d_pair, hooked, peft_loaded
 
 
 def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patterns = None) -> int:
@@ -62,13 +62,22 @@ def replace_linear(model: nn.Module, *, include: Patterns = None, exclude: Patte
         ``model``. A layer registered under several names is swapped once and stays
         shared. Layers that cannot be swapped safely are left alone with a warning (see
         the module docstring). Layers that are already ``torch_matgrad.Linear`` are
-        skipped silently. :func:`restore_linear` undoes the swap.
+        skipped silently, and so are the adapters' own layers inside PEFT's tuner layers
+        (``lora_A``, ``lora_B``), which the adapted layer calls on its own: its base
+        layer is swapped, as on a model without adapters (PEFT chose the LoRA layer's
+        class from the base layer's when it injected the adapter, and only calls the
+        base layer since). :func:`restore_linear` undoes the swap.
     """
     include, exclude = as_list(include), as_list(exclude)
     conv1d = conv1d_pair()
     stock, ours = ((nn.Linear,), (Linear,)) if conv1d is None else ((nn.Linear, conv1d[0]), (Linear, conv1d[1]))
+    leave = frozenset()
+    if peft_loaded():
+        from .peft import adapter_modules
+
+        leave = adapter_modules(model)
     swapped: Dict[int, nn.Module] = {}
-    for parent, attr, _, module in candidates(model, stock, "replace_linear", include, exclude, skip=ours):
+    for parent, attr, _, module in candidates(model, stock, "replace_linear", include, exclude, skip=ours, leave=leave):
         if id(module) not in swapped:
             swapped[id(module)] = Linear.from_linear(module) if type(module) is nn.Linear else conv1d[1].from_conv1d(module)
         setattr(parent, attr, swapped[id(module)])

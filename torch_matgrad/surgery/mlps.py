@@ -11,7 +11,8 @@ from torch import nn
 
 from ..mlp import FusedMLP
 from ..modules import Linear, LinearAct
-from .common import Patterns, activation_module, activation_of, as_list, conv1d_pair, hooked, matches, warn_left
+from .common import (Patterns, activation_module, activation_of, as_list, hooked, matches, peft_loaded, projection,
+                     warn_left)
 
 # transformers' MLP classes whose forward this module reproduces exactly, each checked
 # by tests/test_mlp.py against the original: (module path, class, names of the
@@ -59,18 +60,13 @@ def _mlp_activation(module: nn.Module) -> Tuple[bool, Optional[str]]:
     return False, None
 
 
-def _projection(module: nn.Module) -> bool:
-    """A layer the block may read ``weight``/``bias`` from: nn.Linear and the layers
-    :func:`replace_linear` puts in its place, transformers' ``Conv1D`` and its swap."""
-    exact = (nn.Linear, Linear)
-    pair = conv1d_pair()
-    return type(module) in (exact + pair if pair else exact)
-
-
 def _mlp_plan(module: nn.Module):
-    """How to fuse ``module``: the keyword arguments of ``FusedMLP.from_layers``, a
+    """How to fuse ``module``: ``(class, keyword arguments of its from_layers)``, a
     reason (str) why a recognised block cannot be fused exactly, or None when it is not
-    a block this function knows."""
+    a block this function knows. Blocks with PEFT layers get :mod:`.peft`'s class."""
+    peft = None
+    if peft_loaded():
+        from . import peft
     spec = _hf_mlp_spec(module)
     if spec is not None:
         roles, act_name, dropout_name = spec
@@ -81,7 +77,8 @@ def _mlp_plan(module: nn.Module):
     elif type(module) is nn.Sequential:
         items = list(module._modules.items())
         core = [(n, m) for n, m in items if type(m) is not nn.Dropout]
-        if len(core) != 3 or not all(type(m) in (nn.Linear, Linear, LinearAct) for _, m in (core[0], core[2])):
+        if len(core) != 3 or not all(type(m) in (nn.Linear, Linear, LinearAct) or (peft and peft.tuner_layer(m))
+                                     for _, m in (core[0], core[2])):
             return None
         (up_name, up), (act_name, act_module), (down_name, down) = core
         if type(down) is LinearAct:
@@ -98,15 +95,29 @@ def _mlp_plan(module: nn.Module):
         roles = {"up": up_name, "down": down_name}
         keep = {n: m for n, m in items if n not in (up_name, down_name)}
         dropout = None
+    elif type(module) is FusedMLP and peft and any(peft.tuner_layer(m) for m in module._modules.values()):
+        # Fused before PEFT wrapped its projections (get_peft_model, PeftModel.from_pretrained):
+        # a FusedMLP reads their base weights alone. The same block, with PEFT's reader.
+        order = list(module._modules)
+        roles = dict(sorted(module._roles.items(), key=lambda item: order.index(item[1])))  # its state_dict order
+        layers = {role: module._modules[attr] for role, attr in roles.items()}
+        act_module = nn.Identity() if module.activation is None else activation_module(module.activation)
+        dropout, dropout_name = module.dropout, "dropout"
+        keep = {n: m for n, m in module._modules.items() if n not in roles.values() and m is not dropout}
     else:
         return None
     known, activation = _mlp_activation(act_module)
     if not known:
         return f"its activation {type(act_module).__qualname__} has no exact equivalent among the op's"
+    tuned = False
     for role, layer in layers.items():
         if type(layer) is LinearAct:
             continue
-        if not _projection(layer):
+        if peft and peft.tuner_layer(layer):
+            reason, tuned = peft.lora_refusal(layer), True
+            if reason is not None:
+                return f"its {roles[role]} {reason}"
+        elif not projection(layer):
             return f"its {roles[role]} is a {type(layer).__qualname__}, not a projection the op reads"
         if hooked(layer):
             return f"its {roles[role]} has module hooks or a patched forward, which the fused op would skip"
@@ -114,8 +125,9 @@ def _mlp_plan(module: nn.Module):
         return "it has module hooks or a patched forward, which the fused op would skip"
     if dropout is not None and not (type(dropout) is nn.Dropout):
         return f"its {dropout_name} is a {type(dropout).__qualname__}"
-    return dict(up=layers["up"], down=layers["down"], gate=layers.get("gate"), activation=activation,
-                names=roles, keep=keep, dropout=dropout)
+    return (peft.LoRAFusedMLP if tuned else FusedMLP), dict(
+        up=layers["up"], down=layers["down"], gate=layers.get("gate"), activation=activation, names=roles, keep=keep,
+        dropout=dropout)
 
 
 def fuse_mlps(model: nn.Module, *, include: Patterns = None, exclude: Patterns = None) -> int:
@@ -131,21 +143,26 @@ def fuse_mlps(model: nn.Module, *, include: Patterns = None, exclude: Patterns =
     - transformers' ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``GemmaMLP`` (gated),
       ``PhiMLP`` and ``GPT2MLP`` (``Conv1D`` weights read through a transpose), with the
       configured activation mapped exactly (``silu``, ``gelu``, ``gelu_pytorch_tanh``,
-      ``gelu_new``).
+      ``gelu_new``);
+    - any of these whose projections are PEFT's LoRA layers (``lora.Linear``, unmerged,
+      one active adapter, no DoRA or ``lora_bias``; :mod:`torch_matgrad.surgery.peft`):
+      the block reads each at every call as its forward would compute it, so PEFT's own
+      features keep working (docs/lora.md); also a ``FusedMLP`` whose projections PEFT
+      adapted after fusing (``PeftModel.from_pretrained`` on a fused model).
 
     It works whether or not :func:`replace_linear` ran first. The new block keeps the
     old one's projection layers under their names, so the Parameter objects and the
     ``state_dict`` keys do not change; ``include`` and ``exclude`` are the patterns of
     :func:`replace_linear`, matched against the block's name. A recognised block that
     the op cannot reproduce exactly (another activation, hooks, a subclass, dropout
-    with p > 0 between the layers) is left alone with a warning naming it. The root
-    module itself is not replaced.
+    with p > 0 between the layers, a PEFT layer the op cannot read) is left alone with a
+    warning naming it and the reason. The root module itself is not replaced.
     """
     include, exclude = as_list(include), as_list(exclude)
     fused: Dict[int, nn.Module] = {}
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for attr, child in list(parent._modules.items()):
-            if child is None or isinstance(child, FusedMLP):
+            if child is None or (isinstance(child, FusedMLP) and type(child) is not FusedMLP):
                 continue
             name = f"{parent_name}.{attr}" if parent_name else attr
             if (include and not matches(name, include)) or matches(name, exclude):
@@ -157,7 +174,8 @@ def fuse_mlps(model: nn.Module, *, include: Patterns = None, exclude: Patterns =
                 if isinstance(plan, str):
                     warn_left("fuse_mlps", name, attr, plan)
                     continue
-                fused[id(child)] = FusedMLP.from_layers(**plan)
+                cls, layers = plan
+                fused[id(child)] = cls.from_layers(**layers)
             setattr(parent, attr, fused[id(child)])
     return len(fused)
 
