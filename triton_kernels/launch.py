@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -127,6 +128,7 @@ class CachedKernel:
         self.fn, self.tuner, self.meta = fn, tuner, meta
         self.constexpr_names = fn.arg_names[fn.arg_names.index(first_constexpr):]
         self.entries: dict = {}
+        self._first_launch = threading.Lock()
 
     @property
     def configs(self) -> Optional[list]:
@@ -139,8 +141,15 @@ class CachedKernel:
         has chosen) and the constexpr arguments ``constexprs``."""
         entry = self.entries.get(key)
         if entry is None:
-            self.entries[key] = self._first(grid, args, constexprs)
-            return
+            # One first launch at a time: the autotuner is shared and tells its choice only
+            # after the call (best_config, set before it compiles), so two first launches
+            # at once (the autograd engine's device thread beside another) could pair one
+            # configuration with the other's binary.
+            with self._first_launch:
+                entry = self.entries.get(key)
+                if entry is None:
+                    self.entries[key] = self._first(grid, args, constexprs)
+                    return
         meta = entry.meta
         if callable(args):
             args = args(meta)
