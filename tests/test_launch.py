@@ -125,3 +125,53 @@ def test_racing_first_launches_keep_their_own_configuration(stubbed):
     for binary, m in zip(tuner.binaries, xs):
         ((_, args),) = binary.launched
         assert args[0] == _grid(binary.config, m, 96), m
+
+
+# Every input of a launch with the dtype of its own (b, bias, and so on), not the first
+# operand's: fused_matmul's keywords giving it, each operand shaped for a (m, k) = (40, 32)
+# product with n = 24 columns.
+_INPUTS = {
+    "b": lambda t: dict(b=t((32, 24))),
+    "bias": lambda t: dict(bias=t((24,))),
+    "saved": lambda t: dict(grad_activation="gelu", saved=t((40, 32))),
+    "gate": lambda t: dict(hidden=True, gate=t((40, 32)), mlp_activation="silu"),
+    "b2": lambda t: dict(b2=t((32, 24))),
+    "bias2": lambda t: dict(b2=t((32, 24), torch.bfloat16), bias=t((24,), torch.bfloat16), bias2=t((24,))),
+    "grad_hidden's u": lambda t: dict(grad_hidden=(t((40, 24)), None), mlp_activation="silu"),
+    "grad_hidden's g": lambda t: dict(grad_hidden=(t((40, 24), torch.bfloat16), t((40, 24))), mlp_activation="silu"),
+}
+_TMA_INPUTS = ("b", "bias")
+
+
+@pytest.mark.parametrize(
+    "kernel, operand", [("pointer", name) for name in _INPUTS] + [("tma", name) for name in _TMA_INPUTS]
+)
+def test_each_input_dtype_is_its_own_kind_of_launch(stubbed, kernel, operand):
+    # The backend's launches skip fused_matmul's checks (check=False), and Triton compiles
+    # a binary per pointer type: a launch with one input in another dtype is another kind
+    # of launch, never a call of the one-dtype launch's binary.
+    if kernel == "tma" and not ops.TMA_AVAILABLE:
+        pytest.skip("no tensor descriptors in this Triton")
+    tuner = _Autotuner(configs.TMA_CONFIGS[2] if kernel == "tma" else configs.CONFIGS[5])
+    cached = stubbed(kernel, tuner)
+    a = torch.randn(40, 32, dtype=torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float16, torch.float16):
+
+        def tensor(shape, dtype_=dtype):
+            return torch.randn(*shape).to(dtype_)
+
+        kwargs = {"b": tensor((32, 24), torch.bfloat16), **_INPUTS[operand](tensor)}
+        with ops.gemm_kernel(kernel):
+            ops.fused_matmul(a, kwargs.pop("b"), **kwargs, check=False)
+    # Two kinds, each through the autotuner once; the repeat called the fp16 one's binary.
+    assert len(cached.entries) == 2 and len(tuner.binaries) == 2
+    assert [len(binary.launched) for binary in tuner.binaries] == [0, 1]
+
+
+def test_flags_key_is_the_flags_items():
+    # The cached hash is the plain tuple's: a key built from tuple(flags.items()) (as
+    # gemm_kernel_for's) finds what the launch's own key stored, and the other way round.
+    flags, key = ops._flags(torch.bfloat16, "ieee", None, True, True, True, "silu", True, False, False, False, False,
+                            False, None)
+    plain = tuple(flags.items())
+    assert key == plain and hash(key) == hash(plain) and {key: 1}[plain] == 1 and {plain: 1}[key] == 1

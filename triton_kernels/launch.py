@@ -13,7 +13,9 @@ arguments as in ``JITFunction.run``, Triton 3.6 to 3.9) with no pre-hook, no bin
 and no checks.
 
 A kind of launch (the cache key) is everything that selects the configuration or the
-binary: the device, the dtype, the constexpr flags (``ops.specialisation``) and, for
+binary: the device, the dtype of every input (Triton compiles a binary per pointer type,
+and ``check=False`` launches come unchecked; the outputs are the caller's, allocated in
+the first operand's), the constexpr flags (``ops.specialisation``) and, for
 the descriptor kernel, which operands are transposed and the grid's size; the shape
 buckets (the autotuner's key, with the flags and the dtype); and the class Triton
 specialises each runtime argument on: a pointer is absent (a constexpr None) or
@@ -247,7 +249,7 @@ def run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, flags_key, mlp) -> 
     (``ops.specialisation``). The arguments are checked by the caller."""
     m, k = a.shape
     n = 0 if b is None else b.shape[1]
-    e, e2, colsum = mlp.e, mlp.e2, mlp.colsum
+    b2, bias2, e, e2, colsum = mlp
     ptrs = (a, b, c, saved, bias, z, sums, *mlp)
     ints = (
         m, n, k,
@@ -258,8 +260,13 @@ def run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, flags_key, mlp) -> 
         0 if colsum is None else colsum.stride(0),
     )
     classes, buckets = classify(ints)
+    dtypes = (  # every input's, written out: 0.3-0.5 us a launch (2-core CPU), twice that as a loop
+        a.dtype, None if b is None else b.dtype, None if saved is None else saved.dtype,
+        None if bias is None else bias.dtype, None if b2 is None else b2.dtype, None if bias2 is None else bias2.dtype,
+        None if e is None else e.dtype, None if e2 is None else e2.dtype,
+    )
     key = (
-        a.device.index, a.dtype, flags_key, buckets, tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]),
+        a.device.index, dtypes, flags_key, buckets, tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]),
         classes,
     )
     halves = 2 if flags["DUAL"] else 1
@@ -311,7 +318,8 @@ def run_tma_kernel(plan, c, bias, z, sums, flags_key) -> None:
     ints = (m, n, k, 0 if bias is None else bias.stride(0), 0 if sums is None else sums.stride(0))
     classes, buckets = classify(ints)
     key = (
-        c.device.index, c.dtype, flags_key, a_t, b_t, sms, buckets, z is None,
+        c.device.index, (a.dtype, b.dtype, None if bias is None else bias.dtype), flags_key, a_t, b_t, sms, buckets,
+        z is None,
         None if bias is None else bias.data_ptr() % 16 == 0, None if sums is None else sums.data_ptr() % 16 == 0,
         classes,
     )
