@@ -168,6 +168,62 @@ def test_each_input_dtype_is_its_own_kind_of_launch(stubbed, kernel, operand):
     assert [len(binary.launched) for binary in tuner.binaries] == [0, 1]
 
 
+class _OnDevice(torch.Tensor):
+    """A CPU tensor that says it lives on ``cuda:<INDEX>``, and so do its views."""
+
+    INDEX = 0
+
+    @property
+    def device(self):
+        return torch.device("cuda", self.INDEX)
+
+
+_ON = {i: type(f"_OnCuda{i}", (_OnDevice,), {"INDEX": i}) for i in (0, 1)}
+
+
+class _Switch:
+    """``torch.cuda.device`` on the stand-in current device."""
+
+    def __init__(self, device):
+        self.index = torch.device(device).index
+
+    def __enter__(self):
+        self.previous, _current["index"] = _current["index"], self.index
+
+    def __exit__(self, *exc):
+        _current["index"] = self.previous
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+def test_a_launch_calls_the_binary_of_its_tensors_device(monkeypatch, stubbed, kernel):
+    # cuda:0 current, launches on cuda:0's tensors and then on cuda:1's: each device's
+    # first launch goes through the autotuner with that device current (Triton loads the
+    # binary there), and every later launch calls the function of its tensors' device
+    # with that device current, never cuda:0's on cuda:1.
+    if kernel == "tma" and not ops.TMA_AVAILABLE:
+        pytest.skip("no tensor descriptors in this Triton")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: _current["index"])
+    monkeypatch.setattr(torch.cuda, "device", _Switch)
+    monkeypatch.setattr(ops, "_empty", lambda shape, dtype, device: torch.empty(shape, dtype=dtype).as_subclass(
+        _ON[device.index]))
+    monkeypatch.setattr(launch, "num_sms", lambda device: 4)
+    for i in _ON:
+        monkeypatch.setitem(ops._TMA_GPUS, i, True)
+    tuner = _Autotuner(configs.TMA_CONFIGS[2] if kernel == "tma" else configs.CONFIGS[5])
+    cached = stubbed(kernel, tuner)
+    for i, on in _ON.items():
+        x, w, b = (torch.randn(*s, dtype=torch.bfloat16).as_subclass(on) for s in ((100, 32), (48, 32), (48,)))
+        with ops.gemm_kernel(kernel):
+            for _ in range(2):
+                triton_backend.forward(x, w, b, None)
+        assert _current["index"] == 0
+    assert len(cached.entries) == 2
+    assert [binary.function for binary in tuner.binaries] == ["function on cuda:0", "function on cuda:1"]
+    for i, binary in enumerate(tuner.binaries):
+        ((current, args),) = binary.launched
+        assert (current, args[4]) == (i, f"function on cuda:{i}")
+
+
 def test_flags_key_is_the_flags_items():
     # The cached hash is the plain tuple's: a key built from tuple(flags.items()) (as
     # gemm_kernel_for's) finds what the launch's own key stored, and the other way round.
