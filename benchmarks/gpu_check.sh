@@ -36,7 +36,12 @@
 #                descriptor (TMA) kernel, both forced, benchmarks/kernel_choice.py), decode/
 #                (bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels),
 #                profile.log (the kernels of one training step, the layer at 4096^3 and the
-#                MLP blocks)
+#                MLP blocks), launch_ab/ (the direct launch told from the kernels: the Triton
+#                test files in one process each, without xdist, three times: direct.log as
+#                they run, jit.log with every launch through Triton's JITFunction.run, and
+#                shadow.log with every direct launch checked against the binary Triton would
+#                pick and rerun through it for bit-equal outputs, shadow.jsonl naming each
+#                mismatch; benchmarks/gpu_ab/README.md reads the three)
 #   (each bench folder: bench.csv, bench.md, tflops_<set>.png)
 #
 # Compilation is the cost to fit: a fresh machine has an empty Triton cache, and the
@@ -58,7 +63,9 @@
 # setup 30, ceilings 20, tests 240 (a fresh H200 ran past 150; warm, 113 s), host overhead
 # 60, host bench 30, MLP bench 45, training step 45 (these four took 77 s together on the
 # H200), LM head bench 150 (~100 predicted); on request warm-up 120, quick bench 90, compile
-# bench 120, kernel comparison 60, decode bench 45, profiles 60. The default stages are
+# bench 120, kernel comparison 60, decode bench 45, profiles 60, launch A/B 180 + 150 + 180
+# (unmeasured: ~1-2 min a run predicted on a cache the tests stage warmed; a call of its own,
+# after the tests stage of the same machine). The default stages are
 # those the open targets are judged by (correctness, host time, the MLP blocks, the LM head,
 # the training step): their limits add up to 10.5 min with the 10 s grace each, what they
 # are predicted to take ~6.5 min, one device call. The kernels-against-cuBLAS stages
@@ -80,7 +87,7 @@
 #   STAGES="tests quick-bench ..."  run only these stages (setup and ceilings always run):
 #                             tests warm-up quick-bench host-overhead host-bench mlp-bench
 #                             train-step compile-bench kernel-choice decode-bench profile
-#                             lm-head-bench;
+#                             lm-head-bench launch-ab;
 #                             "all" runs every one; the default is "tests host-overhead
 #                             host-bench mlp-bench train-step lm-head-bench"
 #   TORCH_MATGRAD_TRITON_CONFIGS=...  narrow the autotuning (warm-up and benchmarks)
@@ -273,6 +280,20 @@ if [ $rc -eq 5 ] && [ $GPU -eq 0 ]; then
     unset 'FAILED[-1]'
     echo "   (dry run: no cuda tests collected)"
 fi
+# The direct launch against Triton's own (on request): one process per run, so that a sticky
+# CUDA error (an illegal address) fails only the tests after it in that run, not a worker's
+# share of the whole suite; the same small configurations as the tests stage.
+if [ $GPU -eq 1 ] && wanted launch-ab; then
+    mkdir -p "$OUT/launch_ab"
+    AB=(env TORCH_MATGRAD_TRITON_CONFIGS=64x64x32_s4_w4,tma_64x128x64_s4_w4
+        PYTHONPATH="$ROOT/benchmarks/gpu_ab${PYTHONPATH:+:$PYTHONPATH}" SHADOW_LOG="$OUT/launch_ab/shadow.jsonl"
+        "$PY" -m pytest -v -rfE -p no:cacheprovider -p no:xdist)
+    AB_TESTS=(tests/test_triton_{mlp,path,gpu,tma}.py)  # from $ROOT: --deselect matches the node id as given
+    stage launch-ab 180 launch_ab/direct.log "${AB[@]}" "${AB_TESTS[@]}"
+    stage launch-ab 150 launch_ab/jit.log "${AB[@]}" -p force_jit_plugin "${AB_TESTS[@]}"
+    stage launch-ab 180 launch_ab/shadow.log "${AB[@]}" -p shadow_plugin "${AB_TESTS[@]}" \
+        --deselect tests/test_triton_gpu.py::test_direct_launch_is_tritons_binary
+fi
 # After the tests, not beside them: side by side on 16 cores, both timed out (2026-11-27).
 if [ $GPU -eq 1 ]; then
     WARM=$(mktemp -d)
@@ -322,6 +343,9 @@ fi
 echo
 for md in host/host.md mlp/mlp.md lm_head/lm_head.md; do
     [ -f "$OUT/$md" ] && cat "$OUT/$md" && echo
+done
+for run in direct jit shadow; do
+    [ -f "$OUT/launch_ab/$run.log" ] && echo "launch A/B, $run: $(tail -n 1 "$OUT/launch_ab/$run.log")"
 done
 for log in host_overhead.log train.log; do
     [ -f "$OUT/$log" ] && echo "== $log" && grep -v "^\$" "$OUT/$log" | sed -n '1,40p' && echo

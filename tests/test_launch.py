@@ -4,6 +4,8 @@ calls. The binaries themselves run on a GPU (``test_triton_gpu.py``)."""
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import threading
 
 import pytest
@@ -231,3 +233,18 @@ def test_flags_key_is_the_flags_items():
                             False, None)
     plain = tuple(flags.items())
     assert key == plain and hash(key) == hash(plain) and {key: 1}[plain] == 1 and {plain: 1}[key] == 1
+
+
+def test_gpu_ab_plugins_find_what_they_patch(monkeypatch):
+    # gpu_check's launch-ab stage runs them on a GPU only: a renamed name would show there.
+    monkeypatch.setattr(launch, "_direct", True)
+    monkeypatch.setattr(launch.CachedKernel, "__call__", launch.CachedKernel.__call__)
+    shadowed = launch.CachedKernel.__call__
+    folder = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_ab"
+    for name in ("shadow_plugin", "force_jit_plugin"):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        plugin = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plugin)
+        plugin.pytest_configure(None)
+    assert launch._direct is False and launch.CachedKernel.__call__ is not shadowed
+    assert {"run", "meta", "tail", "options", "kernel"} <= set(launch.Entry._fields)
