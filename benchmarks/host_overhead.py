@@ -16,7 +16,11 @@ takes a few microseconds (1 x 256 -> 256, so the loop of calls stays ahead of th
 the compiled kernel's launcher alone with the arguments our last launch gave it (Triton's
 own floor), ``launch.run_pointer_kernel``, ``fused_matmul``, ``triton_backend.forward``
 and the op, beside ``F.linear`` and the two output allocations: each difference is one
-layer's share. Then a profile of the slowest provider's host path (top functions by own
+layer's share. Beside them the descriptor kernel's launcher alone (in one configuration;
+on a GPU without TMA, not measured), whose excess over the pointer kernel's is Triton's
+per-call encoding of the four descriptors, one ``launch.describe``, and the current
+device and stream as the launch asks for them against ``torch.cuda.current_stream()``.
+Then a profile of the slowest provider's host path (top functions by own
 and by cumulative time).
 
 ``--wrapper`` (any machine; on a CPU under ``TRITON_INTERPRET=1``) measures instead the
@@ -129,45 +133,71 @@ def wrapper_us(rounds: int = 7, calls: int = 2000) -> dict:
     return best
 
 
+def _recorded_launch(cached, fn):
+    """The launcher and the arguments it gets: the entry of ``fn``'s one kind of launch
+    through ``cached``, and a call of it recorded by a stand-in for its launcher."""
+    cached.entries.clear()  # this launch's entry alone
+    fn()
+    ((key, entry),) = cached.entries.items()
+    recorded = []
+    cached.entries[key] = entry._replace(run=lambda *args: recorded.append(args))
+    fn()
+    cached.entries[key] = entry
+    (args,) = recorded
+    return entry.run, args
+
+
 def breakdown_us(calls: int, device: str = "cuda") -> dict:
     """Host microseconds per call of each layer of the Triton backend's inference path
-    (bf16, 1 x 256 -> 256, GELU-tanh with z; pointer kernel). On a GPU; with ``--wrapper``
-    also on the CPU, where the binary is the stand-in (the dry run of this code)."""
+    (bf16, 1 x 256 -> 256, GELU-tanh with z; pointer kernel), and of the launch's parts
+    named in the module's docstring. On a GPU; with ``--wrapper`` also on the CPU, where the
+    binary is the stand-in (the dry run of this code)."""
     from torch_matgrad import triton_backend
     from torch_matgrad.triton_kernels import launch, ops
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x, w, b = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((1, 256), (256, 256), (256,)))
     forward = lambda: triton_backend.forward(x, w, b, "gelu_tanh")  # noqa: E731
-    with ops.gemm_kernel("pointer"), torch_matgrad.use_backend("triton"), torch.no_grad():
-        launch.POINTER.entries.clear()  # this launch's entry alone
-        forward()
-        ((key, entry),) = launch.POINTER.entries.items()
-        # The launcher's arguments of a launch, recorded by a stand-in for one call.
-        recorded = []
-        launch.POINTER.entries[key] = entry._replace(run=lambda *args: recorded.append(args))
-        forward()
-        launch.POINTER.entries[key] = entry
-        (args,) = recorded
+    with torch_matgrad.use_backend("triton"), torch.no_grad():
+        with ops.gemm_kernel("pointer"):
+            run, args = _recorded_launch(launch.POINTER, forward)
+        layers = {"compiled kernel's launcher alone": lambda: run(*args)}
+        tma = launch.TMA
+        if tma is not None and device == "cuda":  # one configuration to compile (the tests stage's), not every one
+            launch.TMA = launch.tma_kernel([ops.TMA_CONFIGS[ops.TMA_CONFIG_NAMES.index("tma_64x128x64_s4_w4")]])
+        try:
+            with ops.gemm_kernel("tma"):
+                if launch.TMA is not None and ops.gemm_kernel_for(x, w.t(), None, (x,)) == "tma":
+                    tma_run, tma_args = _recorded_launch(launch.TMA, forward)
+                    layers["descriptor kernel's launcher alone"] = lambda: tma_run(*tma_args)
+        finally:
+            launch.TMA = tma
         out, z, _ = ops.fused_matmul(x, w.t(), bias=b, activation="gelu_tanh", store_z=True, check=False)
         flags, flags_key = ops._flags(torch.bfloat16, "ieee", None, False, True, True, "gelu_tanh", True, False, False,
                                       False, False, False, None)
-        layers = {
+        layers.update({
             "F.linear + gelu_tanh (eager)": lambda: activate(F.linear(x, w, b), "gelu_tanh"),
             "torch.empty x 2 (the outputs)": lambda: (torch.empty(1, 256, device=device, dtype=torch.bfloat16),
                                                      torch.empty(1, 256, device=device, dtype=torch.bfloat16)),
-            "compiled kernel's launcher alone": lambda: entry.run(*args),
+            "launch.describe (one descriptor)": lambda: launch.describe(x, [64, 64]),
             "launch.run_pointer_kernel": lambda: launch.run_pointer_kernel(
                 x, w.t(), out, None, b, z, None, flags, flags_key, ops._NO_MLP),
             "ops.fused_matmul (check=False)": lambda: ops.fused_matmul(
                 x, w.t(), bias=b, activation="gelu_tanh", store_z=True, check=False),
             "triton_backend.forward": forward,
             "torch_matgrad.linear (triton backend)": lambda: torch_matgrad.linear(x, w, b, activation="gelu_tanh"),
-        }
+        })
+        if device == "cuda":
+            layers.update({
+                "launch._current_stream() (current device, then its raw stream)": launch._current_stream,
+                "torch.cuda.current_device()": torch.cuda.current_device,
+                "torch.cuda.current_stream() (not on the launch path)": torch.cuda.current_stream,
+            })
         best = dict.fromkeys(layers, float("inf"))
-        for _ in range(5):  # rounds interleaved, the best of each: other load hits every layer alike
-            for name, fn in layers.items():
-                best[name] = min(best[name], _host_us(fn, (), calls, sync))
+        with ops.gemm_kernel("pointer"):
+            for _ in range(5):  # rounds interleaved, the best of each: other load hits every layer alike
+                for name, fn in layers.items():
+                    best[name] = min(best[name], _host_us(fn, (), calls, sync))
         return best
 
 
