@@ -108,6 +108,19 @@ def test_matches_peft_with_its_dropout_masks(dtype, rows):
         assert rel_err(ours, truth) <= bound, (i, rel_err(ours, truth), bound)
 
 
+@pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "x-frozen"])
+def test_adapter_gradients_whatever_else_needs_one(input_grad):
+    # The first block of a model with frozen embeddings: x needs no gradient, so the
+    # block keeps neither up_w nor gate_w; the adapters' gradients are still PEFT's.
+    base, adapters = _block(True, False, ("up", "gate", "down"), dtype=torch.float64, frozen=True)
+    x = torch.randn(9, D, dtype=torch.float64, requires_grad=input_grad)
+    factors = [t for a in adapters.values() for t in (a.A, a.B)]
+    got = torch.autograd.grad(_ours(x, base, adapters, "silu").sum(), factors)
+    want = torch.autograd.grad(_peft(x, base, adapters, "silu").sum(), factors)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rel_close(g, w, torch.float64, what=f"adapter factor #{i}")
+
+
 def test_transposed_input_and_no_adapter_gradient_for_frozen_adapters():
     base, adapters = _block(False, True, ("up", "down"), dtype=torch.float32, frozen=True)
     adapters["up"].A.requires_grad_(False)  # a frozen adapter factor gets no gradient

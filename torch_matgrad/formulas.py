@@ -929,7 +929,7 @@ def lora_mlp_backward(grads, x, up_w, gate_w, down_w, u, g, ts, activation, adap
         g_g = grad_g if g_g is None else g_g + grad_g
     grad_x, grad_up_w, grad_up_b, grad_up_a, grad_up_lb = through(
         up, g_u, grad_ts[0], x, up_w, ts[0], (need_x, need_up_w, need_up_b, *low_rank[:2]))
-    gate_grads = (None,) * 5 if gate_w is None else through(
+    gate_grads = (None,) * 5 if g is None else through(  # gate_w is saved only for grad_x
         gate, g_g, grad_ts[1], x, gate_w, ts[1], (need_x, need_gate_w, need_gate_b, *low_rank[2:4]))
     if gate_grads[0] is not None:
         grad_x = gate_grads[0] if grad_x is None else (
