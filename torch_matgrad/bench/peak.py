@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from .measure import peak_mem_mib
+
 #: Fresh processes per provider: one on CUDA (its counter is exact), several on a CPU.
 RUNS = {"cpu": 10, "cuda": 1}
 
@@ -37,12 +39,7 @@ def step_peak_mib(step: Callable[[], object], device: str) -> float:
     (:func:`in_children`): earlier work's freed blocks change the figure."""
     step()
     if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return peak_mem_mib(step)
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)  # glibc: return the warm-up's freed memory
     base = _status_kib("VmRSS")
