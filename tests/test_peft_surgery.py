@@ -185,6 +185,19 @@ def test_sequential_block_with_lora_layers(op_calls):
     assert op_calls == [(True, False, True)]
 
 
+def test_compiles_as_one_graph(op_calls):
+    """The reader is plain Python over module attributes: torch.compile(fullgraph=True)
+    traces it, and the compiled fused model computes PEFT's outputs and gradients."""
+    ref = _peft_llama(dropout=0.1)
+    model = _fused_copy(ref)
+    torch._dynamo.reset()
+    model.compile(fullgraph=True, backend="aot_eager")  # in place: the parameters keep their names
+    ids = _ids()
+    _assert_same_step(_step(model, ids), _step(ref, ids))
+    assert op_calls == [(True, True, True)] * 2  # traced once, the op in the graph
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------- PEFT's own features
 
 
