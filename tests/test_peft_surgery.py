@@ -213,11 +213,13 @@ def test_save_pretrained_and_the_peft_state_dict_are_unchanged(tmp_path):
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "fused" / name).read_bytes(), name
     want, got = peft.get_peft_model_state_dict(ref), peft.get_peft_model_state_dict(model)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
-    # Loaded into a model fused before: fuse_mlps again gives the blocks PEFT's reader.
+    # Loaded into a model fused before: the plain blocks call PEFT's layers (their
+    # weight alone would drop the adapter), and fuse_mlps again gives them PEFT's reader.
     loaded = peft.PeftModel.from_pretrained(_fuse(_llama()), tmp_path / "fused")
+    ids = _ids()
+    assert_rel_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, torch.float32, "loaded, unfused")
     _fuse(loaded)
     assert all(type(mlp) is LoRAFusedMLP for mlp in _mlps(loaded)) and list(loaded.state_dict()) == keys
-    ids = _ids()
     assert_rel_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, torch.float32, "loaded")
 
 

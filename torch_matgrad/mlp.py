@@ -41,6 +41,7 @@ from .function import (
     direct_apply,
 )
 from .lora import LoRA, check_adapter, dropout_mask, dropout_scale
+from .modules import Linear, LinearAct
 
 _OP = "torch_matgrad.mlp"
 _ROLES = ("up", "gate", "down")
@@ -364,6 +365,16 @@ def _apply(tensors, low_rank, adapters, activation) -> Tensor:
 _eager_mlp = direct_apply(combined_style(MLPFunction))
 
 
+def _plain_projection(layer: nn.Module) -> bool:
+    """A layer whose forward is ``v W^T + b`` from its ``weight`` and ``bias`` alone:
+    ``nn.Linear``, this package's ``Linear`` (and ``LinearAct``, whose activation the
+    block applies), transformers' ``Conv1D`` and its swap. Not a subclass (a quantized
+    layer), nor a wrapper such as PEFT's LoRA layers."""
+    cls = type(layer)
+    return cls in (nn.Linear, Linear, LinearAct) or (
+        cls.__name__ == "Conv1D" and cls.__module__ in ("transformers.pytorch_utils", "torch_matgrad.surgery.conv1d"))
+
+
 def _weight(layer: nn.Module) -> Tensor:
     """A projection's weight as ``(out, in)``: transformers' ``Conv1D`` (GPT-2) stores
     ``(in, out)`` and is read through a transpose (a view, no copy)."""
@@ -462,6 +473,8 @@ class FusedMLP(nn.Module):
         layers). Here a plain layer's, never an adapter; PEFT's LoRA layers have their
         own reader (:mod:`torch_matgrad.surgery.peft`)."""
         layer = self._layer(role)
+        if not _plain_projection(layer):  # e.g. PEFT wrapped it after fusing: its own forward knows
+            return None
         return _weight(layer), layer.bias, None
 
     def forward(self, x: Tensor) -> Tensor:
