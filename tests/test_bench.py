@@ -389,6 +389,25 @@ def test_mlp_mode_times_and_counts_saved_bytes(tmp_path, monkeypatch, capsys):
     assert "| 33 x 16 x 40 | 2 | 0 | fp32 | gated_silu | torch_matgrad |" in (tmp_path / "mlp.md").read_text()
 
 
+def test_lora_mode_runs_peft_against_the_fused_blocks(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from torch_matgrad.bench import blocks, peak
+
+    monkeypatch.setitem(blocks.LORA_SHAPES, "cpu", [(33, 16, 40, 2, 4)])
+    monkeypatch.setitem(peak.RUNS, "cpu", 1)
+    rc = main(["bench", "--lora", "--device", "cpu", "--providers", "torch_matgrad", "--rep-ms", "5",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    columns, rows = _read_csv(tmp_path / "lora.csv")
+    assert tuple(columns) == blocks.COLUMNS and [r["provider"] for r in rows] == ["eager", "torch_matgrad"]
+    ours = rows[1]
+    assert ours["rank"] == "4" and ours["kind"] == "gated_silu_lora" and float(ours["median_ms"]) > 0
+    # PEFT's layers keep x, g, act(g), u, h and each adapter's A-output; the fused block
+    # x, u, g and the three t: less, never h.
+    assert 0 < float(ours["saved_vs_eager"]) < 0.75
+    assert "Eager: PEFT's LoRA layers" in (tmp_path / "lora.md").read_text()
+
+
 def test_peak_spread_is_median_lowest_highest_and_worst_against_the_baselines_lowest():
     from torch_matgrad.bench.peak import spread
 

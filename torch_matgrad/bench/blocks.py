@@ -94,7 +94,8 @@ def lora_blocks(d: int, hidden: int, depth: int, rank: int, device: str, dtype: 
 
     from ..surgery import fuse_mlps
 
-    config = LlamaConfig(hidden_size=d, intermediate_size=hidden, hidden_act="silu")
+    config = LlamaConfig(hidden_size=d, intermediate_size=hidden, hidden_act="silu", num_attention_heads=1,
+                         num_key_value_heads=1)  # the MLP alone: any width
     stock = nn.Sequential(*[LlamaMLP(config) for _ in range(depth)]).to(device, dtype)
     lora = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["gate_proj", "up_proj", "down_proj"])
     stock = peft.inject_adapter_in_model(lora, stock)
