@@ -14,7 +14,7 @@ from typing import Callable, List
 import torch
 
 from ..cli import ACTIVATION_NAMES
-from . import blocks, host, lm_head
+from . import blocks, host, lm_head, peak
 from .environment import DEFAULT_OUT, default_out, environment
 from .measure import CLOCKS, failures, run_case, time_cpu, time_cuda
 from .plans import ALL_SETS, DEFAULT_ACTIVATIONS, DTYPES, MODES, SHAPE_SETS, plan
@@ -100,6 +100,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rep-ms", type=float,
                         help="timing budget: per provider and case on CUDA (default 100), "
                         "per case for all providers together on CPU (default 1000)")
+    parser.add_argument("--peak-runs", type=int,
+                        help="--mlp, --lora, --lm-head: fresh processes measuring each provider's peak "
+                        f"(default {peak.RUNS['cpu']} on a CPU, {peak.RUNS['cuda']} on CUDA)")
 
 
 
@@ -119,6 +122,8 @@ def run(args) -> int:
         timer = functools.partial(time_cpu, rep_ms=args.rep_ms or 1000.0, clock=CLOCKS[args.clock])
         clock = f"{args.clock} time"
     env = {**environment(device), "clock": clock}
+    if args.peak_runs:
+        peak.RUNS[device] = args.peak_runs
     out = args.out or default_out(device, env)
     out.mkdir(parents=True, exist_ok=True)
     if args.host:
