@@ -13,8 +13,9 @@ forward then computes the losses alone and the backward recomputes the chunks wi
 ``docs/lm_head.md`` has the measurements behind this choice.
 
 Like :func:`torch_matgrad.linear`: explicit backward, double backward through torch ops
-(one chunk), autocast by hand, ``torch.func`` and ``torch.compile``; the backend chosen
-at the forward (:mod:`torch_matgrad.dispatch`) runs the backward.
+(one chunk), autocast by hand, ``torch.func`` and ``torch.compile`` (which gets the torch
+ops' chunk loop as one custom op, run in its buffers); the backend chosen at the forward
+(:mod:`torch_matgrad.dispatch`) runs the backward.
 """
 
 from __future__ import annotations
