@@ -69,8 +69,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", action="store_true",
                         help="LM head and loss: torch_matgrad.linear_cross_entropy against F.linear + "
                         "F.cross_entropy and torch.compile of it, a training step's time and peak memory (each "
-                        "provider in a fresh process), into lm_head.csv and lm_head.md; --dtype picks one dtype, "
-                        "--providers narrows eager,torch_matgrad,matgrad_triton,compile")
+                        "provider in fresh processes), and a small Llama's step before and after "
+                        "fuse_lm_head_loss, into lm_head.csv and lm_head.md; --dtype picks one dtype, --providers "
+                        "narrows eager,torch_matgrad,matgrad_triton,compile (compile also compiles the op and the "
+                        "fused model)")
     parser.add_argument("--quick", action="store_true",
                         help=quick_help())
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -249,6 +251,7 @@ def run_lm_head(args, device: str, env: dict, out: Path, timer) -> int:
     wanted = set(args.providers or [p for p in lm_head.PROVIDERS if device == "cuda" or p not in lm_head.TRITON])
     wanted |= {"eager"} | ({"matgrad_recompute"} if "torch_matgrad" in wanted else set())
     wanted |= set(lm_head.TRITON) if "matgrad_triton" in wanted else set()
+    wanted |= {"compile_matgrad"} if "compile" in wanted else set()  # as --mlp: both sides compiled
     rows = lm_head.run(device, env, out, dtype_name, [p for p in lm_head.PROVIDERS if p in wanted], timer)
     print(lm_head.report(rows))
     print(f"bench --lm-head: results in {out}/", file=sys.stderr)
