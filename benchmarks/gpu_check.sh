@@ -262,7 +262,8 @@ else
     HOST_OVERHEAD="--wrapper"
     LM_HEAD=(-c "import sys; from torch_matgrad.__main__ import main; from torch_matgrad.bench import lm_head
 lm_head.SHAPES['cpu'] = [(64, 16, 300)]
-sys.exit(main(sys.argv[1:]))" bench --lm-head --device cpu --providers eager,torch_matgrad --rep-ms 20)
+lm_head.MODEL_SHAPES['cpu'] = [(1, 32, 32, 1, 300)]
+sys.exit(main(sys.argv[1:]))" bench --lm-head --device cpu --providers eager,torch_matgrad --rep-ms 20 --peak-runs 1)
     MARKS="cuda"
     KERNELS="--device cpu"
 fi
