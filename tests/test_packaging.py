@@ -156,11 +156,12 @@ def test_triton_is_an_extra_that_the_tests_install():
 
 
 def test_ci_installs_as_the_readme_says():
-    # .ci/run installs a CPU user's torch from the index the README names, and the package
-    # from this checkout without extras; the README says so.
+    # .ci/run installs a CPU user's torch, checked to be a CPU build, and the package from
+    # this checkout without extras, as the README's CPU section does (from PyTorch's CPU index).
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
-    index = re.search(r"# CPU only:.*\npython -m pip install torch --index-url (\S+)\n", readme).group(1)
-    assert re.search(rf'fresh_venv "\$NEWEST" --index-url {re.escape(index)}\npython -m pip install -q \.\n', ci)
+    assert re.search(r"# CPU only:.*\npython -m pip install torch --index-url \S+/cpu\npython -m pip install -e \.\n",
+                     readme)
+    assert re.search(r'fresh_venv "\$CPU_BUILD"\n.*torch\.version\.cuda is None.*\npython -m pip install -q \.\n', ci)
     assert "`.[triton]`" in readme
 
 
