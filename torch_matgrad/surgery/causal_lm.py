@@ -5,6 +5,7 @@ language models (importing this module imports ``transformers``;
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections import OrderedDict
@@ -84,7 +85,9 @@ class LMHeadLossForward:
 
     def __call__(self, *args, **kwargs):
         model = self.model
-        stock = type(model).forward.__get__(model)
+        # The class's forward bound as the compiler traces it (torch 2.11's Dynamo skips
+        # function.__get__, and no version traces types.MethodType).
+        stock = functools.partial(type(model).forward, model)
         if not torch.is_grad_enabled():
             return stock(*args, **kwargs)
         at = _labels_at(stock, args)
