@@ -155,7 +155,7 @@ def test_dynamic_shapes_with_inductor_under_autocast():
                          ids=["plain", "gated", "gated-lora"])
 def test_opcheck(gated, lora):
     """The ops' schemas, fake implementations and autograd registration agree with
-    what they compute (torch.library.opcheck), adapters with dropout included."""
+    what they compute (PyTorch's opcheck), adapters with dropout included."""
     from torch_matgrad.mlp import _mlp_backward_op, _mlp_op
 
     def t(*shape):
