@@ -355,7 +355,7 @@ def test_inputs_not_modified_and_views():
         (dict(t=torch.tensor([0, -1, 2, 1])), ValueError, r"target -1 at \(1,\)"),
         (dict(t=torch.rand(4)), TypeError, r"target must hold integer class indices, got shape \(4,\), torch.float32"),
         (dict(t=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"target must have input's shape .* \(4,\), got \(4, 1\)"),
-        (dict(t=torch.zeros(4, dtype=torch.long, device="meta")), RuntimeError, r"one device.* target on meta"),
+        (dict(t=torch.zeros(4, dtype=torch.long, device="meta")), RuntimeError, r"one device.* target on meta; move the target with target.to\('cpu'\)"),
         (dict(w=torch.randn(6, 5)), ValueError, r"linear_cross_entropy: input has 3 features .* weight of shape \(6, 5\)"),
         (dict(b=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
         (dict(w=torch.randn(6, 3, dtype=torch.float64)), TypeError, r"one dtype .* weight torch.float64"),

@@ -98,7 +98,8 @@ def _check_lce(x, weight, bias, target, options: CrossEntropyOptions) -> None:
             f"got {tuple(target.shape)} (input: {_describe(x)})"
         )
     if target.device != x.device:
-        raise RuntimeError(f"{_OP}: expected all tensors on one device, got input on {x.device}, target on {target.device}")
+        raise RuntimeError(f"{_OP}: expected all tensors on one device, got input on {x.device}, target on "
+                           f"{target.device}; move the target with target.to('{x.device}')")
     if options.reduction not in REDUCTIONS:
         raise ValueError(f"{_OP}: unknown reduction {options.reduction!r}; choose one of "
                          + ", ".join(map(repr, REDUCTIONS)))
