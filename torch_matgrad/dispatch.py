@@ -21,6 +21,9 @@ Backends:
     cross-entropy has one of its own (:func:`cross_entropy_backend`): on CUDA its
     chunks' elementwise step is a Triton kernel, its products stay cuBLAS's (predicted
     ~1.04x eager's step time where torch ops took 1.9x; the GPU run is pending).
+    Within the Triton backend, each product of the linear op runs on the fused kernel
+    or on cuBLAS by card and shape class (:func:`cublas_products`, whose table is
+    measured by ``benchmarks/product_choice.py``).
 
 Force a backend for a block of code with :func:`use_backend`, or for a whole process
 with the environment variable ``TORCH_MATGRAD_BACKEND`` (read once, when torch_matgrad
@@ -46,9 +49,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
-from typing import Iterator, List, Optional, Tuple
+import re
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _fw_ad
@@ -128,7 +133,9 @@ read_env()
 @contextlib.contextmanager
 def recording() -> Iterator[collections.Counter]:
     """Count, inside the block, which implementation ran each half of the op: the
-    counter's keys are ``("forward" | "backward", "torch" | "triton")``.
+    counter's keys are ``("forward" | "backward", "torch" | "triton")``; a product of the
+    Triton backend that ran on cuBLAS (:func:`cublas_products`) adds ``("cublas",
+    product)``.
 
     >>> with torch_matgrad.dispatch.recording() as ran:
     ...     torch_matgrad.linear(x, w).sum().backward()
@@ -248,6 +255,91 @@ def _implementation(backend: str):
     return formulas if backend == "torch" else _triton()
 
 
+# ------------------------------------------- each product on the Triton kernel or cuBLAS
+
+#: The products of the Triton backend's linear op: the forward with its epilogue,
+#: ``grad_x = G_z W``, and ``grad_W = G_z^T x`` with ``grad_b``.
+PRODUCTS = ("forward", "grad_x", "grad_w")
+#: Shape classes of a linear op with ``m`` rows (tokens) and ``k`` in-features
+#: (:func:`shape_class`): decoding rows, a narrow layer (the fused elementwise work is
+#: the larger share of its step), the rest.
+SHAPE_CLASSES = ("decode", "narrow", "wide")
+DECODE_ROWS = 16
+NARROW_IN_FEATURES = 2048
+
+#: Which products of the Triton backend run on cuBLAS (torch's products, the elementwise
+#: work still fused: the activation's ``G_z`` pass writes ``grad_b`` beside it), per card
+#: (:func:`card`, the name of its ``benchmarks/results/`` folder) and shape class: the
+#: classes where cuBLAS measured faster under CUDA-graph replay, from the table that
+#: ``benchmarks/product_choice.py`` writes (``product_choice.md`` in the card's folder;
+#: it prints this entry). A card or class not listed runs every product on the kernels.
+#: No card has been measured yet.
+CUBLAS_PRODUCTS: Dict[str, Dict[str, FrozenSet[str]]] = {}
+
+_NONE: FrozenSet[str] = frozenset()
+_forced_products: Optional[FrozenSet[str]] = None
+
+
+def shape_class(m: int, k: int) -> str:
+    """The shape class (``SHAPE_CLASSES``) of a linear op on ``m`` rows of ``k`` features."""
+    if m <= DECODE_ROWS:
+        return "decode"
+    return "narrow" if k <= NARROW_IN_FEATURES else "wide"
+
+
+def slug(name: str) -> str:
+    """``name`` as the results' folders spell it: lower case, runs of other characters
+    one ``-`` ("NVIDIA H100 80GB HBM3" -> ``"nvidia-h100-80gb-hbm3"``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def card(device: torch.device) -> str:
+    """The :data:`CUBLAS_PRODUCTS` key of ``device``: its card's :func:`slug`, or the
+    device type for a non-CUDA device (``"cpu"``: the interpreter's tensors)."""
+    return slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else device.type
+
+
+def cublas_products(device: torch.device, m: int, k: int) -> FrozenSet[str]:
+    """The products (``PRODUCTS``) that the Triton backend runs on cuBLAS for a linear op
+    on ``device`` with ``m`` rows and ``k`` in-features: :func:`products_on_cublas`'s set
+    inside one, else :data:`CUBLAS_PRODUCTS`'s entry."""
+    if _forced_products is not None:
+        return _forced_products
+    if not CUBLAS_PRODUCTS:  # nothing measured: no lookup on the host path
+        return _NONE
+    return CUBLAS_PRODUCTS.get(card(device), {}).get(shape_class(m, k), _NONE)
+
+
+@contextlib.contextmanager
+def products_on_cublas(products: Iterable[str]) -> Iterator[None]:
+    """Run ``products`` (of ``PRODUCTS``) of the Triton backend's linear ops on cuBLAS,
+    and the others on the kernels, at every shape, inside the block (the backward: where
+    it is called): benchmarks time the choices against each other. ``()`` runs every
+    product on the kernels."""
+    global _forced_products
+    chosen = frozenset(products)
+    if not chosen <= set(PRODUCTS):
+        raise ValueError(f"products_on_cublas: unknown products {sorted(chosen - set(PRODUCTS))}; "
+                         f"choose among {', '.join(map(repr, PRODUCTS))}")
+    previous, _forced_products = _forced_products, chosen
+    try:
+        yield
+    finally:
+        _forced_products = previous
+
+
+def _on_cublas(device: torch.device, m: int, k: int, wanted: Tuple[str, ...]) -> FrozenSet[str]:
+    """:func:`cublas_products`, counted where :func:`recording` for the ``wanted``
+    products (those the launch computes)."""
+    products = cublas_products(device, m, k)
+    if _ran is not None:
+        for product in wanted:
+            if product in products:
+                _ran["cublas", product] += 1
+    return products
+
+
 def forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], backend: str
 ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -257,9 +349,11 @@ def forward(
         _ran["forward", backend] += 1
     if backend == "torch":
         return formulas.forward(x, weight, bias, activation)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    on_cublas = _on_cublas(x.device, x2.shape[0], x2.shape[1], ("forward",))
+    out, z = _triton().forward(x2, weight, bias, activation, on_cublas)
     if x.dim() == 2:
-        return _triton().forward(x, weight, bias, activation)
-    out, z = _triton().forward(x.reshape(-1, x.shape[-1]), weight, bias, activation)
+        return out, z
     shape = (*x.shape[:-1], weight.shape[0])
     return out.view(shape), None if z is None else z.view(shape)
 
@@ -279,7 +373,13 @@ def backward(
     backend = _backward_backend(backend, grad_out, grad_z)
     if _ran is not None and (grad_out is not None or grad_z is not None):
         _ran["backward", backend] += 1
-    return _implementation(backend).backward(grad_out, grad_z, x, weight, saved, activation, needs)
+    if backend == "torch":
+        return formulas.backward(grad_out, grad_z, x, weight, saved, activation, needs)
+    need_x, need_w, need_b = needs
+    wanted = ("grad_x",) * need_x + ("grad_w",) * (need_w or need_b)
+    k = next((t.shape[-1] for t in (weight, x) if t is not None), 0)  # in-features (0: only grad_b asked for)
+    on_cublas = _on_cublas(grad_out.device, grad_out.shape[0], k, wanted)
+    return _triton().backward(grad_out, None, x, weight, saved, activation, needs, on_cublas)
 
 
 def mlp_forward(x, up_w, up_b, gate_w, gate_b, down_w, down_b, activation, backend: str):

@@ -14,6 +14,12 @@ Transposes are stride swaps (no copies). ``grad_b`` is the row sum of ``G_z^T``
 reduced inside the weight-gradient launch; without ``grad_W`` it is a launch that
 only sums.
 
+Each of the three products may run on cuBLAS instead (torch's products), where
+:func:`torch_matgrad.dispatch.cublas_products` says cuBLAS measured faster for the card
+and shape class: the forward as :func:`formulas.forward`; ``grad_x`` and ``grad_W`` from
+``G_z`` formed by the pass below, which then also sums ``grad_b`` from the tiles it
+writes (``triton_kernels/gz_pass.py``), so cuBLAS's ``grad_W`` costs no extra read.
+
 ``G_z`` is formed one of two ways (:func:`gz_strategy`): in the prologue of both
 backward GEMMs, as above, which never writes ``G_z`` but recomputes ``act'`` in every
 program that loads a tile of ``G``; or in one elementwise pass (PyTorch's own
@@ -50,21 +56,25 @@ and direct gradients of ``z`` (and of ``u``, ``g``) to :mod:`torch_matgrad.formu
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import FrozenSet, Iterator, Optional, Tuple
 
 from torch import Tensor
 
+from . import formulas
 from .formulas import NEEDS_PREACTIVATION, grad_preactivation
 from .triton_kernels.cross_entropy import (
     CE_DTYPES, cross_entropy_logits, linear_cross_entropy_backward, linear_cross_entropy_forward,
 )
 from .triton_kernels.fused_gemm import INTERPRET
+from .triton_kernels.gz_pass import grad_preactivation_and_bias
 from .triton_kernels.ops import SUPPORTED_DTYPES, fused_matmul
 
 __all__ = [
     "CE_DTYPES", "GZ_STRATEGIES", "INTERPRET", "SUPPORTED_DTYPES", "backward", "forward", "gz_strategy", "lce_backward",
     "lce_chunk", "lce_forward", "mlp_backward", "mlp_forward",
 ]
+
+_NONE: FrozenSet[str] = frozenset()
 
 #: Ways to form ``G_z = G * act'(z)`` in the backward; see the module docstring.
 GZ_STRATEGIES = ("auto", "prologue", "pass")
@@ -91,9 +101,12 @@ def _gz_in_prologue() -> bool:
 
 
 def forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], on_cublas: FrozenSet[str] = _NONE
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(out, z)``, ``z`` only when the activation's derivative needs it."""
+    """``(out, z)``, ``z`` only when the activation's derivative needs it; with
+    ``"forward"`` in ``on_cublas``, torch's (:func:`formulas.forward`)."""
+    if "forward" in on_cublas:
+        return formulas.forward(x, weight, bias, activation)
     out, z, _ = fused_matmul(
         x, weight.t(), bias=bias, activation=activation, store_z=activation in NEEDS_PREACTIVATION, check=False
     )
@@ -108,8 +121,11 @@ def backward(
     saved: Optional[Tensor],
     activation: Optional[str],
     needs: Tuple[bool, bool, bool],
+    on_cublas: FrozenSet[str] = _NONE,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(grad_x, grad_W, grad_b)`` for the gradients flagged in ``needs``.
+    """``(grad_x, grad_W, grad_b)`` for the gradients flagged in ``needs``; ``grad_x``
+    (``"grad_x"`` in ``on_cublas``) and ``grad_W`` with ``grad_b`` (``"grad_w"``) as
+    torch's products, ``G_z`` then from the pass, with ``grad_b`` summed in it.
 
     ``grad_z`` must be None (the dispatcher routes direct ``z`` gradients to torch ops).
     """
@@ -118,12 +134,26 @@ def backward(
     if grad_out is None:
         return None, None, None
     need_x, need_w, need_b = needs
-    if activation is not None and not _gz_in_prologue():
-        grad_out, activation = grad_preactivation(grad_out, saved, activation), None
+    cublas_x = need_x and "grad_x" in on_cublas
+    cublas_w = (need_w or need_b) and "grad_w" in on_cublas
+    grad_b = None
+    if activation is not None and (cublas_x or cublas_w or not _gz_in_prologue()):
+        if cublas_w and need_b:
+            grad_out, grad_b = grad_preactivation_and_bias(grad_out, saved, activation)
+        else:
+            grad_out = grad_preactivation(grad_out, saved, activation)
+        activation = None
     prologue = dict(grad_activation=activation, saved=saved) if activation is not None else {}
-    grad_x = fused_matmul(grad_out, weight, **prologue, check=False)[0] if need_x else None
-    grad_w = grad_b = None
-    if need_w or need_b:
+    grad_x = grad_w = None
+    if cublas_x:
+        grad_x = formulas.grad_input(grad_out, weight)
+    elif need_x:
+        grad_x = fused_matmul(grad_out, weight, **prologue, check=False)[0]
+    if cublas_w:
+        grad_w = formulas.grad_weight(grad_out, x) if need_w else None
+        if need_b and grad_b is None:
+            grad_b = formulas.grad_bias(grad_out)
+    elif need_w or need_b:
         prologue_t = dict(prologue, saved=saved.t()) if activation is not None else {}
         grad_w, _, grad_b = fused_matmul(
             grad_out.t(), x if need_w else None, rowsum=need_b, **prologue_t, check=False

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Dict
 
 import torch
+
+from ..dispatch import slug
+
 
 def environment(device: str) -> Dict[str, str]:
     """The columns every row carries."""
@@ -65,10 +67,6 @@ def _commit() -> str:
     return (head + ("-dirty" if changes else "")) if head else "unknown"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 #: Where a run without ``--out`` writes (``.gitignore`` lists it): a run never rewrites
 #: the committed results in ``benchmarks/results/`` unless ``--out`` names them.
 DEFAULT_OUT = Path("benchmarks", "out")
@@ -76,7 +74,7 @@ DEFAULT_OUT = Path("benchmarks", "out")
 
 def default_out(device: str, env: Dict[str, str]) -> Path:
     """A new folder under ``DEFAULT_OUT`` named by the device and the run's UTC time."""
-    name = "cpu" if device == "cpu" else _slug(env["device_name"])
+    name = "cpu" if device == "cpu" else slug(env["device_name"])
     stamp = env["date"].replace(":", "").replace("-", "")
     out, n = DEFAULT_OUT / f"{name}-{stamp}", 1
     while out.exists():
