@@ -267,6 +267,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert {"setup.log", "pytest.log", "bench.log"} <= files
     for run in ("quick", "decode"):
         assert {f"{run}/bench.csv", f"{run}/bench.md"} <= files
+    assert {"products/product_choice.csv", "products/product_choice.md"} <= files
     # The tables are printed last, after every stage.
     assert done.stdout.index("| set | M x K x N") > done.stdout.index("== decode-bench")
 
