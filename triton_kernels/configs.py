@@ -10,9 +10,11 @@ a cold cache), keyed on the next power of two of each dimension plus the special
 flags and dtypes, so a new batch size reuses the tuning of its power-of-two bucket
 instead of benchmarking again. The descriptor kernel has its own configurations
 (``TMA_CONFIGS``, names ``tma_...``), pruned the same way plus its epilogue's staging
-buffer. Under the interpreter a single small configuration of each runs without
-``triton.autotune`` (which needs a GPU driver to benchmark): ``INTERPRETER_META``,
-``INTERPRETER_TMA_META``.
+buffer. A split-K launch (at most ``SPLIT_K_MAX_M`` rows) keeps the 16-row tiles and is
+tuned on its slice length too; its sum has one configuration (``REDUCE_CONFIG``). Under
+the interpreter a single small configuration of each runs without ``triton.autotune``
+(which needs a GPU driver to benchmark): ``INTERPRETER_META``, ``INTERPRETER_TMA_META``,
+``INTERPRETER_REDUCE_META``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 import triton
 
-from .fused_gemm import fused_gemm_kernel
+from .fused_gemm import fused_gemm_kernel, split_k_reduce_kernel
 from .tma_gemm import tma_gemm_kernel
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the large tiles feed Hopper and
@@ -71,10 +73,13 @@ _BASE_KEY = [
 #: The pointer kernel's flags of the MLP block's launches (``fused_gemm.py``).
 MLP_FLAGS = ("DUAL", "HIDDEN", "EPI_GRAD", "COLSUM", "MLP_ACT")
 #: The flags that only the pointer kernel has: the ``act'`` prologue's (``tma_gemm.py``
-#: says why the descriptor kernel has none) and the MLP block's. :func:`gemm_kernel_for`
+#: says why the descriptor kernel has none), the MLP block's and split-K's. :func:`gemm_kernel_for`
 #: sends a launch that sets any to the pointer kernel.
-POINTER_ONLY_FLAGS = ("PRO_ACT",) + MLP_FLAGS
-_AUTOTUNE_KEY = _BASE_KEY + list(POINTER_ONLY_FLAGS)
+POINTER_ONLY_FLAGS = ("PRO_ACT",) + MLP_FLAGS + ("SPLIT_K",)
+# A split-K launch is also tuned on its slice length (its grid is tiles x slices).
+_AUTOTUNE_KEY = _BASE_KEY + list(POINTER_ONLY_FLAGS) + ["k_split"]
+#: Rows (M) up to which a plain product may be split along K (``ops.split_k``): decoding.
+SPLIT_K_MAX_M = 16
 
 
 def config_name(config: "triton.Config") -> str:
@@ -157,6 +162,8 @@ def _fits(configs, named_args, **kwargs):
     # The act' prologue streams the saved tile beside A, the gated h prologue the gate's.
     a_tiles = 2 if args["PRO_ACT"] or args.get("HIDDEN") == 2 else 1
     small = args.get("M_BUCKET", SMALL_M + 1) <= SMALL_M
+    # A split-K launch has at most SPLIT_K_MAX_M rows: taller tiles would compute padding.
+    most_rows = SPLIT_K_MAX_M if args.get("SPLIT_K") else SMALL_M
     fitting = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -170,7 +177,7 @@ def _fits(configs, named_args, **kwargs):
             continue
         if (a_tiles * bm * bk + bk * bn) * elem * cfg.num_stages <= limit:
             fitting.append(cfg)
-    sized = [c for c in fitting if (c.kwargs["BLOCK_M"] <= SMALL_M if small else c.kwargs["BLOCK_M"] >= SMALL_M)]
+    sized = [c for c in fitting if (c.kwargs["BLOCK_M"] <= most_rows if small else c.kwargs["BLOCK_M"] >= SMALL_M)]
     return sized or fitting or [_FALLBACK]
 
 
@@ -220,6 +227,20 @@ def _autotuned(kernel, configs: list, key: list, prune):
 def launcher(configs: list):
     """``fused_gemm_kernel`` autotuned over ``configs`` (compiled kernels only)."""
     return _autotuned(fused_gemm_kernel, configs or [_FALLBACK], _AUTOTUNE_KEY, _fits)
+
+
+# The split-K sum: one 16-row block holds every row a split launch has (SPLIT_K_MAX_M);
+# it moves S x M x N accumulators, nothing to tune. Under the interpreter 8 x 16, so the
+# test shapes span several blocks in both dimensions.
+REDUCE_CONFIG = triton.Config(dict(BLOCK_M=SPLIT_K_MAX_M, BLOCK_N=64), num_warps=4)
+INTERPRETER_REDUCE_META = dict(BLOCK_M=8, BLOCK_N=16)
+
+
+def reduce_launcher():
+    """``split_k_reduce_kernel`` through ``triton.autotune`` with its one configuration
+    (no benchmark), so that ``launch.CachedKernel`` launches it directly (compiled
+    kernels only)."""
+    return triton.autotune(configs=[REDUCE_CONFIG], key=[])(split_k_reduce_kernel)
 
 
 # The descriptor kernel when none of its configurations fits (e.g. the 99 KiB of a

@@ -37,6 +37,19 @@ and ``g = x Wg^T + bg``) add four specialisations, so that ``h`` is never writte
   reduction dimension (``grad_bd = G^T 1`` in the ``h^T G`` launch, item 10 with
   ``x = 1``), one slice per program as for ``ROWSUM``.
 
+Split-K (``SPLIT_K``, for decoding rows: ``ops.split_k``): a product of a few rows is
+bound by reading ``B`` once, and its single block row of ``cdiv(N, BLOCK_N)`` programs
+can leave SMs idle (64 programs for 4096 columns on an H100's 132), and their bandwidth
+with them. With ``SPLIT_K`` each tile has ``S`` adjacent programs, each reducing a slice
+of ``k_split`` elements of K (a multiple of ``BLOCK_K``) and storing its partial product
+unrounded into its slice of ``C``, an ``(S, M, N)`` workspace in the accumulator's dtype;
+no epilogue. ``split_k_reduce_kernel`` then sums each element's ``S`` partials in slice
+order and applies the epilogue (``_epilogue``, this kernel's own). Two launches, not one
+whose last program per tile (found by an atomic counter) would sum: no counters to keep
+zeroed and unshared across streams and CUDA graphs, no acquire/release ordering that no
+CPU test can race, and the same bits run to run; the price is one more launch, ~2 us in
+a CUDA graph beside a product of ~11 us.
+
 One general kernel rather than three copies: every operand is read through its own
 strides, so ``W^T``, ``G^T``, ``x^T`` and sliced views are stride swaps, and constexpr
 flags select each specialisation at compile time (no runtime branches on them).
@@ -190,6 +203,21 @@ def _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m, offs_n, offs_cn, M, N, stride_cm, stride_cn, stride_bias,
+              HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr):
+    """The forward's epilogue on ``acc`` (rows ``offs_m``, columns ``offs_n`` of the
+    product, stored in C's columns ``offs_cn``): ``z = acc + bias``, stored when
+    ``STORE_Z`` (with C's strides), then ``C = act(z)``; masked at the edges."""
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_cn.to(tl.int64)[None, :] * stride_cn
+    acc = _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS)
+    if STORE_Z:
+        tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
+    out = _activation(acc, EPI_ACT)
+    tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
 def _store_rowsum(rowsum_ptr, rowsum, offs_m, M, stride_rowsum):
     """A vector of sums at ``offs_m`` (those past ``M`` dropped); the column sums too."""
     tl.store(rowsum_ptr + offs_m.to(tl.int64) * stride_rowsum, rowsum.to(rowsum_ptr.dtype.element_ty),
@@ -232,12 +260,15 @@ def fused_gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sm, stride_sk, stride_bias, stride_rowsum,
     stride_em, stride_en, stride_e2m, stride_e2n, stride_colsum,
+    # SPLIT_K: the K elements of each slice (a multiple of BLOCK_K) and C's stride from
+    # one slice's partial product to the next (0 and 0 otherwise)
+    k_split, stride_cs,
     # Coarse shape buckets: only the autotuner's key reads them
     M_BUCKET, N_BUCKET, K_BUCKET,
     # Specialisation flags
     PRO_ACT: tl.constexpr, ROWSUM: tl.constexpr, HAS_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
     # MLP flags (module docstring); MLP_ACT is the activation of HIDDEN and EPI_GRAD
     DUAL: tl.constexpr, HIDDEN: tl.constexpr, EPI_GRAD: tl.constexpr, COLSUM: tl.constexpr,
     MLP_ACT: tl.constexpr,
@@ -251,7 +282,21 @@ def fused_gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N) if HAS_C else 1
     if DUAL:
         num_pid_n = 2 * num_pid_n
-    pid_m, pid_n = _tile_coords(tl.program_id(axis=0), num_pid_m, num_pid_n, GROUP_M)
+    tile_id = tl.program_id(axis=0)
+    k_start = 0
+    k_end = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K:
+        tl.static_assert(HAS_C and not (ROWSUM or HAS_BIAS or STORE_Z or DUAL or COLSUM) and EPI_ACT == 0
+                         and EPI_GRAD == 0, "a split-K launch stores the plain partial products")
+        # The programs of one tile are adjacent: each reduces its slice of K blocks and
+        # stores the partial product into its own slice of C (the workspace).
+        splits = tl.cdiv(K, k_split)
+        split = tile_id % splits
+        tile_id = tile_id // splits
+        k_start = split * (k_split // BLOCK_K)
+        k_end = min(k_end, k_start + k_split // BLOCK_K)
+        c_ptr += split.to(tl.int64) * stride_cs
+    pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
     if DUAL:
         # The second half of the block columns: B2 and bias2, stored N columns further.
         half = tl.cdiv(N, BLOCK_N)
@@ -284,7 +329,7 @@ def fused_gemm_kernel(
         rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     if COLSUM:
         colsum = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_start, k_end):
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         ks = offs_k.to(tl.int64)
@@ -320,11 +365,32 @@ def fused_gemm_kernel(
             _store_grad_hidden(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
                                e_ptr, stride_em, stride_en, e2_ptr, stride_e2m, stride_e2n, EPI_GRAD, MLP_ACT)
         else:
-            c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
             offs_cn = offs_n + c_col0 if DUAL else offs_n
-            c_offs = offs_m.to(tl.int64)[:, None] * stride_cm + offs_cn.to(tl.int64)[None, :] * stride_cn
-            acc = _add_bias(acc, bias_ptr, offs_n, N, stride_bias, HAS_BIAS)
-            if STORE_Z:
-                tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=c_mask)
-            out = _activation(acc, EPI_ACT)
-            tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+            _epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m, offs_n, offs_cn, M, N, stride_cm, stride_cn, stride_bias,
+                      HAS_BIAS, EPI_ACT, STORE_Z)
+
+
+@triton.jit
+def split_k_reduce_kernel(
+    # The partial products (S x M x N, the accumulator's dtype), output, bias, z output
+    ws_ptr, c_ptr, bias_ptr, z_ptr,
+    M, N, splits,
+    stride_ws, stride_wm, stride_wn, stride_cm, stride_cn, stride_bias,
+    HAS_BIAS: tl.constexpr, EPI_ACT: tl.constexpr, STORE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The second launch of a split-K product: ``C = act(sum_s ws[s] + bias)`` (and ``z``),
+    the ``splits`` partials summed in the order of ``s``, so a result is the same bits
+    run to run; then the pointer kernel's own epilogue."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(axis=0)
+    offs_m = (pid // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ws = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_wm + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.load(ws, mask=mask, other=0.0)
+    for _ in range(1, splits):
+        ws += stride_ws
+        acc += tl.load(ws, mask=mask, other=0.0)
+    _epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m, offs_n, offs_n, M, N, stride_cm, stride_cn, stride_bias,
+              HAS_BIAS, EPI_ACT, STORE_Z)

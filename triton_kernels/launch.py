@@ -24,6 +24,12 @@ specialises each runtime argument on: a pointer is absent (a constexpr None) or
 own path; the GPU test ``test_direct_launch_is_tritons_binary`` checks that they do,
 bit for bit.
 
+A split-K product (``ops.split_k``) is two launches: the pointer kernel into a workspace
+(one ``torch.empty``), then ``split_k_reduce_kernel`` (``REDUCE``, cached the same way:
+an autotuner of one configuration makes its first launch, so that the later ones are
+direct too). The product's key also holds the slice length, on which its autotuner
+tunes (the grid is tiles x slices).
+
 Under the interpreter (``TRITON_INTERPRET=1``) there is no binary to call: the cache
 still computes the key, chooses the configuration (the single interpreter one) and
 packs the arguments, and the launch goes to the interpreter with exactly the packed
@@ -36,7 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -44,15 +50,18 @@ import triton
 from .configs import (
     INTERPRETER_META,
     INTERPRETER_NUM_SMS,
+    INTERPRETER_REDUCE_META,
     INTERPRETER_TMA_META,
     POINTER_ONLY_FLAGS,
+    SPLIT_K_MAX_M,
     block_shapes,
     launcher,
+    reduce_launcher,
     selected_configs,
     selected_tma_configs,
     tma_launcher,
 )
-from .fused_gemm import INTERPRET, fused_gemm_kernel
+from .fused_gemm import INTERPRET, fused_gemm_kernel, split_k_reduce_kernel
 from .tma_gemm import tma_gemm_kernel
 
 try:  # host-side tensor descriptors (Triton >= 3.4)
@@ -137,6 +146,17 @@ class CachedKernel:
         """The autotuner's configurations (None without one)."""
         return None if self.tuner is None else self.tuner.configs
 
+    @functools.cached_property
+    def split_tile(self) -> Tuple[int, int]:
+        """``(BLOCK_N, BLOCK_K)`` by which ``ops`` sizes a split-K launch of the pointer
+        kernel: the widest tile of the configurations such a launch keeps (at most
+        ``SPLIT_K_MAX_M`` rows: ``configs._fits``), so that if it under-fills the SMs any
+        of them does, and the largest BLOCK_K, a multiple of every configuration's (powers
+        of two), so that each slice ends on a block edge whichever runs."""
+        metas = [self.meta] if self.meta is not None else [c.kwargs for c in self.configs]
+        short = [m for m in metas if m["BLOCK_M"] <= SPLIT_K_MAX_M] or metas
+        return max(m["BLOCK_N"] for m in short), max(m["BLOCK_K"] for m in metas)
+
     def __call__(self, key, grid: Callable[[dict], int], args, constexprs: dict) -> None:
         """Launch ``fn`` on ``grid(meta)`` programs with the runtime ``args`` (a tuple,
         or a callable giving them for the meta-parameters, None before the autotuner
@@ -213,8 +233,10 @@ def _current_stream():
 if INTERPRET:
     POINTER = CachedKernel(fused_gemm_kernel, meta=INTERPRETER_META, first_constexpr="PRO_ACT")
     TMA = CachedKernel(tma_gemm_kernel, meta=INTERPRETER_TMA_META, first_constexpr="ROWSUM")
+    REDUCE = CachedKernel(split_k_reduce_kernel, meta=INTERPRETER_REDUCE_META, first_constexpr="HAS_BIAS")
 else:
     POINTER = CachedKernel(fused_gemm_kernel, launcher(selected_configs()), first_constexpr="PRO_ACT")
+    REDUCE = CachedKernel(split_k_reduce_kernel, reduce_launcher(), first_constexpr="HAS_BIAS")
     _tma_configs = selected_tma_configs()
     TMA = CachedKernel(tma_gemm_kernel, tma_launcher(_tma_configs), first_constexpr="ROWSUM") if _tma_configs else None
 
@@ -242,22 +264,24 @@ def bucket(n: int) -> int:
 _NO_STRIDES = (0, 0)
 
 
-def run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, flags_key, mlp) -> None:
+def run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, flags_key, mlp, k_split=0) -> None:
     """One launch of ``fused_gemm_kernel`` (``b`` and ``c`` None: row sums only);
     ``saved`` is the prologue's ``S`` (``act'``'s tensor, or the gate of ``h``), ``mlp``
     the ``ops.MLPOperands``, ``flags`` the constexpr flags and ``flags_key`` their items
-    (``ops.specialisation``). The arguments are checked by the caller."""
+    (``ops.specialisation``). With ``k_split`` (``SPLIT_K``), ``c`` is the ``(S, m, n)``
+    workspace of the partial products, a slice of ``k_split`` elements of K each. The
+    arguments are checked by the caller."""
     m, k = a.shape
     n = 0 if b is None else b.shape[1]
     b2, bias2, e, e2, colsum = mlp
     ptrs = (a, b, c, saved, bias, z, sums, *mlp)
     ints = (
         m, n, k,
-        *a.stride(), *(_NO_STRIDES if b is None else b.stride()), *(_NO_STRIDES if c is None else c.stride()),
+        *a.stride(), *(_NO_STRIDES if b is None else b.stride()), *(_NO_STRIDES if c is None else c.stride()[-2:]),
         *(_NO_STRIDES if saved is None else saved.stride()), 0 if bias is None else bias.stride(0),
         0 if sums is None else sums.stride(0),
         *(_NO_STRIDES if e is None else e.stride()), *(_NO_STRIDES if e2 is None else e2.stride()),
-        0 if colsum is None else colsum.stride(0),
+        0 if colsum is None else colsum.stride(0), k_split, c.stride(0) if k_split else 0,
     )
     classes, buckets = classify(ints)
     dtypes = (  # every input's, written out: 0.3-0.5 us a launch (2-core CPU), twice that as a loop
@@ -266,15 +290,48 @@ def run_pointer_kernel(a, b, c, saved, bias, z, sums, flags, flags_key, mlp) -> 
         None if e is None else e.dtype, None if e2 is None else e2.dtype,
     )
     key = (
-        a.device.index, dtypes, flags_key, buckets, tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]),
-        classes,
+        a.device.index, dtypes, flags_key, (buckets, k_split),
+        tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]), classes,
     )
-    halves = 2 if flags["DUAL"] else 1
+    programs = (2 if flags["DUAL"] else 1) * (-(-k // k_split) if k_split else 1)  # per tile
 
     def grid(meta):  # -(-x // y): the ceiling, in integers (triton.cdiv is a JIT function, ~10 us a call)
-        return -(-m // meta["BLOCK_M"]) * (halves * -(-n // meta["BLOCK_N"]) if b is not None else 1)
+        return -(-m // meta["BLOCK_M"]) * (programs * -(-n // meta["BLOCK_N"]) if b is not None else 1)
 
     POINTER(key, grid, (*ptrs, *ints, *buckets), flags)
+
+
+_NO_MLP = (None,) * 5
+
+
+def _workspace(shape, dtype, device) -> torch.Tensor:
+    """The split-K partial products' allocation (the tests poison it to catch unwritten
+    partials)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def run_split_k(a, b, c, bias, z, flags, flags_key, reduce_flags, reduce_key, k_split) -> None:
+    """A split-K product (``ops.split_k``) in two launches: ``fused_gemm_kernel`` with
+    ``SPLIT_K`` (``flags``) stores each slice's partial product into a workspace, then
+    ``split_k_reduce_kernel`` (``reduce_flags``: the bias, activation and ``z`` of the
+    caller's launch) sums them into ``c`` (and ``z``)."""
+    m, k = a.shape
+    n = b.shape[1]
+    splits = -(-k // k_split)
+    workspace = _workspace((splits, m, n), torch.float64 if a.dtype == torch.float64 else torch.float32, a.device)
+    run_pointer_kernel(a, b, workspace, None, None, None, None, flags, flags_key, _NO_MLP, k_split)
+    ptrs = (workspace, c, bias, z)
+    ints = (m, n, splits, *workspace.stride(), *c.stride(), 0 if bias is None else bias.stride(0))
+    classes, _ = classify(ints)
+    key = (
+        a.device.index, (a.dtype, None if bias is None else bias.dtype), reduce_key,
+        tuple([None if p is None else p.data_ptr() % 16 == 0 for p in ptrs]), classes,
+    )
+
+    def grid(meta):
+        return -(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"])
+
+    REDUCE(key, grid, (*ptrs, *ints), reduce_flags)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,6 +15,12 @@ prologue (``grad_activation``) and the MLP block's (:func:`fused_matmul`'s ``b2`
 ``hidden``, ``grad_hidden``, ``colsum``: ``MLP_FLAGS``) are the pointer kernel's alone
 (``POINTER_ONLY_FLAGS``). The autotune configurations are :mod:`.configs`' (their names
 are re-exported here: ``CONFIG_NAMES``, ``TMA_CONFIG_NAMES``).
+
+Decoding rows (at most ``SPLIT_K_MAX_M``) of a plain product on the pointer kernel (the
+forward with its bias, activation and ``z``, or a product without prologue) split K
+where their grid leaves SMs idle (:func:`_split_rule`): the pointer kernel's ``SPLIT_K``
+and a sum (``fused_gemm.py`` says why two launches). :func:`split_k` (or
+``$TORCH_MATGRAD_SPLIT_K``) forces it off or into a given number of slices.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from .configs import (  # noqa: F401 -- the configuration names, public here sin
     MLP_FLAGS,
     POINTER_ONLY_FLAGS,
     SMALL_M,
+    SPLIT_K_MAX_M,
     TMA_CONFIG_NAMES,
     TMA_CONFIGS,
     _shared_memory_limit,
@@ -134,6 +141,95 @@ def gemm_kernel(name: str) -> Iterator[None]:
         yield
     finally:
         _kernel_mode.reset(token)
+
+
+#: ``$TORCH_MATGRAD_SPLIT_K``, read once on import: the default of :func:`split_k`.
+SPLIT_K_ENV_VAR = "TORCH_MATGRAD_SPLIT_K"
+#: Programs per SM that an automatic split aims at: two decoding tiles (16 x 64 x 128 in
+#: 4 stages, 80 KiB of bf16 operands) fit one H100 SM, so its grid is one full wave.
+SPLIT_K_PROGRAMS_PER_SM = 2
+#: The fewest ``BLOCK_K`` granules (:attr:`launch.CachedKernel.split_tile`) in each slice
+#: of an automatic split: a slice of one or two blocks would be all pipeline prologue.
+SPLIT_K_MIN_SLICE = 2
+
+
+def _split_mode(value) -> object:
+    """``"auto"``, ``"off"`` or a number of slices (at least 2), checked."""
+    if value in ("auto", "off"):
+        return value
+    try:
+        splits = int(value)
+    except (TypeError, ValueError):
+        splits = 0
+    if splits < 2:
+        raise ValueError(f"split-K: {value!r}: choose auto, off or a number of slices >= 2")
+    return splits
+
+
+_split_k_mode = contextvars.ContextVar(
+    "torch_matgrad_split_k", default=_split_mode(os.environ.get(SPLIT_K_ENV_VAR, "").strip() or "auto")
+)
+
+
+@contextlib.contextmanager
+def split_k(mode) -> Iterator[None]:
+    """Inside the block, the plain products of at most ``SPLIT_K_MAX_M`` rows on the
+    pointer kernel split K as ``mode`` says: ``"auto"`` (the default, or
+    ``$TORCH_MATGRAD_SPLIT_K``): where :func:`_split_rule` finds the SMs under-filled;
+    ``"off"``: never; an integer ``S >= 2``: into ``S`` slices wherever K holds two
+    ``BLOCK_K`` granules (tests, and benchmarks sweeping ``S``). Wins over the variable."""
+    token = _split_k_mode.set(_split_mode(mode))
+    try:
+        yield
+    finally:
+        _split_k_mode.reset(token)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_rule(n: int, k: int, sms: int, block_n: int, granule: int, mode) -> int:
+    """The slice of K (elements, a multiple of ``granule``; 0: no split) for a product of
+    ``n`` columns over ``k`` on ``sms`` SMs, in tiles ``block_n`` wide.
+
+    Decoding rows are bound by reading B once, and a grid of ``cdiv(n, block_n)``
+    programs (one block row) under the SM count leaves bandwidth unused. ``"auto"``
+    splits only then, into ``S`` slices filling one wave of
+    ``SPLIT_K_PROGRAMS_PER_SM`` programs per SM (``S = PROGRAMS_PER_SM * sms // tiles``),
+    at most as many as K holds slices of ``SPLIT_K_MIN_SLICE`` granules; the slice is
+    rounded up to a granule, which may leave fewer slices. Memoised: a model repeats a
+    few shapes."""
+    if mode == "off":
+        return 0
+    if mode == "auto":
+        tiles = -(-n // block_n)
+        if tiles >= sms:
+            return 0
+        splits = min(SPLIT_K_PROGRAMS_PER_SM * sms // tiles, k // (SPLIT_K_MIN_SLICE * granule))
+    else:
+        splits = mode
+    if splits < 2:
+        return 0
+    k_split = -(-k // splits)  # ceilings, in integers (launch.bucket says why)
+    k_split = -(-k_split // granule) * granule
+    return k_split if k_split < k else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _splittable(flags_key: tuple) -> bool:
+    """Whether a launch with these flags (as items) may split K: a product with at
+    most the forward's bias, activation and ``z`` (no ``act'`` prologue, row or column
+    sums, or MLP flags), where the sum of the slices can take the epilogue."""
+    flags = dict(flags_key)
+    return flags["HAS_C"] and not flags["ROWSUM"] and not _pointer_only(flags_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_flags(flags_key: tuple) -> Tuple[dict, tuple, dict, tuple]:
+    """A split launch's two sets of flags, with their items: the pointer kernel's
+    (``SPLIT_K``, the plain product) and the sum's (the epilogue's)."""
+    flags = dict(flags_key)
+    product = dict(flags, SPLIT_K=True, HAS_BIAS=False, EPI_ACT=0, STORE_Z=False)
+    epilogue = {name: flags[name] for name in ("HAS_BIAS", "EPI_ACT", "STORE_Z")}
+    return product, _FlagsKey(product.items()), epilogue, _FlagsKey(epilogue.items())
 
 
 def _descriptor_layout(t: Tensor) -> Optional[bool]:
@@ -354,8 +450,11 @@ def fused_matmul(
     )
     rowsums = sums if rowsum else None
     plan = _descriptor_plan(a, b if has_c else None, saved, (c_view, z_view) if has_c else (), flags_key)
+    k_split = 0
+    if plan is None and m <= SPLIT_K_MAX_M and _splittable(flags_key):
+        k_split = _split_rule(n, k, launch.num_sms(device), *launch.POINTER.split_tile, _split_k_mode.get())
     launch_args = (plan, a, b if has_c else None, c_view if has_c else None, gate if hidden else saved, bias, z_view,
-                   rowsums, flags, flags_key, mlp, n)
+                   rowsums, flags, flags_key, mlp, n, k_split)
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):  # Triton launches on the current device (cuda:1 from cuda:0)
             _launch(*launch_args)
@@ -364,11 +463,14 @@ def fused_matmul(
     return c, z, sums
 
 
-def _launch(plan, a, b, c, saved, bias, z, sums, flags, flags_key, mlp, n) -> None:
+def _launch(plan, a, b, c, saved, bias, z, sums, flags, flags_key, mlp, n, k_split) -> None:
     """The launch (or two) of one :func:`fused_matmul`: the descriptor kernel where
-    ``plan`` says so, else the pointer kernel."""
+    ``plan`` says so, else the pointer kernel, split along K where ``k_split`` is set
+    (:func:`_split_rule`)."""
     if plan is not None:
         launch.run_tma_kernel(plan, c, bias, z, sums, flags_key)
+    elif k_split:
+        launch.run_split_k(a, b, c, bias, z, *_split_flags(flags_key), k_split)
     elif mlp.b2 is not None and flags["DUAL"] and not _same_strides((b, mlp.b2), (bias, mlp.bias2)):
         # The kernel reads B2 and bias2 through B's and bias's strides: one launch a half.
         one = dict(flags, DUAL=False)
@@ -448,14 +550,16 @@ def specialisation(
     gated: bool = False,
     colsum: bool = False,
     mlp_activation: Optional[str] = None,
+    split_k: bool = False,
 ) -> dict:
     """The kernel's constexpr flags for one kind of launch (the compile test builds
     every specialisation the backend launches from this). ``dual``, ``hidden``,
     ``grad_hidden`` (plain, or ``gated``), ``colsum`` and ``mlp_activation`` are the MLP
     block's (:func:`fused_matmul`'s ``b2``, ``hidden``/``gate``, ``grad_hidden``,
-    ``colsum``, ``mlp_activation``)."""
+    ``colsum``, ``mlp_activation``); ``split_k`` the partial products of a split launch
+    (:func:`split_k`; a plain product, no epilogue)."""
     return dict(_flags(dtype, input_precision(dtype), grad_activation, rowsum, has_c, has_bias, activation, store_z,
-                       dual, hidden, grad_hidden, gated, colsum, mlp_activation)[0])
+                       dual, hidden, grad_hidden, gated, colsum, mlp_activation, split_k)[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -481,7 +585,7 @@ class _FlagsKey(tuple):
 
 @functools.lru_cache(maxsize=None)
 def _flags(dtype, precision, grad_activation, rowsum, has_c, has_bias, activation, store_z, dual, hidden, grad_hidden,
-           gated, colsum, mlp_activation) -> Tuple[dict, tuple]:
+           gated, colsum, mlp_activation, split_k=False) -> Tuple[dict, tuple]:
     """:func:`specialisation`'s flags (``precision``: :func:`input_precision`'s answer)
     and their items (:class:`_FlagsKey`), the launch cache's key: built once per kind of
     launch (the dict is shared, never to be changed)."""
@@ -490,7 +594,7 @@ def _flags(dtype, precision, grad_activation, rowsum, has_c, has_bias, activatio
         PRO_ACT=ACT_CODES[grad_activation], ROWSUM=rowsum, HAS_C=has_c,
         HAS_BIAS=has_bias, EPI_ACT=ACT_CODES[activation], STORE_Z=store_z,
         ACC_DTYPE=_ACC_DTYPE.get(dtype, tl.float32), INPUT_PRECISION=precision,
-        UPCAST=INTERPRET and dtype == torch.bfloat16,
+        UPCAST=INTERPRET and dtype == torch.bfloat16, SPLIT_K=split_k,
         DUAL=dual, HIDDEN=kind if hidden else 0, EPI_GRAD=kind if grad_hidden else 0, COLSUM=colsum,
         MLP_ACT=ACT_CODES[mlp_activation],
     )
