@@ -16,7 +16,8 @@ takes a few microseconds (1 x 256 -> 256, so the loop of calls stays ahead of th
 the compiled kernel's launcher alone with the arguments our last launch gave it (Triton's
 own floor), ``launch.run_pointer_kernel``, ``fused_matmul``, ``triton_backend.forward``
 and the op, beside ``F.linear`` and the two output allocations: each difference is one
-layer's share. Beside them the descriptor kernel's launcher alone (in one configuration;
+layer's share (``ops.split_k("off")``: one launch each); then ``fused_matmul`` split into 4
+slices along K, the host cost of a split product's two launches and workspace. Beside them the descriptor kernel's launcher alone (in one configuration;
 on a GPU without TMA, not measured), whose excess over the pointer kernel's is Triton's
 per-call encoding of the four descriptors, one ``launch.describe``, and the current
 device and stream as the launch asks for them against ``torch.cuda.current_stream()``.
@@ -114,6 +115,7 @@ def wrapper_us(rounds: int = 7, calls: int = 2000) -> dict:
     launch._current_stream = lambda: 0
     launch.POINTER = launch.CachedKernel(launch.POINTER.fn, _Tuner(configs.CONFIGS[1]), first_constexpr="PRO_ACT")
     launch.TMA = launch.CachedKernel(launch.TMA.fn, _Tuner(configs.TMA_CONFIGS[2]), first_constexpr="ROWSUM")
+    launch.REDUCE = launch.CachedKernel(launch.REDUCE.fn, _Tuner(configs.REDUCE_CONFIG), first_constexpr="HAS_BIAS")
     x, w, b, g = (torch.randn(*s, dtype=torch.bfloat16) for s in ((256, 512), (1024, 512), (1024,), (256, 1024)))
     cases = {
         "descriptor kernel, forward + bias + GELU-tanh + z": ("tma", lambda: triton_backend.forward(x, w, b, "gelu_tanh")),
@@ -158,7 +160,8 @@ def breakdown_us(calls: int, device: str = "cuda") -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x, w, b = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((1, 256), (256, 256), (256,)))
     forward = lambda: triton_backend.forward(x, w, b, "gelu_tanh")  # noqa: E731
-    with torch_matgrad.use_backend("triton"), torch.no_grad():
+    # One launch per layer (a row this short would split K on a GPU: timed apart, last).
+    with torch_matgrad.use_backend("triton"), torch.no_grad(), ops.split_k("off"):
         with ops.gemm_kernel("pointer"):
             run, args = _recorded_launch(launch.POINTER, forward)
         layers = {"compiled kernel's launcher alone": lambda: run(*args)}
@@ -194,10 +197,14 @@ def breakdown_us(calls: int, device: str = "cuda") -> dict:
                 "torch.cuda.current_stream() (not on the launch path)": torch.cuda.current_stream,
             })
         best = dict.fromkeys(layers, float("inf"))
+        split = "ops.fused_matmul, split-K in 4 slices (two launches)"
+        best[split] = float("inf")
         with ops.gemm_kernel("pointer"):
             for _ in range(5):  # rounds interleaved, the best of each: other load hits every layer alike
                 for name, fn in layers.items():
                     best[name] = min(best[name], _host_us(fn, (), calls, sync))
+                with ops.split_k(4):
+                    best[split] = min(best[split], _host_us(layers["ops.fused_matmul (check=False)"], (), calls, sync))
         return best
 
 

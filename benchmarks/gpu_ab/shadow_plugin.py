@@ -19,8 +19,10 @@ _INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _outputs(fn_name, packed):
     """The output tensors among a launch's packed runtime arguments."""
-    if fn_name == "fused_gemm_kernel":  # c, z, row sums, column sums
+    if fn_name == "fused_gemm_kernel":  # c (a split-K product's workspace), z, row sums, column sums
         picks = [packed[i] for i in (2, 5, 6, 11)]
+    elif fn_name == "split_k_reduce_kernel":  # c, z
+        picks = [packed[1], packed[3]]
     else:  # tma_gemm_kernel: c_desc, z_desc (their tensors), row sums
         picks = [None if packed[i] is None else packed[i].base for i in (2, 3)] + [packed[5]]
     return [t for t in picks if t is not None]
