@@ -13,6 +13,8 @@ third one, on request (``TORCH_MATGRAD_REGISTER_REPORT=1``, before a GPU run: a 
 of compiles CI does not spend), compiles the descriptor kernel in the tiles of its
 autotune configurations and prints the registers and spilled bytes that ptxas reports
 for each (the compiled kernel's ``n_regs``/``n_spills`` exist only once loaded on a GPU).
+The split-K launches (the pointer kernel's ``SPLIT_K`` and the sum of its slices) and
+the cross-entropy kernels compile in tests of their own, with reports of their own.
 """
 
 from __future__ import annotations
@@ -422,6 +424,124 @@ def test_descriptor_kernel_registers_at_real_tiles():
         assert {"forward bias+gelu_tanh+z", "grad_x", "grad_W + grad_b"} <= set(launches), (name, table)
 
 
+# ------------------------------------------------------------- split-K launches
+# A decoding product split along K (``ops.split_k``): the pointer kernel with ``SPLIT_K``
+# (the plain product into the workspace; one flag set per dtype and fp32 precision, 5)
+# and ``split_k_reduce_kernel`` (the sum and the forward's epilogue): in bf16 each
+# forward flag set (bias or not, 5 activations, z where the backward needs it: 10), in
+# the other output dtypes the one with every flag on (bias, GELU-tanh, z): 13; the whole
+# matrix (40) with TORCH_MATGRAD_COMPILE_ALL=1.
+EXPECTED_SPLIT_K, EXPECTED_SPLIT_K_CI = 5 + 40, 5 + 13
+_REDUCE_META = dict(BLOCK_M=16, BLOCK_N=32)
+
+
+def split_k_specialisations(every: bool = COMPILE_ALL):
+    """``(kernel, label, dtype, flags)``: ``"pointer"`` with ``SPLIT_K``, ``"reduce"``
+    with the epilogue's flags (``ops._split_flags``)."""
+    from torch_matgrad.formulas import ACTIVATIONS, NEEDS_PREACTIVATION
+    from torch_matgrad.triton_kernels.ops import _split_flags, specialisation
+
+    variants = []
+    for precision in ("highest", "high"):
+        for dtype in _TYPE:
+            if precision == "high" and dtype != torch.float32:
+                continue
+            with float32_matmul_precision(precision):
+                flags = specialisation(dtype, split_k=True)
+            variants.append(("pointer", f"{_TYPE[dtype]} {flags['INPUT_PRECISION']} split-K product", dtype, flags))
+    for dtype in _TYPE:
+        for act in ACTIVATIONS:
+            for bias in (True, False):
+                if not (every or dtype == torch.bfloat16 or (bias and act == "gelu_tanh")):
+                    continue
+                store_z = act in NEEDS_PREACTIVATION
+                forward = specialisation(dtype, has_bias=bias, activation=act, store_z=store_z)
+                label = f"{_TYPE[dtype]} split-K sum bias={bias} act={act} z={store_z}"
+                variants.append(("reduce", label, dtype, _split_flags(tuple(forward.items()))[2]))
+    return variants
+
+
+def _compile_reduce(target, dtype, flags, meta, options, unit_strides=None):
+    """``split_k_reduce_kernel`` compiled to a cubin (``unit_strides``: see :func:`_signature`)."""
+    from torch_matgrad.triton_kernels.fused_gemm import split_k_reduce_kernel
+
+    kernel = split_k_reduce_kernel
+    absent = {"bias_ptr": not flags["HAS_BIAS"], "z_ptr": not flags["STORE_Z"]}
+    constexprs = {**flags, **meta, **{name: None for name, none in absent.items() if none}}
+    constexprs.update({name: 1 for name in unit_strides or ()})
+    accumulator = "fp64" if dtype == torch.float64 else "fp32"
+    signature = {
+        name: "constexpr" if name in constexprs else (
+            ("*" + (accumulator if name == "ws_ptr" else _TYPE[dtype])) if name.endswith("_ptr") else "i32")
+        for name in kernel.arg_names
+    }
+    attrs = {} if unit_strides is None else {
+        (i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+        if signature[name] != "constexpr" and name != "splits"
+    }
+    return _cubin(kernel, signature, constexprs, attrs, target, options)
+
+
+def compile_split_k(capability: int) -> int:
+    """:func:`split_k_specialisations` compiled for ``sm_<capability>``; returns the failures."""
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", capability, 32)
+    variants = split_k_specialisations()
+    print(f"compiling {len(variants)} split-K specialisations")
+    failures = 0
+    for kernel, label, dtype, flags in variants:
+        try:
+            if kernel == "pointer":
+                _compile_pointer(target, dtype, flags, _META, _OPTIONS)
+            else:
+                _compile_reduce(target, dtype, flags, _REDUCE_META, _OPTIONS)
+        except Exception as e:
+            failures += 1
+            print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
+    return failures
+
+
+def split_k_register_report() -> int:
+    """The split-K launches at their GPU tiles, bf16, contiguous operands (x, ``W^T``,
+    the workspace), for sm_90 and sm_80 (``python test_triton_compile.py 90
+    split-k-report``): the pointer kernel with ``SPLIT_K`` in each configuration the
+    autotuner keeps for it on an H100, and the sum with every flag on (a :func:`_report`
+    table)."""
+    from triton.backends.compiler import GPUTarget
+
+    from torch_matgrad.triton_kernels import configs, ops
+
+    configs._shared_memory_limit = lambda device: _H100_SHARED  # the pruning, without a GPU
+    product = ops.specialisation(torch.bfloat16, split_k=True)
+    kept = configs._fits(ops.CONFIGS, {"a_ptr": torch.empty(1, 1, dtype=torch.bfloat16), "M_BUCKET": 1}, **product)
+    every = ops._split_flags(tuple(ops.specialisation(torch.bfloat16, has_bias=True, activation="gelu_tanh",
+                                                      store_z=True).items()))[2]
+    reduce_cfg = configs.REDUCE_CONFIG
+    cases = []
+    for capability in (90, 80):
+        target = GPUTarget("cuda", capability, 32)
+        for cfg in kept:
+            cases.append((f"sm_{capability} {ops.config_name(cfg)}", "split-K product", functools.partial(
+                _compile_pointer, target, torch.bfloat16, product, cfg.kwargs, _options(cfg),
+                ("stride_ak", "stride_bk", "stride_cn"))))
+        cases.append((f"sm_{capability} {reduce_cfg.kwargs}", "split-K sum, bias+gelu_tanh+z", functools.partial(
+            _compile_reduce, target, torch.bfloat16, every, reduce_cfg.kwargs, _options(reduce_cfg),
+            ("stride_wn", "stride_cn", "stride_bias"))))
+    return _report(cases)
+
+
+@pytest.mark.slow
+def test_split_k_kernels_compile_for_sm80_and_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    procs = [_compiler(str(cc), "split-k") for cc in TARGETS]
+    for cc, p in zip(TARGETS, procs):
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
+        expected = EXPECTED_SPLIT_K if COMPILE_ALL else EXPECTED_SPLIT_K_CI
+        assert f"compiling {expected} split-K specialisations" in out, out
+
+
 # ------------------------------------------------- linear cross-entropy kernels
 # ``triton_kernels/cross_entropy.py``: the forward (its four flags), the combining kernel,
 # the backward (its three loss flags and the gradients needed; grad_b only with a bias)
@@ -575,6 +695,10 @@ if __name__ == "__main__":
         sys.exit(1 if mlp_register_report() else 0)
     if sys.argv[2:] == ["cross-entropy"]:
         sys.exit(1 if compile_cross_entropy(int(sys.argv[1])) else 0)
+    if sys.argv[2:] == ["split-k"]:
+        sys.exit(1 if compile_split_k(int(sys.argv[1])) else 0)
+    if sys.argv[2:] == ["split-k-report"]:
+        sys.exit(1 if split_k_register_report() else 0)
     if sys.argv[2:] == ["ce-report"]:
         sys.exit(1 if ce_register_report() else 0)
     sys.exit(1 if compile_all(int(sys.argv[1])) else 0)
