@@ -17,7 +17,11 @@ each autotuner chose, descriptor / pointer time, the winner; then the geometric 
 product) into ``--out``; ``ops.gemm_kernel_for`` is where a shape class that the pointer
 kernel wins would be sent back to it.
 
-Usage: python benchmarks/kernel_choice.py --out DIR [--shapes gpu_quick] [--rep-ms 50] [--warm]
+Decoding rows (``--shapes decode``, M <= 16) split K where the grid leaves SMs idle
+(``ops.split_k``); ``--split-k off`` (or a number of slices) times them otherwise, so two
+runs into two folders compare the split with the plain product.
+
+Usage: python benchmarks/kernel_choice.py --out DIR [--shapes gpu_quick] [--rep-ms 50] [--warm] [--split-k auto]
 ``--warm`` runs each case once, untimed, writing nothing: ``gpu_check.sh`` fills the Triton
 cache this way, one process per configuration. Without a GPU it is a dry run under
 Triton's interpreter on two small shapes (the tooling only: no figure means anything).
@@ -66,7 +70,7 @@ TOLERANCE = 2e-2
 # several of the interpreter's 32 x 32 tiles.
 DRY_RUN_SHAPES = [(104, 40, 48), (72, 64, 40)]
 COLUMNS = (
-    "date", "commit", "device_name", "torch", "triton", "M", "K", "N", "product", "kernel", "ran",
+    "date", "commit", "device_name", "torch", "triton", "M", "K", "N", "product", "kernel", "ran", "split_k",
     "config", "ms", "ms_p20", "ms_p80", "tflops", "rel_err",
 )
 
@@ -124,7 +128,7 @@ def _best_config(kernel: str) -> str:
     return ops.config_name(best) if best is not None else "interpreter"
 
 
-def measure(shapes, device, rep_ms, warm_only=False):
+def measure(shapes, device, rep_ms, warm_only=False, split_k="auto"):
     env = {c: v for c, v in environment(device).items() if c in COLUMNS}
     # Warming up, a process whose $TORCH_MATGRAD_TRITON_CONFIGS names configurations of
     # one kernel only runs that kernel (the other would compile its fallback for nothing).
@@ -135,7 +139,7 @@ def measure(shapes, device, rep_ms, warm_only=False):
         for product in PRODUCTS:
             call, (a, bb, saved, out), ref = _product(product, x, w, b, gz)
             for kernel in kernels:
-                with ops.gemm_kernel(kernel):
+                with ops.gemm_kernel(kernel), ops.split_k(split_k):
                     ran = ops.gemm_kernel_for(a, bb, saved, (out,))
                     got = call()
                     if warm_only:
@@ -144,7 +148,8 @@ def measure(shapes, device, rep_ms, warm_only=False):
                     config = _best_config(ran)
                     ms, p20, p80 = _time(call, device, rep_ms)
                 rows.append({
-                    **env, "M": m, "K": k, "N": n, "product": product, "kernel": kernel, "ran": ran, "config": config,
+                    **env, "M": m, "K": k, "N": n, "product": product, "kernel": kernel, "ran": ran, "split_k": split_k,
+                    "config": config,
                     "ms": ms, "ms_p20": p20, "ms_p80": p80, "tflops": 2 * m * n * k / ms / 1e9, "rel_err": err,
                 })
     return rows
@@ -192,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=None, help="a torch_matgrad.bench shape set (default gpu_quick)")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench's repetition time per case")
     parser.add_argument("--warm", action="store_true", help="run each case once untimed and write nothing")
+    parser.add_argument("--split-k", default="auto", help="ops.split_k's mode: auto, off or a number of slices")
     parser.add_argument(DEVICE_ARG, choices=("cuda", "cpu"), default=_device())
     args = parser.parse_args(argv)
     if not args.warm and args.out is None:
@@ -201,7 +207,7 @@ def main(argv=None) -> int:
     else:
         shapes = SHAPE_SETS[args.shapes] if args.shapes else DRY_RUN_SHAPES
         print("No CUDA GPU: DRY RUN under Triton's interpreter (no time means anything)")
-    rows = measure(shapes, args.device, args.rep_ms, warm_only=args.warm)
+    rows = measure(shapes, args.device, args.rep_ms, warm_only=args.warm, split_k=args.split_k)
     if args.warm:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +217,8 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     env = environment(args.device)
     title = (f"**{env['device_name']}; torch {env['torch']}, triton {env['triton']}; commit {env['commit']}; "
-             f"{env['date']}; bf16; timed by {'cuda events' if args.device == 'cuda' else 'nothing (dry run)'}**")
+             f"{env['date']}; bf16; split-K {args.split_k}; "
+             f"timed by {'cuda events' if args.device == 'cuda' else 'nothing (dry run)'}**")
     text = f"{title}\n\n{report(rows)}\n"
     (args.out / "kernel_choice.md").write_text(text)
     print(text)
