@@ -242,3 +242,23 @@ def test_one_entry_is_one_binary_and_one_tuning(monkeypatch):
     assert not {entry: launches for entry, launches in seen.items() if len(launches) > 1}
     kinds = [fn for fn, _ in seen]
     assert kinds.count(launch.POINTER.fn) >= 6 and kinds.count(launch.REDUCE.fn) >= 4, kinds
+
+
+@pytest.mark.cuda
+def test_split_runs_inside_cuda_graphs(split_launches):
+    # Both launches and the workspace's allocation are captured (the workspace in the
+    # graph's pool) and replayed; the first of their kind ran outside, as autotuning must.
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    out = triton_backend.forward(x, w, b, "gelu_tanh")[0]
+    assert len(split_launches) == 1  # 1024 columns: too few tiles for the SMs
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_backend.forward(x, w, b, "gelu_tanh")[0]
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, triton_backend.forward(x, w, b, "gelu_tanh")[0])
+    assert not torch.equal(captured, out)
+    assert_rel_close(captured, activate_ref(x.double() @ w.double().t() + b.double(), "gelu_tanh"), torch.bfloat16)
