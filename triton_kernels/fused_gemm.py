@@ -389,7 +389,9 @@ def split_k_reduce_kernel(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ws = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_wm + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.load(ws, mask=mask, other=0.0)
-    for _ in range(1, splits):
+    # Pipelined: the next slices' loads are in flight while one is added (a plain loop
+    # waits out an L2 round trip per slice).
+    for _ in tl.range(1, splits, num_stages=3):
         ws += stride_ws
         acc += tl.load(ws, mask=mask, other=0.0)
     _epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m, offs_n, offs_n, M, N, stride_cm, stride_cn, stride_bias,
