@@ -145,8 +145,8 @@ def gemm_kernel(name: str) -> Iterator[None]:
 
 #: ``$TORCH_MATGRAD_SPLIT_K``, read once on import: the default of :func:`split_k`.
 SPLIT_K_ENV_VAR = "TORCH_MATGRAD_SPLIT_K"
-#: Programs per SM that an automatic split aims at: two decoding tiles (16 x 64 x 128 in
-#: 4 stages, 80 KiB of bf16 operands) fit one H100 SM, so its grid is one full wave.
+#: Programs per SM that an automatic split aims at: two streams of W per SM, in one wave
+#: (a 16 x 64 x 128 tile in 4 stages takes 60 KiB of shared memory on sm_90: three fit).
 SPLIT_K_PROGRAMS_PER_SM = 2
 #: The fewest ``BLOCK_K`` granules (:attr:`launch.CachedKernel.split_tile`) in each slice
 #: of an automatic split: a slice of one or two blocks would be all pipeline prologue.
@@ -176,8 +176,9 @@ def split_k(mode) -> Iterator[None]:
     """Inside the block, the plain products of at most ``SPLIT_K_MAX_M`` rows on the
     pointer kernel split K as ``mode`` says: ``"auto"`` (the default, or
     ``$TORCH_MATGRAD_SPLIT_K``): where :func:`_split_rule` finds the SMs under-filled;
-    ``"off"``: never; an integer ``S >= 2``: into ``S`` slices wherever K holds two
-    ``BLOCK_K`` granules (tests, and benchmarks sweeping ``S``). Wins over the variable."""
+    ``"off"``: never; an integer ``S >= 2``: into ``S`` slices (whole granules, so
+    fewer where K is short; none where K is one granule or less) whatever the SMs (tests,
+    and benchmarks sweeping ``S``). Wins over the variable."""
     token = _split_k_mode.set(_split_mode(mode))
     try:
         yield
