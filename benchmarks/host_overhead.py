@@ -16,8 +16,9 @@ takes a few microseconds (1 x 256 -> 256, so the loop of calls stays ahead of th
 the compiled kernel's launcher alone with the arguments our last launch gave it (Triton's
 own floor), ``launch.run_pointer_kernel``, ``fused_matmul``, ``triton_backend.forward``
 and the op, beside ``F.linear`` and the two output allocations: each difference is one
-layer's share (``ops.split_k("off")``: one launch each); then ``fused_matmul`` split into 4
-slices along K, the host cost of a split product's two launches and workspace. Beside them the descriptor kernel's launcher alone (in one configuration;
+layer's share (``ops.split_k("off")``: one launch each); then ``fused_matmul`` at 1 x 1024
+-> 256 split into 4 slices along K, the host cost of a split product's two launches and
+workspace. Beside them the descriptor kernel's launcher alone (in one configuration;
 on a GPU without TMA, not measured), whose excess over the pointer kernel's is Triton's
 per-call encoding of the four descriptors, one ``launch.describe``, and the current
 device and stream as the launch asks for them against ``torch.cuda.current_stream()``.
@@ -197,14 +198,17 @@ def breakdown_us(calls: int, device: str = "cuda") -> dict:
                 "torch.cuda.current_stream() (not on the launch path)": torch.cuda.current_stream,
             })
         best = dict.fromkeys(layers, float("inf"))
-        split = "ops.fused_matmul, split-K in 4 slices (two launches)"
+        # K long enough for 4 slices of the GPU's 256-element granules.
+        split = "ops.fused_matmul, 1 x 1024 -> 256 split-K in 4 slices (two launches)"
+        x4, w4 = (torch.randn(*s, device=device, dtype=torch.bfloat16) for s in ((1, 1024), (256, 1024)))
         best[split] = float("inf")
         with ops.gemm_kernel("pointer"):
             for _ in range(5):  # rounds interleaved, the best of each: other load hits every layer alike
                 for name, fn in layers.items():
                     best[name] = min(best[name], _host_us(fn, (), calls, sync))
                 with ops.split_k(4):
-                    best[split] = min(best[split], _host_us(layers["ops.fused_matmul (check=False)"], (), calls, sync))
+                    best[split] = min(best[split], _host_us(lambda: ops.fused_matmul(
+                        x4, w4.t(), bias=b, activation="gelu_tanh", store_z=True, check=False), (), calls, sync))
         return best
 
 
