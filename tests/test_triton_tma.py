@@ -15,6 +15,7 @@ tests run.
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -365,6 +366,24 @@ def test_transposed_descriptor_describes_the_transpose_without_a_view():
     want = launch.TensorDescriptor(t.t(), list(t.t().shape), list(t.t().stride()), [16, 8])
     assert d.base is t and (d.shape, d.strides, d.block_shape) == (want.shape, want.strides, want.block_shape)
     assert vars(d) == {**vars(want), "base": t}
+
+
+def test_a_forced_choice_reaches_the_autograd_thread():
+    # On CUDA the autograd engine runs a backward on its device thread: the kernel (and
+    # split) forced around loss.backward() in the calling thread must reach it.
+    x = torch.empty(256, 64, dtype=torch.bfloat16, device=DEVICE)
+    w, out = torch.empty(128, 64, dtype=torch.bfloat16, device=DEVICE), torch.empty(256, 128, device=DEVICE)
+    seen = []
+
+    def look():
+        seen.append((ops.gemm_kernel_for(x, w.t(), None, (out.bfloat16(),)), ops._split_k_mode))
+
+    for kernel, split in (("tma", "off"), ("pointer", 3)):
+        with ops.gemm_kernel(kernel), ops.split_k(split):
+            thread = threading.Thread(target=look)
+            thread.start()
+            thread.join()
+    assert seen == [("tma", "off"), ("pointer", 3)]
 
 
 def test_kernel_override_names_the_choices(monkeypatch):

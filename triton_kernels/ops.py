@@ -26,7 +26,6 @@ and a sum (``fused_gemm.py`` says why two launches). :func:`split_k` (or
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import itertools
 import os
@@ -124,8 +123,10 @@ def _kernel_mode_from_env() -> str:
     return mode
 
 
-# Context-local: a benchmark's choice in one thread leaves another's alone.
-_kernel_mode = contextvars.ContextVar("torch_matgrad_gemm_kernel", default=_kernel_mode_from_env())
+# A module global, as use_backend's and gz_strategy's: on CUDA the autograd engine runs a
+# backward on its device thread, which a context variable set around loss.backward()
+# would not reach (the backward's launches would take "auto").
+_kernel_mode = _kernel_mode_from_env()
 
 
 @contextlib.contextmanager
@@ -134,13 +135,14 @@ def gemm_kernel(name: str) -> Iterator[None]:
     ``GEMM_KERNELS``) wherever it is valid: benchmarks time the two kernels against each
     other, tests run the descriptor kernel under the interpreter. Wins over
     ``$TORCH_MATGRAD_GEMM_KERNEL``."""
+    global _kernel_mode
     if name not in GEMM_KERNELS:
         raise ValueError(f"gemm_kernel: unknown kernel {name!r}; choose one of {', '.join(GEMM_KERNELS)}")
-    token = _kernel_mode.set(name)
+    previous, _kernel_mode = _kernel_mode, name
     try:
         yield
     finally:
-        _kernel_mode.reset(token)
+        _kernel_mode = previous
 
 
 #: ``$TORCH_MATGRAD_SPLIT_K``, read once on import: the default of :func:`split_k`.
@@ -166,9 +168,8 @@ def _split_mode(value) -> object:
     return splits
 
 
-_split_k_mode = contextvars.ContextVar(
-    "torch_matgrad_split_k", default=_split_mode(os.environ.get(SPLIT_K_ENV_VAR, "").strip() or "auto")
-)
+# A module global, as _kernel_mode (the backward's launches run on CUDA's autograd thread).
+_split_k_mode = _split_mode(os.environ.get(SPLIT_K_ENV_VAR, "").strip() or "auto")
 
 
 @contextlib.contextmanager
@@ -179,11 +180,12 @@ def split_k(mode) -> Iterator[None]:
     ``"off"``: never; an integer ``S >= 2``: into ``S`` slices (whole granules, so
     fewer where K is short; none where K is one granule or less) whatever the SMs (tests,
     and benchmarks sweeping ``S``). Wins over the variable."""
-    token = _split_k_mode.set(_split_mode(mode))
+    global _split_k_mode
+    previous, _split_k_mode = _split_k_mode, _split_mode(mode)
     try:
         yield
     finally:
-        _split_k_mode.reset(token)
+        _split_k_mode = previous
 
 
 @functools.lru_cache(maxsize=4096)
@@ -275,7 +277,7 @@ def _tma_hardware(device: torch.device) -> bool:
                 torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
             )
         return has
-    return INTERPRET and device.type == "cpu" and _kernel_mode.get() == "tma"
+    return INTERPRET and device.type == "cpu" and _kernel_mode == "tma"
 
 
 def gemm_kernel_for(
@@ -310,7 +312,7 @@ def _descriptor_plan(a, b, saved, outputs, flags_key):
     pointer kernel."""
     if saved is not None or (flags_key is not None and _pointer_only(flags_key)):
         return None
-    mode = _kernel_mode.get()
+    mode = _kernel_mode
     if mode == "pointer" or not TMA_AVAILABLE or launch.TMA is None:
         return None
     if a.dtype not in TMA_DTYPES or b is None or b.shape[1] == 0 or not _tma_hardware(a.device):
@@ -453,7 +455,7 @@ def fused_matmul(
     plan = _descriptor_plan(a, b if has_c else None, saved, (c_view, z_view) if has_c else (), flags_key)
     k_split = 0
     if plan is None and m <= SPLIT_K_MAX_M and _splittable(flags_key):
-        k_split = _split_rule(n, k, launch.num_sms(device), *launch.POINTER.split_tile, _split_k_mode.get())
+        k_split = _split_rule(n, k, launch.num_sms(device), *launch.POINTER.split_tile, _split_k_mode)
     launch_args = (plan, a, b if has_c else None, c_view if has_c else None, gate if hidden else saved, bias, z_view,
                    rowsums, flags, flags_key, mlp, n, k_split)
     if device.type == "cuda" and device.index != torch.cuda.current_device():
