@@ -13,8 +13,8 @@ third one, on request (``TORCH_MATGRAD_REGISTER_REPORT=1``, before a GPU run: a 
 of compiles CI does not spend), compiles the descriptor kernel in the tiles of its
 autotune configurations and prints the registers and spilled bytes that ptxas reports
 for each (the compiled kernel's ``n_regs``/``n_spills`` exist only once loaded on a GPU).
-The split-K launches (the pointer kernel's ``SPLIT_K`` and the sum of its slices) and
-the cross-entropy kernels compile in tests of their own, with reports of their own.
+The split-K launches (the pointer kernel's ``SPLIT_K`` and the sum of its slices), the
+``G_z`` pass with ``grad_b`` and the cross-entropy kernels compile in tests of their own.
 """
 
 from __future__ import annotations
@@ -542,6 +542,61 @@ def test_split_k_kernels_compile_for_sm80_and_sm90():
         assert f"compiling {expected} split-K specialisations" in out, out
 
 
+# ------------------------------------------------------------ the G_z pass
+# ``triton_kernels/gz_pass.py`` (the backward's G_z with grad_b summed beside it, for a
+# grad_W on cuBLAS), at its GPU tiles: every activation in bf16 and GELU-tanh in the
+# other dtypes, 8 per target; all 20 with TORCH_MATGRAD_COMPILE_ALL=1.
+EXPECTED_GZ, EXPECTED_GZ_CI = 4 * 5, 5 + 3
+
+
+def gz_pass_specialisations(every: bool = COMPILE_ALL):
+    """``(dtype, activation)`` of each compiled pass."""
+    from torch_matgrad.triton_kernels.fused_gemm import ACT_CODES
+
+    return [(dtype, act) for dtype in _TYPE for act in ACT_CODES
+            if every or dtype == torch.bfloat16 or act == "gelu_tanh"]
+
+
+def compile_gz_pass(capability: int) -> int:
+    """:func:`gz_pass_specialisations` compiled for ``sm_<capability>``; returns the failures."""
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from torch_matgrad.triton_kernels import gz_pass
+    from torch_matgrad.triton_kernels.fused_gemm import ACT_CODES
+
+    target = GPUTarget("cuda", capability, 32)
+    kernel = gz_pass.gz_bias_kernel
+    variants = gz_pass_specialisations()
+    print(f"compiling {len(variants)} G_z pass specialisations")
+    failures = 0
+    for dtype, act in variants:
+        wide = dtype == torch.float64  # the partial sums' type: fp64 for fp64, else fp32
+        constexprs = dict(ACT=ACT_CODES[act], ACC_DTYPE=tl.float64 if wide else tl.float32, **gz_pass._META)
+        signature = {
+            name: "constexpr" if name in constexprs else
+            ("*fp64" if wide else "*fp32") if name == "part_ptr" else
+            "*" + _TYPE[dtype] if name.endswith("_ptr") else "i32"
+            for name in kernel.arg_names
+        }
+        try:
+            _cubin(kernel, signature, constexprs, {}, target, dict(num_warps=4))
+        except Exception as e:
+            failures += 1
+            print(f"sm_{capability} G_z pass {_TYPE[dtype]} {act}: {type(e).__name__}: {str(e)[-2000:]}")
+    return failures
+
+
+@pytest.mark.slow
+def test_gz_pass_compiles_for_sm80_and_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    procs = [_compiler(str(cc), "gz-pass") for cc in TARGETS]
+    for cc, p in zip(TARGETS, procs):
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
+        assert f"compiling {EXPECTED_GZ if COMPILE_ALL else EXPECTED_GZ_CI} G_z pass specialisations" in out, out
+
+
 # ------------------------------------------------- linear cross-entropy kernels
 # ``triton_kernels/cross_entropy.py``: the forward (its four flags), the combining kernel,
 # the backward (its three loss flags and the gradients needed; grad_b only with a bias)
@@ -695,6 +750,8 @@ if __name__ == "__main__":
         sys.exit(1 if mlp_register_report() else 0)
     if sys.argv[2:] == ["cross-entropy"]:
         sys.exit(1 if compile_cross_entropy(int(sys.argv[1])) else 0)
+    if sys.argv[2:] == ["gz-pass"]:
+        sys.exit(1 if compile_gz_pass(int(sys.argv[1])) else 0)
     if sys.argv[2:] == ["split-k"]:
         sys.exit(1 if compile_split_k(int(sys.argv[1])) else 0)
     if sys.argv[2:] == ["split-k-report"]:
