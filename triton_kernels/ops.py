@@ -134,7 +134,9 @@ def gemm_kernel(name: str) -> Iterator[None]:
     """Inside the block, launch the GEMMs with the kernel ``name`` (one of
     ``GEMM_KERNELS``) wherever it is valid: benchmarks time the two kernels against each
     other, tests run the descriptor kernel under the interpreter. Wins over
-    ``$TORCH_MATGRAD_GEMM_KERNEL``."""
+    ``$TORCH_MATGRAD_GEMM_KERNEL``. Process-wide, as :func:`torch_matgrad.use_backend`:
+    it reaches the backward on CUDA's autograd thread; enter it in one thread, around the
+    work, not in threads whose blocks overlap (each restores what it found)."""
     global _kernel_mode
     if name not in GEMM_KERNELS:
         raise ValueError(f"gemm_kernel: unknown kernel {name!r}; choose one of {', '.join(GEMM_KERNELS)}")
