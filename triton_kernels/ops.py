@@ -181,7 +181,8 @@ def split_k(mode) -> Iterator[None]:
     ``$TORCH_MATGRAD_SPLIT_K``): where :func:`_split_rule` finds the SMs under-filled;
     ``"off"``: never; an integer ``S >= 2``: into ``S`` slices (whole granules, so
     fewer where K is short; none where K is one granule or less) whatever the SMs (tests,
-    and benchmarks sweeping ``S``). Wins over the variable."""
+    and benchmarks sweeping ``S``). Wins over the variable. Process-wide, as
+    :func:`gemm_kernel`."""
     global _split_k_mode
     previous, _split_k_mode = _split_k_mode, _split_mode(mode)
     try:
