@@ -386,6 +386,34 @@ def _compiler(*args, env=()):
     )
 
 
+def _compile_each(capability: int, what: str, variants) -> int:
+    """Compiles each ``(label, compile)`` of ``variants`` (``compile(target)``) for
+    ``sm_<capability>``, after printing how many; prints each failure; returns their count."""
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", capability, 32)
+    print(f"compiling {len(variants)} {what} specialisations")
+    failures = 0
+    for label, compile_one in variants:
+        try:
+            compile_one(target)
+        except Exception as e:  # report every failing variant, not just the first
+            failures += 1
+            print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
+    return failures
+
+
+def _assert_both_targets_compile(mode: str, what: str, expected: int) -> None:
+    """This file's ``mode`` for sm_80 and sm_90 side by side, each :func:`_compile_each`'s
+    ``expected`` variants without a failure."""
+    pytest.importorskip("triton.backends.nvidia")
+    procs = [_compiler(str(cc), mode) for cc in TARGETS]
+    for cc, p in zip(TARGETS, procs):
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
+        assert f"compiling {expected} {what} specialisations" in out, out
+
+
 @pytest.mark.slow
 def test_every_specialisation_compiles_for_sm80_and_sm90():
     # sm_80: the pointer kernel; sm_90: both kernels (the descriptor kernel's PTX
@@ -484,22 +512,11 @@ def _compile_reduce(target, dtype, flags, meta, options, unit_strides=None):
 
 def compile_split_k(capability: int) -> int:
     """:func:`split_k_specialisations` compiled for ``sm_<capability>``; returns the failures."""
-    from triton.backends.compiler import GPUTarget
-
-    target = GPUTarget("cuda", capability, 32)
-    variants = split_k_specialisations()
-    print(f"compiling {len(variants)} split-K specialisations")
-    failures = 0
-    for kernel, label, dtype, flags in variants:
-        try:
-            if kernel == "pointer":
-                _compile_pointer(target, dtype, flags, _META, _OPTIONS)
-            else:
-                _compile_reduce(target, dtype, flags, _REDUCE_META, _OPTIONS)
-        except Exception as e:
-            failures += 1
-            print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
-    return failures
+    return _compile_each(capability, "split-K", [
+        (label, functools.partial(_compile_pointer, dtype=dtype, flags=flags, meta=_META, options=_OPTIONS)
+         if kernel == "pointer" else
+         functools.partial(_compile_reduce, dtype=dtype, flags=flags, meta=_REDUCE_META, options=_OPTIONS))
+        for kernel, label, dtype, flags in split_k_specialisations()])
 
 
 def split_k_register_report() -> int:
@@ -533,13 +550,7 @@ def split_k_register_report() -> int:
 
 @pytest.mark.slow
 def test_split_k_kernels_compile_for_sm80_and_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    procs = [_compiler(str(cc), "split-k") for cc in TARGETS]
-    for cc, p in zip(TARGETS, procs):
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
-        expected = EXPECTED_SPLIT_K if COMPILE_ALL else EXPECTED_SPLIT_K_CI
-        assert f"compiling {expected} split-K specialisations" in out, out
+    _assert_both_targets_compile("split-k", "split-K", EXPECTED_SPLIT_K if COMPILE_ALL else EXPECTED_SPLIT_K_CI)
 
 
 # ------------------------------------------------------------ the G_z pass
@@ -557,44 +568,34 @@ def gz_pass_specialisations(every: bool = COMPILE_ALL):
             if every or dtype == torch.bfloat16 or act == "gelu_tanh"]
 
 
-def compile_gz_pass(capability: int) -> int:
-    """:func:`gz_pass_specialisations` compiled for ``sm_<capability>``; returns the failures."""
+def _compile_gz_pass(target, dtype, act):
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
 
     from torch_matgrad.triton_kernels import gz_pass
     from torch_matgrad.triton_kernels.fused_gemm import ACT_CODES
 
-    target = GPUTarget("cuda", capability, 32)
     kernel = gz_pass.gz_bias_kernel
-    variants = gz_pass_specialisations()
-    print(f"compiling {len(variants)} G_z pass specialisations")
-    failures = 0
-    for dtype, act in variants:
-        wide = dtype == torch.float64  # the partial sums' type: fp64 for fp64, else fp32
-        constexprs = dict(ACT=ACT_CODES[act], ACC_DTYPE=tl.float64 if wide else tl.float32, **gz_pass._META)
-        signature = {
-            name: "constexpr" if name in constexprs else
-            ("*fp64" if wide else "*fp32") if name == "part_ptr" else
-            "*" + _TYPE[dtype] if name.endswith("_ptr") else "i32"
-            for name in kernel.arg_names
-        }
-        try:
-            _cubin(kernel, signature, constexprs, {}, target, dict(num_warps=4))
-        except Exception as e:
-            failures += 1
-            print(f"sm_{capability} G_z pass {_TYPE[dtype]} {act}: {type(e).__name__}: {str(e)[-2000:]}")
-    return failures
+    wide = dtype == torch.float64  # the partial sums' type: fp64 for fp64, else fp32
+    constexprs = dict(ACT=ACT_CODES[act], ACC_DTYPE=tl.float64 if wide else tl.float32, **gz_pass._META)
+    signature = {
+        name: "constexpr" if name in constexprs else
+        ("*fp64" if wide else "*fp32") if name == "part_ptr" else
+        "*" + _TYPE[dtype] if name.endswith("_ptr") else "i32"
+        for name in kernel.arg_names
+    }
+    return _cubin(kernel, signature, constexprs, {}, target, dict(num_warps=4))
+
+
+def compile_gz_pass(capability: int) -> int:
+    """:func:`gz_pass_specialisations` compiled for ``sm_<capability>``; returns the failures."""
+    return _compile_each(capability, "G_z pass", [
+        (f"G_z pass {_TYPE[dtype]} {act}", functools.partial(_compile_gz_pass, dtype=dtype, act=act))
+        for dtype, act in gz_pass_specialisations()])
 
 
 @pytest.mark.slow
 def test_gz_pass_compiles_for_sm80_and_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    procs = [_compiler(str(cc), "gz-pass") for cc in TARGETS]
-    for cc, p in zip(TARGETS, procs):
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
-        assert f"compiling {EXPECTED_GZ if COMPILE_ALL else EXPECTED_GZ_CI} G_z pass specialisations" in out, out
+    _assert_both_targets_compile("gz-pass", "G_z pass", EXPECTED_GZ if COMPILE_ALL else EXPECTED_GZ_CI)
 
 
 # ------------------------------------------------- linear cross-entropy kernels
@@ -693,19 +694,10 @@ def _compile_ce(target, kernel_name, dtype, flags, meta, options, unit_strides=N
 
 def compile_cross_entropy(capability: int) -> int:
     """:func:`ce_specialisations` compiled for ``sm_<capability>``; returns the failures."""
-    from triton.backends.compiler import GPUTarget
-
-    target = GPUTarget("cuda", capability, 32)
-    variants = ce_specialisations()
-    print(f"compiling {len(variants)} cross-entropy specialisations")
-    failures = 0
-    for kernel, label, dtype, flags in variants:
-        try:
-            _compile_ce(target, kernel, dtype, flags, _CE_META[kernel], _OPTIONS)
-        except Exception as e:
-            failures += 1
-            print(f"sm_{capability} {label}: {type(e).__name__}: {str(e)[-2000:]}")
-    return failures
+    return _compile_each(capability, "cross-entropy", [
+        (label, functools.partial(_compile_ce, kernel_name=kernel, dtype=dtype, flags=flags, meta=_CE_META[kernel],
+                                  options=_OPTIONS))
+        for kernel, label, dtype, flags in ce_specialisations()])
 
 
 def ce_register_report() -> int:
@@ -735,12 +727,7 @@ def ce_register_report() -> int:
 
 @pytest.mark.slow
 def test_cross_entropy_kernels_compile_for_sm80_and_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    procs = [_compiler(str(cc), "cross-entropy") for cc in TARGETS]
-    for cc, p in zip(TARGETS, procs):
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, f"sm_{cc}:\n{out[-6000:]}"
-        assert f"compiling {EXPECTED_CE if COMPILE_ALL else EXPECTED_CE_CI} cross-entropy specialisations" in out, out
+    _assert_both_targets_compile("cross-entropy", "cross-entropy", EXPECTED_CE if COMPILE_ALL else EXPECTED_CE_CI)
 
 
 if __name__ == "__main__":
