@@ -467,18 +467,12 @@ _SWEEP = [
 
 
 @pytest.mark.skipif(not ops.INTERPRET, reason="on a GPU test_direct_launch_is_tritons_binary runs both paths")
-@pytest.mark.parametrize("kernel", ["pointer", "tma"])
-def test_one_entry_is_one_binary_and_one_tuning(monkeypatch, kernel):
-    # Every launch the cache serves from one entry is one launch to Triton: one
-    # specialisation from Triton's own binder (so the direct call runs the binary
-    # JITFunction.run would pick) and one key of its autotuner (so the configuration is
-    # the one it would choose). The sweep: the linear op's three launches per case of
-    # _SWEEP, and on the pointer kernel the MLP blocks' launches at 1, 20 and 32 tokens.
-    import torch_matgrad
-
-    if kernel == "tma" and not ops.TMA_AVAILABLE:
-        pytest.skip("no tensor descriptors in this Triton")
-    tuned_on = {fused_gemm_kernel: configs._AUTOTUNE_KEY, tma_gemm_kernel: configs._TMA_AUTOTUNE_KEY}
+def record_launch_kinds(monkeypatch, tuned_on: dict) -> dict:
+    """Records, for each cache entry ``(kernel, key)`` that launches, the set of launches
+    it served as Triton would tell them apart: ``(specialisation from Triton's own binder,
+    the autotuner's key)`` (``tuned_on``: each autotuned kernel's key names; a kernel not
+    in it has no autotuner). One entry, one element: the direct call runs the binary
+    ``JITFunction.run`` would pick, in the configuration the autotuner would choose."""
     binders, seen = {}, {}
     call = launch.CachedKernel.__call__
 
@@ -491,11 +485,27 @@ def test_one_entry_is_one_binary_and_one_tuning(monkeypatch, kernel):
         # Autotuner.run's key: the named arguments, then the dtype of every argument that
         # has one (the configuration's meta-parameters are not arguments yet).
         given = {name: v for name, v in bound.items() if name not in entry.meta}
-        tuning = [given[name] for name in tuned_on[self.fn]]
+        tuning = [given[name] for name in tuned_on.get(self.fn, ())]
         tuning += [str(v.dtype) for v in given.values() if hasattr(v, "dtype")]
         seen.setdefault((self.fn, key), set()).add((repr(specialisation), repr(tuning)))
 
     monkeypatch.setattr(launch.CachedKernel, "__call__", recording)
+    return seen
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+def test_one_entry_is_one_binary_and_one_tuning(monkeypatch, kernel):
+    # Every launch the cache serves from one entry is one launch to Triton: one
+    # specialisation from Triton's own binder (so the direct call runs the binary
+    # JITFunction.run would pick) and one key of its autotuner (so the configuration is
+    # the one it would choose). The sweep: the linear op's three launches per case of
+    # _SWEEP, and on the pointer kernel the MLP blocks' launches at 1, 20 and 32 tokens.
+    import torch_matgrad
+
+    if kernel == "tma" and not ops.TMA_AVAILABLE:
+        pytest.skip("no tensor descriptors in this Triton")
+    seen = record_launch_kinds(
+        monkeypatch, {fused_gemm_kernel: configs._AUTOTUNE_KEY, tma_gemm_kernel: configs._TMA_AUTOTUNE_KEY})
     with ops.gemm_kernel(kernel):
         for m, k, n, layout, dtype, bias, activation in _SWEEP:
             _check_all(m, k, n, dtype, activation, bias, layout)

@@ -218,21 +218,9 @@ def test_one_entry_is_one_binary_and_one_tuning(monkeypatch):
     # the product, one key of its autotuner, which tunes on the slice too): launches
     # that differ in a class Triton specialises on (one row or 16, a slice a multiple of
     # 16 or not, bias or none, an odd output stride) are other entries.
-    from test_triton_kernels import _tritons_binder
+    from test_triton_kernels import record_launch_kinds
 
-    binders, seen = {}, {}
-    call = launch.CachedKernel.__call__
-
-    def recording(self, key, grid, args, constexprs):
-        call(self, key, grid, args, constexprs)
-        entry = self.entries[key]
-        if self.fn not in binders:
-            binders[self.fn] = _tritons_binder(self.fn)
-        bound, specialisation, _ = binders[self.fn](*args, *entry.tail)
-        tuning = [bound[name] for name in configs._AUTOTUNE_KEY] if self is launch.POINTER else []
-        seen.setdefault((self.fn, key), set()).add((repr(specialisation), repr(tuning)))
-
-    monkeypatch.setattr(launch.CachedKernel, "__call__", recording)
+    seen = record_launch_kinds(monkeypatch, {launch.POINTER.fn: configs._AUTOTUNE_KEY})
     cases = ((1, 100, 20, True, False), (16, 100, 20, True, False), (7, 100, 20, False, False),
              (7, 100, 20, True, True), (7, 95, 20, True, False), (5, 100, 40, True, False))
     for m, k, n, bias, transpose_c in cases:
