@@ -33,7 +33,10 @@
 #                strategies (no torch.compile)
 #   On request (STAGES): kernels/ (bf16, the four quick shapes, each product the backend
 #                launches, grad_W + grad_b among them: the pointer GEMM kernel against the
-#                descriptor (TMA) kernel, both forced, benchmarks/kernel_choice.py), decode/
+#                descriptor (TMA) kernel, both forced, benchmarks/kernel_choice.py), products/
+#                (bf16, decoding, narrow and wide shapes: each product of the Triton backend on
+#                the kernel and on cuBLAS under graph replay, benchmarks/product_choice.py, the
+#                table dispatch.CUBLAS_PRODUCTS cites), decode/
 #                (bf16, M = 1..64 rows: cuBLAS inside the op against the Triton kernels),
 #                profile.log (the kernels of one training step, the layer at 4096^3 and the
 #                MLP blocks), launch_ab/ (the direct launch told from the kernels: the Triton
