@@ -74,8 +74,6 @@ __all__ = [
     "lce_chunk", "lce_forward", "mlp_backward", "mlp_forward",
 ]
 
-_NONE: FrozenSet[str] = frozenset()
-
 #: Ways to form ``G_z = G * act'(z)`` in the backward; see the module docstring.
 GZ_STRATEGIES = ("auto", "prologue", "pass")
 _gz = "auto"
@@ -101,7 +99,7 @@ def _gz_in_prologue() -> bool:
 
 
 def forward(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], on_cublas: FrozenSet[str] = _NONE
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], on_cublas: FrozenSet[str] = frozenset()
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(out, z)``, ``z`` only when the activation's derivative needs it; with
     ``"forward"`` in ``on_cublas``, torch's (:func:`formulas.forward`)."""
@@ -121,7 +119,7 @@ def backward(
     saved: Optional[Tensor],
     activation: Optional[str],
     needs: Tuple[bool, bool, bool],
-    on_cublas: FrozenSet[str] = _NONE,
+    on_cublas: FrozenSet[str] = frozenset(),
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """``(grad_x, grad_W, grad_b)`` for the gradients flagged in ``needs``; ``grad_x``
     (``"grad_x"`` in ``on_cublas``) and ``grad_W`` with ``grad_b`` (``"grad_w"``) as

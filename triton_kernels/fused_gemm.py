@@ -47,8 +47,8 @@ no epilogue. ``split_k_reduce_kernel`` then sums each element's ``S`` partials i
 order and applies the epilogue (``_epilogue``, this kernel's own). Two launches, not one
 whose last program per tile (found by an atomic counter) would sum: no counters to keep
 zeroed and unshared across streams and CUDA graphs, no acquire/release ordering that no
-CPU test can race, and the same bits run to run; the price is one more launch, ~2 us in
-a CUDA graph beside a product of ~11 us.
+CPU test can race, and the same bits run to run; the price is one more launch (predicted
+~2 us in a CUDA graph beside a product of ~11 us; not yet timed on a GPU).
 
 One general kernel rather than three copies: every operand is read through its own
 strides, so ``W^T``, ``G^T``, ``x^T`` and sliced views are stride swaps, and constexpr

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .fused_gemm import ACT_CODES, INTERPRET, _activation_grad
 from .launch import CachedKernel, classify, num_sms
+from .ops import _ACC_DTYPE
 
 
 @triton.jit
@@ -64,7 +65,6 @@ def gz_bias_kernel(
 _META = dict(BLOCK_M=8, BLOCK_N=16) if INTERPRET else dict(BLOCK_M=32, BLOCK_N=128)
 # Programs per SM the stripes aim for (more than one hides each one's load latency).
 _PROGRAMS_PER_SM = 4
-_ACC = {torch.float64: tl.float64}
 
 if INTERPRET:
     _KERNEL = CachedKernel(gz_bias_kernel, meta=_META, first_constexpr="ACT")
@@ -109,5 +109,5 @@ def grad_preactivation_and_bias(
     def grid(meta):
         return stripes * -(-n // meta["BLOCK_N"])
 
-    _KERNEL(key, grid, (*ptrs, *ints), dict(ACT=ACT_CODES[activation], ACC_DTYPE=_ACC.get(dtype, tl.float32)))
+    _KERNEL(key, grid, (*ptrs, *ints), dict(ACT=ACT_CODES[activation], ACC_DTYPE=_ACC_DTYPE.get(dtype, tl.float32)))
     return gz, part.sum(0, dtype=dtype) if stripes > 1 else part[0].to(dtype)

@@ -220,7 +220,6 @@ def _split_rule(n: int, k: int, sms: int, block_n: int, granule: int, mode) -> i
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _splittable(flags_key: tuple) -> bool:
     """Whether a launch with these flags (as items) may split K: a product with at
     most the forward's bias, activation and ``z`` (no ``act'`` prologue, row or column
